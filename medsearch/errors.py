@@ -1,0 +1,45 @@
+"""Errors medsearch raises on purpose.
+
+Every message says what is wrong, which value, and what to do. No message ever carries a value read
+from a DICOM header that could identify a patient: name the file path or the pseudonymous case id.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EncoderMismatchError",
+    "IndexCorruptError",
+    "IndexNotFoundError",
+    "InvalidStudyError",
+    "KeyFileError",
+    "MedsearchError",
+]
+
+
+class MedsearchError(Exception):
+    """Base class of every error medsearch raises for a user to act on."""
+
+
+class InvalidStudyError(MedsearchError, ValueError):
+    """A study path is missing, not DICOM, holds no image, or cannot be decoded."""
+
+
+class ConfigError(MedsearchError, ValueError):
+    """A configuration file or option has a wrong value."""
+
+
+class IndexNotFoundError(MedsearchError, FileNotFoundError):
+    """A directory is not a medsearch index."""
+
+
+class IndexCorruptError(MedsearchError, ValueError):
+    """A file of an index is damaged (truncated, wrong checksum) or inconsistent."""
+
+
+class EncoderMismatchError(MedsearchError, ValueError):
+    """A query or addition uses another encoder or preprocessing than the index was built with."""
+
+
+class KeyFileError(MedsearchError, OSError):
+    """The site key (for pseudonyms) is missing, unreadable, or not the one the index was built with."""

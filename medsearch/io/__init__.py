@@ -1,0 +1,33 @@
+"""Reading studies from disk: DICOM files, series folders and archives (pydicom), and MedMNIST npz.
+
+This layer knows nothing of transforms, encoders or faiss: it turns paths into headers, cases and
+float32 pixel volumes, and says why a file was skipped.
+"""
+
+from __future__ import annotations
+
+from medsearch.io.dicom import (
+    CaseRef,
+    LoadFailure,
+    ScanResult,
+    SkippedFile,
+    SkipReason,
+    Volume,
+    find_files,
+    load_study,
+    load_volume,
+    scan,
+)
+
+__all__ = [
+    "CaseRef",
+    "LoadFailure",
+    "ScanResult",
+    "SkipReason",
+    "SkippedFile",
+    "Volume",
+    "find_files",
+    "load_study",
+    "load_volume",
+    "scan",
+]
