@@ -1,0 +1,205 @@
+"""Settings: preprocessing, encoder and index options, read from TOML presets or files.
+
+A config is plain data. Its ``preprocess`` and ``encoder`` parts are recorded in an index manifest, and
+a query through different settings is refused (see ``medsearch.store``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medsearch.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "EncoderConfig",
+    "IndexConfig",
+    "Metric",
+    "PreprocessConfig",
+    "SliceMode",
+    "load_config",
+    "preset_names",
+]
+
+
+class SliceMode(str, enum.Enum):
+    """Which slices of a volume the 2D encoder sees."""
+
+    AXIAL = "axial"
+    TRIPLANAR = "triplanar"
+
+
+class Metric(str, enum.Enum):
+    """How vectors are compared. Results always report a distance: lower is closer.
+
+    ``cosine``: distance = 1 - cosine similarity (0 for identical directions, at most 2).
+    ``l2``: distance = Euclidean distance between the (L2-normalized) embeddings.
+    """
+
+    COSINE = "cosine"
+    L2 = "l2"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 224
+    ct_window: tuple[float, float] = (40.0, 400.0)
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    slices: int = 5
+    slice_mode: SliceMode = SliceMode.AXIAL
+    pool: str = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slice_mode", _enum(SliceMode, self.slice_mode, "preprocess.slice_mode"))
+        object.__setattr__(self, "ct_window", _pair(self.ct_window, "preprocess.ct_window"))
+        object.__setattr__(self, "percentiles", _pair(self.percentiles, "preprocess.percentiles"))
+        if not 16 <= int(self.size) <= 2048:
+            raise ConfigError(f"preprocess.size must be between 16 and 2048 pixels, got {self.size}")
+        if self.ct_window[1] <= 0:
+            raise ConfigError(f"preprocess.ct_window width must be positive, got {self.ct_window[1]}")
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ConfigError(f"preprocess.percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if int(self.slices) < 1:
+            raise ConfigError(f"preprocess.slices must be at least 1, got {self.slices}")
+        if self.pool not in ("mean", "max"):
+            raise ConfigError(f"preprocess.pool must be 'mean' or 'max', got {self.pool!r}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = "efficientnet-lite0"
+    checkpoint: str = ""
+    batch_size: int = 16
+    device: str = "auto"
+    # For MONAI networks only: the input they were trained on.
+    spatial_dims: int = 2
+    in_channels: int = 3
+    volume_shape: tuple[int, int, int] = (64, 128, 128)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "volume_shape", tuple(int(v) for v in self.volume_shape))
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"encoder.spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"encoder.in_channels must be 1 or 3, got {self.in_channels}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"encoder.batch_size must be at least 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"encoder.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    metric: Metric = Metric.COSINE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", _enum(Metric, self.metric, "index.metric"))
+
+
+@dataclass(frozen=True)
+class Config:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form (enums as strings, tuples as lists)."""
+        return json.loads(json.dumps(asdict(self), default=_jsonable))
+
+    def preprocess_hash(self) -> str:
+        """A short hash of the preprocessing settings, recorded in an index manifest."""
+        text = json.dumps(self.to_dict()["preprocess"], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys of some sections changed: ``cfg.replace(encoder={"device": "cpu"})``."""
+        data = self.to_dict()
+        for name, values in sections.items():
+            if name not in data:
+                raise ConfigError(f"unknown config section {name!r}; use preprocess, encoder or index")
+            data[name].update(values)
+        return _from_dict(data, source="override")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with medsearch (the TOML files in ``configs/``)."""
+    folder = resources.files("medsearch") / "configs"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(source: str | Path | None = None) -> Config:
+    """Read a config from a TOML file or a preset name (``"default"``, ``"chest-ct"``).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not valid TOML, or a key or value is unknown.
+    """
+    if source is None:
+        source = "default"
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        if str(source) not in preset_names():
+            raise ConfigError(
+                f"no config file or preset named {str(source)!r}; presets: {', '.join(preset_names())}"
+            )
+        text = (resources.files("medsearch") / "configs" / f"{source}.toml").read_text()
+    else:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; give a TOML file or a preset name")
+        text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {source} is not valid TOML: {e}") from e
+    return _from_dict(data, source=str(source))
+
+
+_SECTIONS = {"preprocess": PreprocessConfig, "encoder": EncoderConfig, "index": IndexConfig}
+
+
+def _from_dict(data: dict[str, Any], *, source: str) -> Config:
+    parts: dict[str, Any] = {}
+    for name, values in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"config {source}: unknown section [{name}]; use preprocess, encoder or index")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"config {source}: unknown key(s) in [{name}]: {', '.join(unknown)}")
+        try:
+            parts[name] = cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"config {source}: bad value in [{name}]: {e}") from e
+    return Config(**parts)
+
+
+def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+def _pair(value: Any, name: str) -> tuple[float, float]:
+    try:
+        a, b = value
+        return float(a), float(b)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be two numbers, got {value!r}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"cannot serialize {type(value).__name__}")
