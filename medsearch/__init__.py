@@ -1,0 +1,65 @@
+"""medsearch: find the most similar historical cases for a DICOM study, offline and de-identified.
+
+The public API is the functions the ``medsearch`` command calls::
+
+    from medsearch import build_index, search, index_info
+    build_index("archive/", "my-index", labels="labels.csv")
+    search("study.dcm", "my-index", k=5).to_frame()
+
+Names are imported on first use, so that ``import medsearch`` (and ``medsearch --help``) stays quick
+and does not load torch, MONAI or faiss until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "Config",
+    "IndexReport",
+    "InvalidStudyError",
+    "MedsearchError",
+    "QueryResult",
+    "Searcher",
+    "SiteKey",
+    "build_index",
+    "embed_volume",
+    "index_info",
+    "load_config",
+    "search",
+]
+
+__version__ = "0.1.0"
+
+_WHERE = {
+    "Config": "medsearch.config",
+    "load_config": "medsearch.config",
+    "SiteKey": "medsearch.deid",
+    "InvalidStudyError": "medsearch.errors",
+    "MedsearchError": "medsearch.errors",
+    "IndexReport": "medsearch.search",
+    "QueryResult": "medsearch.search",
+    "Searcher": "medsearch.search",
+    "build_index": "medsearch.search",
+    "embed_volume": "medsearch.search",
+    "index_info": "medsearch.search",
+    "search": "medsearch.search",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'medsearch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medsearch.config import Config, load_config
+    from medsearch.deid import SiteKey
+    from medsearch.errors import InvalidStudyError, MedsearchError
+    from medsearch.search import IndexReport, QueryResult, Searcher, build_index, embed_volume, index_info, search

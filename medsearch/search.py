@@ -1,0 +1,472 @@
+"""Where loading, preprocessing, encoding and the store meet: index an archive, query a study.
+
+These functions are the Python API and what the CLI calls::
+
+    from medsearch import build_index, search
+    report = build_index("archive/", "my-index", labels="labels.csv")
+    result = search("study/", "my-index", k=5)
+    result.to_frame()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
+
+from medsearch.config import Config, load_config
+from medsearch.deid import DeidOptions, SiteKey, case_id, case_metadata
+from medsearch.encoders import Encoder, load_encoder
+from medsearch.errors import ConfigError, InvalidStudyError, KeyFileError, MedsearchError
+from medsearch.io import CaseRef, LoadFailure, SkippedFile, Volume, find_files, load_study, load_volume, scan
+from medsearch.store import IndexStore, read_manifest
+from medsearch.transforms import preprocess_volume
+
+__all__ = [
+    "IndexReport",
+    "Match",
+    "QueryResult",
+    "Searcher",
+    "build_index",
+    "embed_volume",
+    "index_info",
+    "search",
+]
+
+log = logging.getLogger(__name__)
+
+SKIP_REPORT = "skipped.csv"
+RUN_REPORT = "last-run.json"
+_LABEL_KEYS = ("path", "file", "filename", "file_name", "dicom_name", "SeriesInstanceUID", "StudyInstanceUID")
+
+
+@dataclass
+class IndexReport:
+    """What one ``build_index`` run did. Every file found is in an indexed case or in ``skipped``."""
+
+    index_dir: Path
+    n_files: int = 0
+    n_cases_found: int = 0
+    n_cases_added: int = 0
+    n_cases_already_indexed: int = 0
+    n_cases_total: int = 0
+    skipped: list[SkippedFile] = field(default_factory=list)
+    seconds: float = 0.0
+    key_created: Path | None = None
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(s.reason.value for s in self.skipped).items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index_dir": str(self.index_dir),
+            "files_found": self.n_files,
+            "cases_found": self.n_cases_found,
+            "cases_added": self.n_cases_added,
+            "cases_already_indexed": self.n_cases_already_indexed,
+            "cases_in_index": self.n_cases_total,
+            "files_skipped": len(self.skipped),
+            "skipped_by_reason": self.skipped_by_reason,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass(frozen=True)
+class Match:
+    """One retrieved case. ``distance``: lower is closer (see the index manifest's ``distance``)."""
+
+    rank: int
+    case_id: str
+    distance: float
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "case_id": self.case_id, "distance": self.distance, "metadata": self.metadata}
+
+
+@dataclass
+class QueryResult:
+    """The ranked cases most similar to one study."""
+
+    query: dict[str, Any]
+    results: list[Match]
+    distance: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "distance": self.distance, "results": [m.to_dict() for m in self.results]}
+
+    def to_frame(self) -> pd.DataFrame:
+        """A table: rank, case_id, distance, then one column per metadata field."""
+        rows = [{"rank": m.rank, "case_id": m.case_id, "distance": m.distance, **m.metadata} for m in self.results]
+        return pd.DataFrame(rows)
+
+
+def embed_volume(volume: Volume, encoder: Encoder, config: Config) -> np.ndarray:
+    """One case embedding: encode the selected slices (or the volume, for a 3D encoder), then pool.
+
+    Returns a ``(dim,)`` float32 vector of unit length.
+    """
+    info = encoder.info
+    batch = preprocess_volume(
+        volume.pixels,
+        config=config.preprocess,
+        modality=volume.modality,
+        rgb=volume.rgb,
+        spacing=volume.spacing,
+        spatial_dims=info.spatial_dims,
+        channels=info.in_channels,
+        mean=info.mean,
+        std=info.std,
+        volume_shape=config.encoder.volume_shape,
+    )
+    vectors = encoder.embed(batch)
+    pooled = vectors.max(axis=0) if config.preprocess.pool == "max" else vectors.mean(axis=0)
+    return (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
+
+
+def build_index(
+    archive: str | Path,
+    index_dir: str | Path,
+    *,
+    config: Config | str | Path | None = None,
+    labels: str | Path | None = None,
+    label_key: str | None = None,
+    label_columns: Sequence[str] | None = None,
+    key: SiteKey | str | Path | None = None,
+    deid: DeidOptions | None = None,
+    progress: bool = False,
+    commit_every: int = 64,
+    lock_timeout: float = 10.0,
+) -> IndexReport:
+    """Index every case of an archive folder (or add a new folder to an existing index).
+
+    Files are read header-first; cases already in the index are not decoded again. Progress is
+    committed every ``commit_every`` cases, so an interrupted run loses at most one chunk and the
+    index on disk is always a complete earlier state.
+
+    Parameters
+    ----------
+    archive
+        A DICOM file or a folder at any depth.
+    index_dir
+        The index directory; created when missing.
+    config
+        A :class:`Config`, a TOML file or a preset name; for an existing index it must match the
+        settings the index was built with (default: those settings).
+    labels, label_key, label_columns
+        Optional sidecar CSV of labels per file or series. ``label_key`` is its column that names the
+        file (path relative to the archive, or file name) or the SeriesInstanceUID; by default the first
+        of ``path, file, filename, file_name, dicom_name, SeriesInstanceUID, StudyInstanceUID``.
+        ``label_columns`` picks the columns to keep (default: all others).
+    key
+        The site key for pseudonyms (a :class:`SiteKey` or a key file path). By default the key from
+        ``MEDSEARCH_SITE_KEY``/``MEDSEARCH_KEY_FILE`` or ``~/.config/medsearch/site.key``, created
+        on the first run.
+
+    Raises
+    ------
+    InvalidStudyError
+        The archive path does not exist.
+    ConfigError, EncoderMismatchError, KeyFileError
+        Bad settings, or settings or key other than those of the existing index.
+    """
+    started = time.perf_counter()
+    archive, index_dir = Path(archive), Path(index_dir)
+    site_key = key if isinstance(key, SiteKey) else SiteKey.load(key, create=True)
+    deid = deid or DeidOptions()
+    files = list(find_files(archive))
+    index_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(index_dir / ".lock"))
+    try:
+        lock.acquire(timeout=lock_timeout)
+    except Timeout:
+        raise MedsearchError(
+            f"another medsearch process is writing to {index_dir}; wait for it to finish, then run again"
+        ) from None
+    try:
+        store, config = _open_for_writing(index_dir, config, site_key)
+        encoder = load_encoder(config.encoder)
+        store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
+        label_table = _read_labels(labels, label_key, label_columns) if labels else None
+        if label_table is not None:
+            store.manifest["label_columns"] = sorted(set(store.manifest.get("label_columns", [])) | set(label_table.columns))
+
+        report = IndexReport(index_dir=index_dir, n_files=len(files), key_created=site_key.path if site_key.created else None)
+        found = scan(tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False))
+        report.skipped.extend(found.skipped)
+        report.n_cases_found = len(found.cases)
+
+        vectors: list[np.ndarray] = []
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(found.cases, desc="embedding cases", unit="case", disable=not progress)
+        for case in bar:
+            cid = case_id(site_key, case.study_uid, case.series_uid, case.part)
+            if cid in store:
+                report.n_cases_already_indexed += 1
+                continue
+            try:
+                volume, bad_files = load_volume(case)
+            except LoadFailure as e:
+                report.skipped.extend(e.skipped)
+                continue
+            report.skipped.extend(bad_files)
+            vectors.append(embed_volume(volume, encoder, config))
+            rows.append(_case_row(cid, case, volume, site_key, deid, label_table, archive))
+            report.n_cases_added += 1
+            bar.set_postfix(skipped=len(report.skipped), refresh=False)
+            if len(rows) >= commit_every:
+                _flush(store, vectors, rows, report, archive)
+        _flush(store, vectors, rows, report, archive, force=True)
+        report.n_cases_total = len(store)
+        report.seconds = time.perf_counter() - started
+        return report
+    finally:
+        lock.release()
+
+
+def search(
+    study: str | Path,
+    index_dir: str | Path,
+    *,
+    k: int = 10,
+    config: Config | str | Path | None = None,
+) -> QueryResult:
+    """The ``k`` cases of an index most similar to a study (a DICOM file or a series folder).
+
+    Raises
+    ------
+    InvalidStudyError
+        The study is missing, not DICOM, has no image, or several series.
+    IndexNotFoundError, IndexCorruptError
+        ``index_dir`` is not a readable index.
+    EncoderMismatchError
+        ``config`` differs from the settings the index was built with.
+    """
+    return Searcher(index_dir, config=config).search(study, k=k)
+
+
+class Searcher:
+    """An open index with its encoder, for many queries in a row (a notebook, a service)."""
+
+    def __init__(self, index_dir: str | Path, *, config: Config | str | Path | None = None) -> None:
+        self.store = IndexStore.open(index_dir)
+        self.config = _index_config(self.store.manifest) if config is None else _as_config(config)
+        self.encoder = load_encoder(self.config.encoder)
+        self.store.check_compatible(self.encoder.info.to_dict(), self.config.to_dict()["preprocess"])
+
+    def search(self, study: str | Path, *, k: int = 10) -> QueryResult:
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        case, volume = load_study(study)
+        vector = embed_volume(volume, self.encoder, self.config)
+        return self.search_vector(vector, k=k, query={
+            "path": str(study),
+            "modality": volume.modality,
+            "n_slices": int(volume.pixels.shape[0]),
+        })
+
+    def search_vector(self, vector: np.ndarray, *, k: int = 10, query: dict[str, Any] | None = None) -> QueryResult:
+        hits = self.store.search(vector[None, :], k)
+        records = self.store.cases.to_dict(orient="records")
+        matches = []
+        for rank, (row, distance) in enumerate(zip(hits.ids[0], hits.distances[0]), start=1):
+            if row < 0:
+                break
+            record = {k: _plain(v) for k, v in records[row].items()}
+            cid = record.pop("case_id")
+            matches.append(Match(rank=rank, case_id=cid, distance=round(float(distance), 6), metadata=record))
+        return QueryResult(query=query or {}, results=matches, distance=self.store.manifest.get("distance", ""))
+
+
+def index_info(index_dir: str | Path) -> dict[str, Any]:
+    """What an index holds: counts, encoder, metric, preprocessing, label columns, and per-field tallies.
+
+    Raises
+    ------
+    IndexNotFoundError, IndexCorruptError
+    """
+    store = IndexStore.open(index_dir)
+    m = store.manifest
+    cases = store.cases
+    tallies = {
+        col: {str(k): int(v) for k, v in cases[col].fillna("unknown").value_counts().head(12).items()}
+        for col in ("modality", "body_part", "sex", "age_band", "manufacturer")
+        if col in cases
+    }
+    return {
+        "index_dir": str(index_dir),
+        "cases": len(store),
+        "dim": m["dim"],
+        "metric": m["metric"],
+        "distance": m.get("distance"),
+        "encoder": {k: m["encoder"].get(k) for k in ("name", "dim", "weights_sha256")},
+        "preprocess": m["preprocess"],
+        "label_columns": m.get("label_columns", []),
+        "updated": m.get("updated"),
+        "last_run": m.get("last_run", {}),
+        "tallies": tallies,
+    }
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _as_config(config: Config | str | Path | None) -> Config:
+    return config if isinstance(config, Config) else load_config(config)
+
+
+def _index_config(manifest: dict[str, Any]) -> Config:
+    from medsearch.config import _from_dict
+
+    data = dict(manifest.get("config", {}))
+    if not data:
+        raise ConfigError("the index manifest records no config; rebuild the index with this medsearch version")
+    data["encoder"] = {**data["encoder"], "device": "auto"}
+    return _from_dict(data, source="index manifest")
+
+
+def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: SiteKey) -> tuple[IndexStore, Config]:
+    try:
+        manifest = read_manifest(index_dir)
+    except MedsearchError:
+        manifest = None
+    if manifest is None:
+        cfg = _as_config(config)
+        encoder = load_encoder(cfg.encoder)
+        store = IndexStore.create(
+            index_dir,
+            dim=encoder.dim,
+            metric=cfg.index.metric,
+            encoder=encoder.info.to_dict(),
+            preprocess=cfg.to_dict()["preprocess"],
+            key_check=key.check_value(),
+        )
+        store.manifest["config"] = cfg.to_dict()
+        return store, cfg
+    store = IndexStore.open(index_dir)
+    if store.manifest.get("key_check") != key.check_value():
+        raise KeyFileError(
+            f"index {index_dir} was built with another site key than {key}; use the key file it was built "
+            "with (--key or MEDSEARCH_KEY_FILE), or build a new index"
+        )
+    cfg = _index_config(store.manifest) if config is None else _as_config(config)
+    return store, cfg
+
+
+def _flush(
+    store: IndexStore,
+    vectors: list[np.ndarray],
+    rows: list[dict[str, Any]],
+    report: IndexReport,
+    archive: Path,
+    *,
+    force: bool = False,
+) -> None:
+    if vectors:
+        store.add(np.stack(vectors), pd.DataFrame(rows))
+    if vectors or force:
+        report.n_cases_total = len(store)
+        store.commit(extra={SKIP_REPORT: _skip_csv(report.skipped, archive)}, info={"last_run": report.to_dict()})
+    vectors.clear()
+    rows.clear()
+
+
+def _case_row(
+    cid: str,
+    case: CaseRef,
+    volume: Volume,
+    key: SiteKey,
+    deid: DeidOptions,
+    labels: pd.DataFrame | None,
+    archive: Path,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"case_id": cid}
+    row.update(case_metadata(case.header, key=key, options=deid))
+    row["n_files"] = len(case.files)
+    row["n_slices"] = int(volume.pixels.shape[0])
+    row["rows"], row["columns"] = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+    row["spacing_mm"] = "x".join(f"{s:.3g}" for s in volume.spacing)
+    if labels is not None:
+        row.update(_labels_for_case(case, labels, archive))
+    return row
+
+
+def _read_labels(path: str | Path, key: str | None, columns: Sequence[str] | None) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"labels file {path} does not exist; give a CSV with one row per file or series")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ConfigError(f"labels file {path} is not a readable CSV: {str(e).splitlines()[0]}") from e
+    if key is None:
+        by_lower = {c.lower(): c for c in table.columns}
+        key = next((by_lower[c.lower()] for c in _LABEL_KEYS if c.lower() in by_lower), None)
+        if key is None:
+            raise ConfigError(
+                f"labels file {path} has none of the columns {', '.join(_LABEL_KEYS)}; name the key column with --label-key"
+            )
+    elif key not in table.columns:
+        raise ConfigError(f"labels file {path} has no column {key!r}; its columns: {', '.join(table.columns)}")
+    keep = list(columns) if columns else [c for c in table.columns if c != key and not c.startswith("Unnamed")]
+    missing = [c for c in keep if c not in table.columns]
+    if missing:
+        raise ConfigError(f"labels file {path} has no column(s) {', '.join(missing)}; its columns: {', '.join(table.columns)}")
+    reserved = {"case_id", "patient", "modality", "body_part", "sex", "age_band", "n_slices", "n_files"}
+    clash = sorted(reserved & set(keep))
+    if clash:
+        raise ConfigError(f"label column(s) {', '.join(clash)} clash with medsearch metadata; rename them in {path}")
+    table = table.drop_duplicates(subset=[key]).set_index(key)[keep]
+    table.attrs["key"] = key
+    return table
+
+
+def _labels_for_case(case: CaseRef, labels: pd.DataFrame, archive: Path) -> dict[str, Any]:
+    key = labels.attrs.get("key", "")
+    if key.lower() in ("seriesinstanceuid", "studyinstanceuid"):
+        uid = case.series_uid if key.lower() == "seriesinstanceuid" else case.study_uid
+        candidates: Iterable[str] = [uid]
+    else:
+        candidates = []
+        for f in case.files:
+            try:
+                rel = f.resolve().relative_to(archive.resolve()).as_posix()
+            except ValueError:
+                rel = f.name
+            candidates = [*candidates, rel, f.name]
+    found = labels.loc[[c for c in candidates if c in labels.index]]
+    out: dict[str, Any] = {}
+    for col in labels.columns:
+        values = [v for v in found[col] if v != ""]
+        # several files of one case may disagree: keep the most common value
+        out[col] = Counter(values).most_common(1)[0][0] if values else None
+    return out
+
+
+def _skip_csv(skipped: list[SkippedFile], archive: Path) -> bytes:
+    rows = []
+    for s in skipped:
+        try:
+            shown = s.path.resolve().relative_to(archive.resolve()).as_posix()
+        except ValueError:
+            shown = s.path.name
+        rows.append({"path": shown, "reason": s.reason.value, "detail": s.detail})
+    return pd.DataFrame(rows, columns=["path", "reason", "detail"]).to_csv(index=False).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
