@@ -29,7 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_out = Console(soft_wrap=True)
+# Piped output is not wrapped at 80 columns: a table cut into slivers helps nobody.
+_out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 _err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -175,16 +176,17 @@ def demo(
     _print_results(result)
 
 
+_TABLE_FIELDS = ("modality", "body_part", "sex", "age_band", "manufacturer", "model", "n_slices")
+
+
 def _print_results(result: Any) -> None:
+    """A ranked table with the key metadata and any labels; ``--json`` has every field."""
     table = Table(title=f"most similar to {result.query.get('path', 'the query')}", title_justify="left")
     table.add_column("rank", justify="right")
-    table.add_column("case id")
+    table.add_column("case id", no_wrap=True)
     table.add_column("distance", justify="right")
-    fields: list[str] = []
-    for m in result.results:
-        for name in m.metadata:
-            if name not in fields and name not in ("patient", "sop_class", "photometric", "rows", "columns"):
-                fields.append(name)
+    fields = [f for f in _TABLE_FIELDS if any(m.metadata.get(f) is not None for m in result.results)]
+    fields += [f for f in result.labels if f not in fields]
     for name in fields:
         table.add_column(name)
     for m in result.results:
@@ -201,3 +203,7 @@ def _print_json(data: Any) -> None:
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m medsearch.cli
+    main()

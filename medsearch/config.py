@@ -24,6 +24,7 @@ __all__ = [
     "Metric",
     "PreprocessConfig",
     "SliceMode",
+    "config_from_dict",
     "load_config",
     "preset_names",
 ]
@@ -126,7 +127,7 @@ class Config:
             if name not in data:
                 raise ConfigError(f"unknown config section {name!r}; use preprocess, encoder or index")
             data[name].update(values)
-        return _from_dict(data, source="override")
+        return config_from_dict(data, source="override")
 
 
 def preset_names() -> list[str]:
@@ -160,13 +161,20 @@ def load_config(source: str | Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {source} is not valid TOML: {e}") from e
-    return _from_dict(data, source=str(source))
+    return config_from_dict(data, source=str(source))
 
 
 _SECTIONS = {"preprocess": PreprocessConfig, "encoder": EncoderConfig, "index": IndexConfig}
 
 
-def _from_dict(data: dict[str, Any], *, source: str) -> Config:
+def config_from_dict(data: dict[str, Any], *, source: str = "dict") -> Config:
+    """A config from its ``to_dict()`` form (as recorded in an index manifest).
+
+    Raises
+    ------
+    ConfigError
+        An unknown section or key, or a bad value.
+    """
     parts: dict[str, Any] = {}
     for name, values in data.items():
         cls = _SECTIONS.get(name)

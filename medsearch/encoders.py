@@ -163,7 +163,8 @@ def _efficientnet_lite0(config: EncoderConfig) -> tuple[nn.Module, EncoderInfo]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ConfigError(f"weights file {path} does not fit EfficientNet-Lite0: {_first_line(e)}") from e
-    model.set_swish(memory_efficient=False)
+    # Keep the network's own activations: Lite models use ReLU6, and the package's set_swish() would
+    # replace them with Swish.
     info = EncoderInfo(name=DEFAULT_ENCODER, dim=1280, weights_sha256=_sha256(path))
     return _LiteFeatures(model), info
 

@@ -23,7 +23,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from medsearch.config import Config, load_config
+from medsearch.config import Config, config_from_dict, load_config
 from medsearch.deid import DeidOptions, SiteKey, case_id, case_metadata
 from medsearch.encoders import Encoder, load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError, KeyFileError, MedsearchError
@@ -101,6 +101,7 @@ class QueryResult:
     query: dict[str, Any]
     results: list[Match]
     distance: str = ""
+    labels: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"query": self.query, "distance": self.distance, "results": [m.to_dict() for m in self.results]}
@@ -285,7 +286,12 @@ class Searcher:
             record = {k: _plain(v) for k, v in records[row].items()}
             cid = record.pop("case_id")
             matches.append(Match(rank=rank, case_id=cid, distance=round(float(distance), 6), metadata=record))
-        return QueryResult(query=query or {}, results=matches, distance=self.store.manifest.get("distance", ""))
+        return QueryResult(
+            query=query or {},
+            results=matches,
+            distance=self.store.manifest.get("distance", ""),
+            labels=list(self.store.manifest.get("label_columns", [])),
+        )
 
 
 def index_info(index_dir: str | Path) -> dict[str, Any]:
@@ -326,13 +332,11 @@ def _as_config(config: Config | str | Path | None) -> Config:
 
 
 def _index_config(manifest: dict[str, Any]) -> Config:
-    from medsearch.config import _from_dict
-
     data = dict(manifest.get("config", {}))
     if not data:
         raise ConfigError("the index manifest records no config; rebuild the index with this medsearch version")
     data["encoder"] = {**data["encoder"], "device": "auto"}
-    return _from_dict(data, source="index manifest")
+    return config_from_dict(data, source="index manifest")
 
 
 def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: SiteKey) -> tuple[IndexStore, Config]:

