@@ -25,6 +25,7 @@ RANK = {
     "evaluate": 8,
     "demo": 8,
     "cli": 9,
+    "__main__": 10,
 }
 # Third-party libraries a layer must not touch.
 FORBIDDEN = {
