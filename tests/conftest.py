@@ -1,0 +1,26 @@
+"""Fixtures shared by the io tests: where the real DICOM sets of ../shared/data live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _shared_data_root() -> Path:
+    env = os.environ.get("MEDSEARCH_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_dicom() -> Path:
+    """``shared/data/dicom`` beside the repository (or under $MEDSEARCH_SHARED_DATA); skip if absent."""
+    root = _shared_data_root() / "dicom"
+    if not root.is_dir():
+        pytest.skip(
+            f"shared DICOM sets not found at {root}; set MEDSEARCH_SHARED_DATA to the shared/data folder"
+        )
+    return root
