@@ -2,9 +2,9 @@
 
 The public API is the functions the ``medsearch`` command calls::
 
-    from medsearch import build_index, search, index_info
+    from medsearch import build_index, index_info, query
     build_index("archive/", "my-index", labels="labels.csv")
-    search("study.dcm", "my-index", k=5).to_frame()
+    query("study.dcm", "my-index", k=5).to_frame()
 
 Names are imported on first use, so that ``import medsearch`` (and ``medsearch --help``) stays quick
 and does not load torch, MONAI or faiss until they are needed.
@@ -27,7 +27,7 @@ __all__ = [
     "embed_volume",
     "index_info",
     "load_config",
-    "search",
+    "query",
 ]
 
 __version__ = "0.1.0"
@@ -44,7 +44,7 @@ _WHERE = {
     "build_index": "medsearch.search",
     "embed_volume": "medsearch.search",
     "index_info": "medsearch.search",
-    "search": "medsearch.search",
+    "query": "medsearch.search",
 }
 
 
@@ -62,4 +62,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsearch.config import Config, load_config
     from medsearch.deid import SiteKey
     from medsearch.errors import InvalidStudyError, MedsearchError
-    from medsearch.search import IndexReport, QueryResult, Searcher, build_index, embed_volume, index_info, search
+    from medsearch.search import IndexReport, QueryResult, Searcher, build_index, embed_volume, index_info, query

@@ -111,9 +111,9 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print {query, results: [{rank, case_id, distance, metadata}]} as JSON."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first."""
-    from medsearch.search import search
+    from medsearch.search import query as run_query
 
-    result = search(study, index_dir, k=k, config=config)
+    result = run_query(study, index_dir, k=k, config=config)
     if as_json:
         _print_json(result.to_dict())
         return

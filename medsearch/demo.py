@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from medsearch.deid import SiteKey
-from medsearch.search import IndexReport, QueryResult, build_index, search
+from medsearch.search import IndexReport, QueryResult, build_index, query
 
 __all__ = ["run_demo", "sample_archive"]
 
@@ -38,5 +38,5 @@ def run_demo(out: str | Path = "medsearch-demo", *, k: int = 5, progress: bool =
         key=key,
         progress=progress,
     )
-    result = search(sample / "tcga-luad-ct" / DEMO_QUERY, out / "index", k=k)
+    result = query(sample / "tcga-luad-ct" / DEMO_QUERY, out / "index", k=k)
     return report, result

@@ -2,14 +2,15 @@
 
 These functions are the Python API and what the CLI calls::
 
-    from medsearch import build_index, search
+    from medsearch import build_index, query
     report = build_index("archive/", "my-index", labels="labels.csv")
-    result = search("study/", "my-index", k=5)
+    result = query("study/", "my-index", k=5)
     result.to_frame()
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ __all__ = [
     "build_index",
     "embed_volume",
     "index_info",
-    "search",
+    "query",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ def build_index(
         if label_table is not None:
             store.manifest["label_columns"] = sorted(set(store.manifest.get("label_columns", [])) | set(label_table.columns))
 
-        report = IndexReport(index_dir=index_dir, n_files=len(files), key_created=site_key.path if site_key.created else None)
+        created = site_key.path if site_key.created and not isinstance(key, SiteKey) else None
+        report = IndexReport(index_dir=index_dir, n_files=len(files), key_created=created)
         found = scan(tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False))
         report.skipped.extend(found.skipped)
         report.n_cases_found = len(found.cases)
@@ -235,7 +237,7 @@ def build_index(
         lock.release()
 
 
-def search(
+def query(
     study: str | Path,
     index_dir: str | Path,
     *,
@@ -395,7 +397,13 @@ def _case_row(
     archive: Path,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"case_id": cid}
-    row.update(case_metadata(case.header, key=key, options=deid))
+    header = case.header
+    if not str(header.get("PatientID", "") or "") and not str(header.get("StudyInstanceUID", "") or ""):
+        # No patient or study identity at all: the case is its own "patient", under the stand-in
+        # study key the loader gave it (stable for the same path).
+        header = copy.copy(header)
+        header.StudyInstanceUID = case.study_uid
+    row.update(case_metadata(header, key=key, options=deid))
     row["n_files"] = len(case.files)
     row["n_slices"] = int(volume.pixels.shape[0])
     row["rows"], row["columns"] = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])

@@ -24,3 +24,25 @@ def shared_dicom() -> Path:
             f"shared DICOM sets not found at {root}; set MEDSEARCH_SHARED_DATA to the shared/data folder"
         )
     return root
+
+
+# -- an index of the sample archive shipped with medsearch, built once per test session ----------
+
+SAMPLE = Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def sample_key(tmp_path_factory):
+    from medsearch.deid import SiteKey
+
+    return SiteKey.load(tmp_path_factory.mktemp("key") / "site.key", create=True)
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, sample_key) -> Path:
+    """The shipped sample archive, indexed with its labels (read-only for tests: copy to change it)."""
+    from medsearch.search import build_index
+
+    path = tmp_path_factory.mktemp("sample") / "index"
+    build_index(SAMPLE / "tcga-luad-ct", path, labels=SAMPLE / "labels.csv", key=sample_key)
+    return path

@@ -557,7 +557,7 @@ def _case_key(entry: _Entry) -> tuple[str, str]:
     # No UIDs to group by: the file is a case of its own, under a key that stays the same
     # from run to run for the same path.
     digest = hashlib.sha1(str(entry.path.resolve()).encode()).hexdigest()[:16]
-    return study, f"nouid-{digest}"
+    return study or f"nouid-{digest}", f"nouid-{digest}"
 
 
 def _split(key: tuple[str, str], entries: list[_Entry]) -> list[CaseRef]:
