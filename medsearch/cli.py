@@ -53,6 +53,13 @@ def _user_errors(func: F) -> F:
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr).")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # pydicom warns about every oddity of a file it can still read; the skip report and our own
+        # one-line errors already say what matters to the user. (pydicom sets its logger's level
+        # when imported, so import it first.)
+        import pydicom  # noqa: F401
+
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 @app.command()
