@@ -18,16 +18,22 @@ from medsearch.io.dicom import (
     load_volume,
     scan,
 )
+from medsearch.io.npz import NPZ_SPLITS, NpzLayout, NpzSplit, load_npz_split, npz_splits
 
 __all__ = [
+    "NPZ_SPLITS",
     "CaseRef",
     "LoadFailure",
+    "NpzLayout",
+    "NpzSplit",
     "ScanResult",
     "SkipReason",
     "SkippedFile",
     "Volume",
     "find_files",
+    "load_npz_split",
     "load_study",
     "load_volume",
+    "npz_splits",
     "scan",
 ]
