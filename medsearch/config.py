@@ -80,6 +80,12 @@ class EncoderConfig:
     checkpoint: str = ""
     batch_size: int = 16
     device: str = "auto"
+    # How the network runs; none of these changes the embedding space (recorded, not compared).
+    # "auto": ONNX Runtime on the CPU when onnxruntime is installed (fastest measured, see
+    # benchmarks/encoder.py), else torch. "torch": eager torch. "onnx": ONNX Runtime, CPU only.
+    runtime: str = "auto"
+    # Autocast precision on CUDA: "float16", "bfloat16" or "float32" (no autocast).
+    cuda_precision: str = "float16"
     # For MONAI networks only: the input they were trained on.
     spatial_dims: int = 2
     in_channels: int = 3
@@ -95,14 +101,24 @@ class EncoderConfig:
             raise ConfigError(f"encoder.batch_size must be at least 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"encoder.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.runtime not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"encoder.runtime must be 'auto', 'torch' or 'onnx', got {self.runtime!r}")
+        if self.cuda_precision not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(
+                f"encoder.cuda_precision must be 'float16', 'bfloat16' or 'float32', got {self.cuda_precision!r}"
+            )
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     metric: Metric = Metric.COSINE
+    # side of the gray thumbnail kept per case for result sheets, in pixels; 0 keeps none
+    thumbnail_size: int = 96
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", _enum(Metric, self.metric, "index.metric"))
+        if not (self.thumbnail_size == 0 or 16 <= int(self.thumbnail_size) <= 512):
+            raise ConfigError(f"index.thumbnail_size must be 0 (none) or 16 to 512 pixels, got {self.thumbnail_size}")
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ from medsearch.deid import DeidOptions, SiteKey, case_id, case_metadata
 from medsearch.encoders import Encoder, load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError, KeyFileError, MedsearchError
 from medsearch.io import CaseRef, LoadFailure, SkippedFile, Volume, find_files, load_study, load_volume, scan
+from medsearch.sharing import LinkTable
 from medsearch.store import IndexStore, read_manifest
-from medsearch.transforms import preprocess_volume
+from medsearch.transforms import make_thumbnail, preprocess_volume
 
 __all__ = [
     "IndexReport",
@@ -146,6 +147,7 @@ def build_index(
     label_columns: Sequence[str] | None = None,
     key: SiteKey | str | Path | None = None,
     deid: DeidOptions | None = None,
+    links: str | Path | None = None,
     progress: bool = False,
     commit_every: int = 64,
     lock_timeout: float = 10.0,
@@ -174,6 +176,9 @@ def build_index(
         The site key for pseudonyms (a :class:`SiteKey` or a key file path). By default the key from
         ``MEDSEARCH_SITE_KEY``/``MEDSEARCH_KEY_FILE`` or ``~/.config/medsearch/site.key``, created
         on the first run.
+    links
+        Optional link table (CSV, owner-only, outside the index directory) mapping each case id to
+        its source files and UIDs, for users allowed to go back to the source.
 
     Raises
     ------
@@ -187,6 +192,7 @@ def build_index(
     site_key = key if isinstance(key, SiteKey) else SiteKey.load(key, create=True)
     deid = deid or DeidOptions()
     files = list(find_files(archive))
+    link_table = LinkTable.for_index(links, index_dir) if links is not None else None
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(index_dir / ".lock"))
     try:
@@ -211,11 +217,15 @@ def build_index(
 
         vectors: list[np.ndarray] = []
         rows: list[dict[str, Any]] = []
+        thumbs: list[np.ndarray] = []
+        thumb_size = config.index.thumbnail_size
         bar = tqdm(found.cases, desc="embedding cases", unit="case", disable=not progress)
         for case in bar:
             cid = case_id(site_key, case.study_uid, case.series_uid, case.part)
             if cid in store:
                 report.n_cases_already_indexed += 1
+                if link_table is not None and cid not in link_table.rows:
+                    _link(link_table, cid, case)
                 continue
             try:
                 volume, bad_files = load_volume(case)
@@ -225,11 +235,16 @@ def build_index(
             report.skipped.extend(bad_files)
             vectors.append(embed_volume(volume, encoder, config))
             rows.append(_case_row(cid, case, volume, site_key, deid, label_table, archive))
+            if thumb_size:
+                thumbs.append(make_thumbnail(volume.pixels, config=config.preprocess, modality=volume.modality,
+                                             rgb=volume.rgb, spacing=volume.spacing, size=thumb_size))
+            if link_table is not None:
+                _link(link_table, cid, case)
             report.n_cases_added += 1
             bar.set_postfix(skipped=len(report.skipped), refresh=False)
             if len(rows) >= commit_every:
-                _flush(store, vectors, rows, report, archive)
-        _flush(store, vectors, rows, report, archive, force=True)
+                _flush(store, vectors, rows, thumbs, report, archive, link_table)
+        _flush(store, vectors, rows, thumbs, report, archive, link_table, force=True)
         report.n_cases_total = len(store)
         report.seconds = time.perf_counter() - started
         return report
@@ -373,18 +388,28 @@ def _flush(
     store: IndexStore,
     vectors: list[np.ndarray],
     rows: list[dict[str, Any]],
+    thumbs: list[np.ndarray],
     report: IndexReport,
     archive: Path,
+    link_table: LinkTable | None,
     *,
     force: bool = False,
 ) -> None:
     if vectors:
-        store.add(np.stack(vectors), pd.DataFrame(rows))
+        store.add(np.stack(vectors), pd.DataFrame(rows), np.stack(thumbs) if thumbs else None)
     if vectors or force:
         report.n_cases_total = len(store)
+        # the link table first: a case in the index always has its way back
+        if link_table is not None:
+            link_table.save()
         store.commit(extra={SKIP_REPORT: _skip_csv(report.skipped, archive)}, info={"last_run": report.to_dict()})
     vectors.clear()
     rows.clear()
+    thumbs.clear()
+
+
+def _link(table: LinkTable, cid: str, case: CaseRef) -> None:
+    table.add(cid, study_uid=case.study_uid, series_uid=case.series_uid, part=case.part, files=case.files)
 
 
 def _case_row(

@@ -6,6 +6,7 @@ Layout of an index directory::
                            counts, and the name, size and SHA-256 of every data file
     vectors-<gen>.faiss    the faiss index (row i = row i of the case table)
     cases-<gen>.csv        one row per case: pseudonymous case id and allow-listed metadata
+    thumbs-<gen>.npy       optional: one small uint8 gray thumbnail per case, for result sheets
     <extra files>          reports written with a commit (skip report, run summary)
 
 Every commit writes a new generation of data files, fsyncs them, and then replaces ``manifest.json``
@@ -29,7 +30,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from io import StringIO
+from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,20 @@ class SearchHits:
 class IndexStore:
     """A faiss index and its case table, loaded in memory; :meth:`commit` writes them back atomically."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], index: faiss.Index, cases: pd.DataFrame) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        index: faiss.Index,
+        cases: pd.DataFrame,
+        thumbnails: np.ndarray | None = None,
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.index = index
         self.cases = cases
+        # (n, T, T) uint8 aligned with the case table, or None when the index keeps no thumbnails
+        self.thumbnails = thumbnails
         self._ids = set(cases["case_id"]) if len(cases) else set()
 
     # -- creating and opening -------------------------------------------------------------------
@@ -131,12 +141,19 @@ class IndexStore:
         except RuntimeError as e:
             raise IndexCorruptError(f"{path / files['vectors']['name']} is not a readable faiss index; rebuild the index") from e
         cases = pd.read_csv(StringIO(cases_bytes.decode("utf-8")), dtype={"case_id": str}, keep_default_na=True)
+        thumbnails = None
+        if "thumbnails" in files:
+            thumbnails = np.load(BytesIO(_read_checked(path, files["thumbnails"])), allow_pickle=False)
+            if len(thumbnails) != len(cases):
+                raise IndexCorruptError(
+                    f"{path}: {len(thumbnails)} thumbnails for {len(cases)} cases; rebuild the index"
+                )
         if index.ntotal != len(cases) or index.d != manifest["dim"]:
             raise IndexCorruptError(
                 f"{path}: the faiss index holds {index.ntotal} vectors of dimension {index.d} but the case table "
                 f"has {len(cases)} rows and the manifest says dimension {manifest['dim']}; rebuild the index"
             )
-        return cls(path, manifest, index, cases)
+        return cls(path, manifest, index, cases, thumbnails)
 
     @classmethod
     def open_or_create(cls, path: str | Path, **create_args: Any) -> IndexStore:
@@ -187,8 +204,11 @@ class IndexStore:
                 "query with the index's own settings (omit --config) or build a new index"
             )
 
-    def add(self, vectors: np.ndarray, rows: pd.DataFrame) -> None:
+    def add(self, vectors: np.ndarray, rows: pd.DataFrame, thumbnails: np.ndarray | None = None) -> None:
         """Append cases (in memory). ``rows`` needs a ``case_id`` column; ids already present are skipped.
+
+        ``thumbnails``, if given, is ``(n, T, T)`` uint8, one per row; once an index keeps
+        thumbnails every later addition must bring them too (missing ones are stored black).
 
         Raises
         ------
@@ -206,6 +226,14 @@ class IndexStore:
         if not fresh.any():
             return
         vectors, rows = vectors[fresh], rows.loc[fresh]
+        if thumbnails is not None:
+            thumbnails = np.asarray(thumbnails, dtype=np.uint8)
+            if thumbnails.ndim != 3 or len(thumbnails) != len(fresh):
+                raise ValueError(f"thumbnails must be (n, T, T) uint8 with n = {len(fresh)}, got {thumbnails.shape}")
+            self._add_thumbnails(thumbnails[fresh])
+        elif self.thumbnails is not None:
+            size = self.thumbnails.shape[1:]
+            self._add_thumbnails(np.zeros((int(fresh.sum()), *size), np.uint8))
         if self.metric is Metric.COSINE:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         self.index.add(vectors)
@@ -213,6 +241,21 @@ class IndexStore:
         # concat with an empty table would turn every new column into float (all-NA upcast)
         self.cases = rows if self.cases.empty else pd.concat([self.cases, rows], ignore_index=True)
         self._ids.update(rows["case_id"])
+
+    def _add_thumbnails(self, new: np.ndarray) -> None:
+        if self.thumbnails is None:
+            if len(self):
+                # an index without thumbnails so far: earlier cases get black ones
+                self.thumbnails = np.zeros((len(self), *new.shape[1:]), np.uint8)
+            else:
+                self.thumbnails = new
+                return
+        if self.thumbnails.shape[1:] != new.shape[1:]:
+            raise ValueError(
+                f"thumbnails of this index are {self.thumbnails.shape[1:]}, got {new.shape[1:]}; "
+                "keep index.thumbnail_size as the index was built"
+            )
+        self.thumbnails = np.concatenate([self.thumbnails, new])
 
     def search(self, vectors: np.ndarray, k: int = 10) -> SearchHits:
         """The ``k`` nearest cases of each query vector, closest first."""
@@ -251,6 +294,10 @@ class IndexStore:
             "vectors": _write_file(self.path, f"vectors-{generation:06d}.faiss", vectors),
             "cases": _write_file(self.path, f"cases-{generation:06d}.csv", cases),
         }
+        if self.thumbnails is not None:
+            buffer = BytesIO()
+            np.save(buffer, self.thumbnails, allow_pickle=False)
+            files["thumbnails"] = _write_file(self.path, f"thumbs-{generation:06d}.npy", buffer.getvalue())
         for name, data in (extra or {}).items():
             _write_file(self.path, name, data)
         manifest = dict(self.manifest)
@@ -338,7 +385,7 @@ def _read_checked(folder: Path, entry: Mapping[str, Any]) -> bytes:
 def _drop_old_generations(folder: Path, current: int) -> None:
     # Keep the generation before the current one: a reader that loaded the old manifest a moment
     # ago may still be reading its files.
-    for pattern in ("vectors-*.faiss", "cases-*.csv"):
+    for pattern in ("vectors-*.faiss", "cases-*.csv", "thumbs-*.npy"):
         for old in folder.glob(pattern):
             try:
                 generation = int(old.stem.split("-")[-1])

@@ -38,6 +38,7 @@ __all__ = [
     "build_slice_transform",
     "build_volume_transform",
     "intensity_transform",
+    "make_thumbnail",
     "preprocess_volume",
     "select_slices",
 ]
@@ -204,6 +205,37 @@ def preprocess_volume(
     transform = build_slice_transform(config, modality=modality, rgb=rgb, channels=channels, mean=mean, std=std)
     slices = select_slices(pixels, spacing=spacing, mode=config.slice_mode, count=config.slices)
     return torch.stack([transform(s) for s in slices])
+
+
+def make_thumbnail(
+    pixels: np.ndarray,
+    *,
+    config: PreprocessConfig,
+    modality: str,
+    rgb: bool,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    size: int = 96,
+) -> np.ndarray:
+    """A small gray picture of a case for result sheets: ``(size, size)`` uint8.
+
+    The middle axial slice, windowed as for the encoder (CT window or percentiles), aspect kept and
+    padded with black. Only source pixels are used: nothing is drawn on it.
+    """
+    middle = pixels[pixels.shape[0] // 2]
+    if rgb:
+        middle = middle @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    image = _square_pixels(middle, float(spacing[1] or 1.0), float(spacing[2] or 1.0))
+    steps = Compose(
+        [
+            EnsureChannelFirst(channel_dim="no_channel"),
+            intensity_transform(config, modality=modality),
+            Resize(spatial_size=size, size_mode="longest", mode="area"),
+            SpatialPad(spatial_size=(size, size)),
+            EnsureType(data_type="numpy", dtype=np.float32, track_meta=False),
+        ]
+    )
+    out = np.asarray(steps(image))[0]
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
 def _square_pixels(image: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:

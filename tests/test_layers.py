@@ -21,6 +21,7 @@ RANK = {
     "encoders": 5,
     "store": 6,
     "metrics": 6,
+    "sharing": 7,
     "search": 7,
     "evaluate": 8,
     "demo": 8,
