@@ -203,7 +203,7 @@ def build_index(
         ) from None
     try:
         store, config = _open_for_writing(index_dir, config, site_key)
-        encoder = load_encoder(config.encoder)
+        encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
         store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
         label_table = _read_labels(labels, label_key, label_columns) if labels else None
         if label_table is not None:
@@ -279,7 +279,7 @@ class Searcher:
     def __init__(self, index_dir: str | Path, *, config: Config | str | Path | None = None) -> None:
         self.store = IndexStore.open(index_dir)
         self.config = _index_config(self.store.manifest) if config is None else _as_config(config)
-        self.encoder = load_encoder(self.config.encoder)
+        self.encoder = load_encoder(self.config.encoder, input_size=self.config.preprocess.size)
         self.store.check_compatible(self.encoder.info.to_dict(), self.config.to_dict()["preprocess"])
 
     def search(self, study: str | Path, *, k: int = 10) -> QueryResult:
@@ -352,7 +352,8 @@ def _index_config(manifest: dict[str, Any]) -> Config:
     data = dict(manifest.get("config", {}))
     if not data:
         raise ConfigError("the index manifest records no config; rebuild the index with this medsearch version")
-    data["encoder"] = {**data["encoder"], "device": "auto"}
+    # Where and how the network runs is this machine's choice; neither changes the embeddings.
+    data["encoder"] = {**data["encoder"], "device": "auto", "runtime": "auto"}
     return config_from_dict(data, source="index manifest")
 
 
