@@ -26,6 +26,7 @@ RANK = {
     "evaluate": 8,
     "demo": 8,
     "cli": 9,
+    "serve": 9,
     "__main__": 10,
 }
 # Third-party libraries a layer must not touch.
