@@ -53,13 +53,23 @@ def _user_errors(func: F) -> F:
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr).")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        # pydicom warns about every oddity of a file it can still read; the skip report and our own
-        # one-line errors already say what matters to the user. (pydicom sets its logger's level
-        # when imported, so import it first.)
-        import pydicom  # noqa: F401
+    _silence_pydicom()
 
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+def _silence_pydicom() -> None:
+    """Keep pydicom's own warnings and log lines off the terminal, even with --verbose.
+
+    pydicom quotes header values when it warns about an odd element (an invalid UID, a bad date...),
+    and those values may identify a patient. What matters to the user is already in the skip report
+    and in our one-line errors. (pydicom sets its logger's level when imported, so import it first.)
+    """
+    import warnings
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
 
 
 @app.command()
@@ -72,6 +82,7 @@ def index(
     label_key: Optional[str] = typer.Option(None, "--label-key", help="Column of --labels naming the file or SeriesInstanceUID."),
     label_columns: Optional[str] = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
+    links: Optional[Path] = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -90,6 +101,7 @@ def index(
         label_key=label_key,
         label_columns=[c.strip() for c in label_columns.split(",")] if label_columns else None,
         key=key,
+        links=links,
         progress=not quiet and not as_json,
     )
     if report.key_created is not None:
@@ -116,11 +128,14 @@ def query(
     k: int = typer.Option(10, "-k", "--top", min=1, help="How many similar cases to return."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
     as_json: bool = typer.Option(False, "--json", help="Print {query, results: [{rank, case_id, distance, metadata}]} as JSON."),
+    resolve: Optional[Path] = typer.Option(None, "--resolve", help="Link table from 'index --links': show where each result's files are."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first."""
     from medsearch.search import query as run_query
 
     result = run_query(study, index_dir, k=k, config=config)
+    if resolve is not None:
+        result = result.resolve(resolve)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -156,6 +171,30 @@ def info(
             f"{run.get('skipped_by_reason', {})}",
             highlight=False,
         )
+
+
+@app.command("export-index")
+@_user_errors
+def export_index(
+    index_dir: Path = typer.Argument(..., help="Index directory to share."),
+    destination: Path = typer.Argument(..., help="New folder for the copy."),
+    with_thumbnails: bool = typer.Option(False, "--with-thumbnails", help="Include case thumbnails (check the source pixels for burned-in text first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was copied and left out as JSON."),
+) -> None:
+    """Copy an index for sharing; refuse if anything identifying would go with it.
+
+    The copy has the manifest (local paths removed), the faiss index and the de-identified case table.
+    The skip report, lock file and (unless asked) thumbnails stay behind.
+    """
+    from medsearch.sharing import export_index as run_export
+
+    report = run_export(index_dir, destination, with_thumbnails=with_thumbnails)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    _out.print(f"exported {index_dir} to {destination}: {', '.join(report.files)}", highlight=False)
+    for name, why in report.left_out.items():
+        _out.print(f"left out {name}: {why}", highlight=False)
 
 
 @app.command()
@@ -340,6 +379,62 @@ def serve(
     run_service(index_dir, host=host, port=port, config=config, max_upload_mb=max_upload_mb)
 
 
+@app.command()
+@_user_errors
+def train(
+    data: Path = typer.Argument(..., help="A MedMNIST-format .npz (train trains, val selects; test is never read) or a DICOM archive folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pt); its .toml config, .json record and .last.pt resume state go beside it."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of labels per file or series (DICOM archive only)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Label column of --labels to learn (needed when it has several)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file or preset name: the preprocessing to train with."),
+    size: Optional[int] = typer.Option(None, "--size", help="Encoder input in pixels (overrides preprocess.size; 32-64 keeps a CPU run to minutes)."),
+    mode: str = typer.Option("auto", "--mode", help="supervised, selfsupervised, or auto (supervised when labels are at hand)."),
+    loss: str = typer.Option("multisimilarity", "--loss", help="Supervised loss: multisimilarity, supcon or classifier."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the training images (at most; see --patience)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=4, help="Images per step."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: every training image once)."),
+    patience: int = typer.Option(10, "--patience", min=0, help="Stop after this many epochs without a better validation score (0: never)."),
+    val_split: float = typer.Option(0.15, "--val-split", help="Fraction held out for validation (by patient) when there is no val split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, augmentations and heads."),
+    flips: bool = typer.Option(False, "--flips", help="Allow horizontal flips (not where laterality matters)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's .last.pt when it was written with the same settings."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune the encoder for retrieval on your images, then index, query or evaluate with it.
+
+    With labels, metric learning (or a classification head) on them; without, self-supervised
+    contrastive learning (SimCLR) with augmentations fit for medical images. Prints the commands
+    that use the trained encoder.
+    """
+    from medsearch.train import train_encoder
+
+    report = train_encoder(
+        data, out=out, labels=labels, label_column=label, config=config, size=size, mode=mode, loss=loss,
+        epochs=epochs, batch_size=batch_size, lr=lr, steps_per_epoch=steps_per_epoch, patience=patience,
+        val_split=val_split, seed=seed, flips=flips, resume=resume, device=device, progress=not quiet and not as_json,
+    )
+    commands = report.follow_up(labels=labels)
+    if as_json:
+        _print_json({**report.to_dict(), "next": commands})
+        return
+    best = report.history[report.best_epoch - 1] if report.best_epoch else {}
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k not in ("epoch", "seconds"))
+    resumed = f", resumed after epoch {report.resumed_from_epoch}" if report.resumed_from_epoch else ""
+    _out.print(
+        f"trained {report.mode} ({report.loss}) on {report.n_train} case(s), validated on {report.n_val}: "
+        f"{report.epochs_completed} epoch(s) in {report.seconds:.0f} s on {report.device}{resumed}",
+        highlight=False,
+    )
+    _out.print(f"best epoch {report.best_epoch} by {report.select_metric}: {scores}", highlight=False)
+    _out.print(f"wrote {report.checkpoint} (weights), {report.config_path} (config), {report.metadata_path} (record)", highlight=False)
+    _out.print("next:", highlight=False)
+    for command in commands:
+        _out.print(f"  {command}", highlight=False)
+
+
 _TABLE_FIELDS = ("modality", "body_part", "sex", "age_band", "manufacturer", "model", "n_slices")
 
 
@@ -353,8 +448,14 @@ def _print_results(result: Any) -> None:
     fields += [f for f in result.labels if f not in fields]
     for name in fields:
         table.add_column(name)
+    resolved = any(m.source is not None for m in result.results)
+    if resolved:
+        table.add_column("source (from the link table)", overflow="fold")
     for m in result.results:
         values = ["" if m.metadata.get(f) is None else str(m.metadata.get(f)) for f in fields]
+        if resolved:
+            files = (m.source or {}).get("files", [])
+            values.append(files[0] + (f" (+{len(files) - 1} more)" if len(files) > 1 else "") if files else "not in link table")
         table.add_row(str(m.rank), m.case_id, f"{m.distance:.4f}", *values)
     _out.print(table)
     if result.distance:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,13 @@ class Match:
     case_id: str
     distance: float
     metadata: dict[str, Any]
+    source: dict[str, Any] | None = None  # only after QueryResult.resolve() with a link table
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "case_id": self.case_id, "distance": self.distance, "metadata": self.metadata}
+        out = {"rank": self.rank, "case_id": self.case_id, "distance": self.distance, "metadata": self.metadata}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
 
 
 @dataclass
@@ -107,6 +111,21 @@ class QueryResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"query": self.query, "distance": self.distance, "results": [m.to_dict() for m in self.results]}
+
+    def resolve(self, links: str | Path) -> QueryResult:
+        """The same result with each match's source location, from a link table (``index --links``).
+
+        Raises
+        ------
+        ConfigError
+            The link table is missing or not one.
+        """
+        path = Path(links)
+        if not path.is_file():
+            raise ConfigError(f"link table {path} does not exist; it is written by: medsearch index ... --links FILE")
+        table = LinkTable(path)
+        matches = [replace(m, source=table.resolve(m.case_id) or {"files": []}) for m in self.results]
+        return replace(self, results=matches)
 
     def to_frame(self) -> pd.DataFrame:
         """A table: rank, case_id, distance, then one column per metadata field."""
