@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from medsearch.config import Config, config_from_dict, load_config
 from medsearch.deid import DeidOptions, SiteKey, case_id, case_metadata
 from medsearch.encoders import Encoder, load_encoder
-from medsearch.errors import ConfigError, InvalidStudyError, KeyFileError, MedsearchError
+from medsearch.errors import ConfigError, IndexNotFoundError, InvalidStudyError, KeyFileError, MedsearchError
 from medsearch.io import CaseRef, LoadFailure, SkippedFile, Volume, find_files, load_study, load_volume, scan
 from medsearch.sharing import LinkTable
 from medsearch.store import IndexStore, read_manifest
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 SKIP_REPORT = "skipped.csv"
 RUN_REPORT = "last-run.json"
+# Files an index directory may hold before its first commit (or that are local to this machine).
+_INDEX_LOCAL_FILES = frozenset({".lock", SKIP_REPORT})
 _LABEL_KEYS = ("path", "file", "filename", "file_name", "dicom_name", "SeriesInstanceUID", "StudyInstanceUID")
 
 
@@ -212,6 +214,8 @@ def build_index(
     deid = deid or DeidOptions()
     files = list(find_files(archive))
     link_table = LinkTable.for_index(links, index_dir) if links is not None else None
+    if index_dir.exists() and not index_dir.is_dir():
+        raise ConfigError(f"--index {index_dir} is a file; give a folder for the index")
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(index_dir / ".lock"))
     try:
@@ -379,9 +383,16 @@ def _index_config(manifest: dict[str, Any]) -> Config:
 def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: SiteKey) -> tuple[IndexStore, Config]:
     try:
         manifest = read_manifest(index_dir)
-    except MedsearchError:
+    except IndexNotFoundError:
         manifest = None
     if manifest is None:
+        # Never turn a folder of other files (an archive given by mistake) into an index.
+        others = sorted(p.name for p in index_dir.iterdir() if p.name not in _INDEX_LOCAL_FILES)
+        if others:
+            raise ConfigError(
+                f"{index_dir} is not a medsearch index and holds other files ({', '.join(others[:3])}...); "
+                "give a new or empty folder for --index"
+            )
         cfg = _as_config(config)
         encoder = load_encoder(cfg.encoder)
         store = IndexStore.create(

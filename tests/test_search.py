@@ -207,3 +207,23 @@ def test_index_all_real_dicom_and_pydicom_test_files(shared_dicom, tmp_path, sam
     assert (skipped["path"].str.startswith("shared/tcga-luad-ct100") & (skipped["reason"] == "duplicate")).sum() == 5
     store = IndexStore.open(tmp_path / "index")
     assert np.isfinite(store.vectors()).all()
+
+
+def test_index_refuses_a_folder_of_other_files_or_a_file(tmp_path, sample_key):
+    with pytest.raises(MedsearchError, match="is not a medsearch index and holds other files"):
+        build_index(FILES[0], SAMPLE, key=sample_key)
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(MedsearchError, match="is a file; give a folder"):
+        build_index(FILES[0], target, key=sample_key)
+
+
+def test_index_with_a_damaged_manifest_is_not_overwritten(tmp_path, sample_key):
+    from medsearch.errors import IndexCorruptError
+
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "manifest.json").write_text("{broken")
+    with pytest.raises(IndexCorruptError, match="not readable JSON"):
+        build_index(FILES[0], index, key=sample_key)
+    assert (index / "manifest.json").read_text() == "{broken"
