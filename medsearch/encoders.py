@@ -274,14 +274,19 @@ class OnnxEncoder(Encoder):
         path = self.cached_file(shape)
         model = _read_export(path)
         if model is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # One process exports; another waiting on the lock then finds the file.
-            with FileLock(str(path) + ".lock"):
-                model = _read_export(path)
-                if model is None:
-                    log.info("exporting %s to ONNX for input %s -> %s", self.info.name, shape, path)
-                    _export(self.net, shape, path, self.info)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # One process exports; another waiting on the lock then finds the file.
+                with FileLock(str(path) + ".lock"):
                     model = _read_export(path)
+                    if model is None:
+                        log.info("exporting %s to ONNX for input %s -> %s", self.info.name, shape, path)
+                        _export(self.net, shape, path, self.info)
+                        model = _read_export(path)
+            except OSError as e:
+                raise _ExportError(
+                    f"cannot write the ONNX cache in {path.parent} ({e.strerror or e}); set XDG_CACHE_HOME to a writable folder"
+                ) from e
             if model is None:
                 raise _ExportError(f"the export written to {path} cannot be read back")
         options = ort.SessionOptions()

@@ -223,3 +223,13 @@ def test_cuda_autocast_matches_the_cpu(precision):
     # a numpy batch and a batch already on the GPU give the same rows
     np.testing.assert_allclose(gpu.embed(batch.numpy()), out, atol=1e-3)
     np.testing.assert_allclose(gpu.embed(batch.cuda()), out, atol=1e-3)
+
+
+def test_an_unwritable_cache_falls_back_or_says_what_to_do(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    x = np.ones((1, 3, 16, 16), np.float32)
+    with pytest.raises(ConfigError, match="cannot write the ONNX cache.*set XDG_CACHE_HOME"):
+        OnnxEncoder(TINY, _Builder(), cache=blocker / "onnx").embed(x)
+    out = OnnxEncoder(TINY, _Builder(), cache=blocker / "onnx", strict=False).embed(x)
+    assert out.shape == (1, 8)
