@@ -28,6 +28,7 @@ __all__ = [
     "index_info",
     "load_config",
     "query",
+    "render_sheet",
 ]
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ _WHERE = {
     "embed_volume": "medsearch.search",
     "index_info": "medsearch.search",
     "query": "medsearch.search",
+    "render_sheet": "medsearch.sheets",
 }
 
 
@@ -63,3 +65,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsearch.deid import SiteKey
     from medsearch.errors import InvalidStudyError, MedsearchError
     from medsearch.search import IndexReport, QueryResult, Searcher, build_index, embed_volume, index_info, query
+    from medsearch.sheets import render_sheet

@@ -129,6 +129,8 @@ def query(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
     as_json: bool = typer.Option(False, "--json", help="Print {query, results: [{rank, case_id, distance, metadata}]} as JSON."),
     resolve: Optional[Path] = typer.Option(None, "--resolve", help="Link table from 'index --links': show where each result's files are."),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
+    sheet_html: Optional[Path] = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first."""
     from medsearch.search import query as run_query
@@ -136,6 +138,8 @@ def query(
     result = run_query(study, index_dir, k=k, config=config)
     if resolve is not None:
         result = result.resolve(resolve)
+    if sheet is not None or sheet_html is not None:
+        _write_sheet(result, index_dir, sheet, sheet_html, study)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -203,6 +207,8 @@ def demo(
     out: Path = typer.Option(Path("medsearch-demo"), "--out", help="Folder for the demo index and its site key."),
     k: int = typer.Option(5, "-k", "--top", min=1, help="How many similar cases to show."),
     as_json: bool = typer.Option(False, "--json", help="Print the query result as JSON."),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
+    sheet_html: Optional[Path] = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
 ) -> None:
     """Index the chest CT sample shipped with medsearch and query one of its slices (offline).
 
@@ -211,6 +217,8 @@ def demo(
     from medsearch.demo import run_demo
 
     report, result = run_demo(out, k=k, progress=not as_json)
+    if sheet is not None or sheet_html is not None:
+        _write_sheet(result, report.index_dir, sheet, sheet_html, Path(result.query["path"]))
     if as_json:
         _print_json({"index": report.to_dict(), **result.to_dict()})
         return
@@ -460,6 +468,16 @@ def _print_results(result: Any) -> None:
     _out.print(table)
     if result.distance:
         _out.print(f"distance = {result.distance}", highlight=False)
+
+
+def _write_sheet(result: Any, index_dir: Path, png: Optional[Path], page: Optional[Path], study: Path) -> None:
+    """Write the result sheet (PNG and/or HTML) and say where, on stderr."""
+    from medsearch.sheets import render_sheet
+
+    render_sheet(result, index_dir, png, html=page, query_study=study)
+    for path in (png, page):
+        if path is not None:
+            _err.print(f"wrote result sheet {path}", highlight=False)
 
 
 def _print_json(data: Any) -> None:

@@ -214,8 +214,7 @@ def build_index(
     deid = deid or DeidOptions()
     files = list(find_files(archive))
     link_table = LinkTable.for_index(links, index_dir) if links is not None else None
-    if index_dir.exists() and not index_dir.is_dir():
-        raise ConfigError(f"--index {index_dir} is a file; give a folder for the index")
+    _check_index_dir(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(index_dir / ".lock"))
     try:
@@ -380,19 +379,27 @@ def _index_config(manifest: dict[str, Any]) -> Config:
     return config_from_dict(data, source="index manifest")
 
 
+def _check_index_dir(index_dir: Path) -> None:
+    """Refuse a file, or a folder of other files (an archive given by mistake), as an index folder."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise ConfigError(f"--index {index_dir} is a file; give a folder for the index")
+    if not index_dir.is_dir() or (index_dir / "manifest.json").exists():
+        return
+    others = sorted(p.name for p in index_dir.iterdir() if p.name not in _INDEX_LOCAL_FILES)
+    if others:
+        raise ConfigError(
+            f"{index_dir} is not a medsearch index and holds other files ({', '.join(others[:3])}...); "
+            "give a new or empty folder for --index"
+        )
+
+
 def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: SiteKey) -> tuple[IndexStore, Config]:
     try:
         manifest = read_manifest(index_dir)
     except IndexNotFoundError:
         manifest = None
     if manifest is None:
-        # Never turn a folder of other files (an archive given by mistake) into an index.
-        others = sorted(p.name for p in index_dir.iterdir() if p.name not in _INDEX_LOCAL_FILES)
-        if others:
-            raise ConfigError(
-                f"{index_dir} is not a medsearch index and holds other files ({', '.join(others[:3])}...); "
-                "give a new or empty folder for --index"
-            )
+        _check_index_dir(index_dir)
         cfg = _as_config(config)
         encoder = load_encoder(cfg.encoder)
         store = IndexStore.create(

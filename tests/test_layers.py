@@ -25,6 +25,7 @@ RANK = {
     "search": 7,
     "evaluate": 8,
     "demo": 8,
+    "sheets": 8,
     "cli": 9,
     "serve": 9,
     "__main__": 10,

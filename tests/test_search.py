@@ -212,6 +212,7 @@ def test_index_all_real_dicom_and_pydicom_test_files(shared_dicom, tmp_path, sam
 def test_index_refuses_a_folder_of_other_files_or_a_file(tmp_path, sample_key):
     with pytest.raises(MedsearchError, match="is not a medsearch index and holds other files"):
         build_index(FILES[0], SAMPLE, key=sample_key)
+    assert not (SAMPLE / ".lock").exists()
     target = tmp_path / "a-file"
     target.write_text("x")
     with pytest.raises(MedsearchError, match="is a file; give a folder"):
