@@ -151,6 +151,23 @@ def test_leave_one_out_with_groups_by_hand():
     assert grouped.per_query["mrr"][2] == 0.5
 
 
+def test_excluded_items_never_count_when_a_query_runs_out_of_gallery():
+    # Patient p1 holds items 0-3 (a a b b); items 4-9 are b, each its own patient. Query 0 has 6
+    # items left, none relevant; a b query has 7 relevant, so 7 results are fetched for every row
+    # and the 7th of query 0 is its own patient's item 1 (label a): it must not count.
+    vectors = _on_line([0, 0.1, 0.2, 0.3, 1, 2, 3, 4, 5, 6])
+    labels = ["a", "a", "b", "b"] + ["b"] * 6
+    groups = ["p1"] * 4 + [f"p{i}" for i in range(2, 8)]
+    result = evaluate_embeddings(
+        vectors, labels, vectors, labels, ks=(1,), metric="l2", query_rows=np.arange(10),
+        gallery_groups=groups, query_groups=groups, n_resamples=10,
+    )
+    assert result.settings["results_per_query"] == 7
+    for name in ("mrr", "map@r", "r_precision", "hit@1"):
+        assert result.per_query[name][0] == 0.0, name
+    assert result.settings["n_queries_without_relevant"] == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # independent checks on random data
 
