@@ -407,7 +407,7 @@ def _png_base64(image: np.ndarray) -> str:
     from matplotlib.image import imsave
 
     buffer = BytesIO()
-    imsave(buffer, image, cmap="gray", vmin=0, vmax=255, format="png", metadata={"Software": None})
+    imsave(buffer, image, cmap="gray", vmin=0, vmax=255, format="png")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
