@@ -24,6 +24,7 @@ RANK = {
     "sharing": 7,
     "search": 7,
     "evaluate": 8,
+    "train": 8,
     "demo": 8,
     "sheets": 8,
     "cli": 9,
