@@ -123,7 +123,7 @@ class Encoder:
         self._net = net.eval().to(self.device)
         if self.device.type == "cpu" and info.spatial_dims == 2:
             # NHWC is measurably faster for these convnets on CPU (see benchmarks/encoder.py).
-            self._net = self._net.to(memory_format=torch.channels_last)
+            self._net = self._net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
     def net(self) -> nn.Module:
@@ -340,7 +340,7 @@ def _export(net: nn.Module, shape: tuple[int, ...], path: Path, info: EncoderInf
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(
-                    net.eval().to(memory_format=torch.contiguous_format),
+                    net.eval().to(memory_format=torch.contiguous_format),  # type: ignore[call-overload]
                     (probe,),
                     tmp,
                     dynamo=False,
@@ -472,7 +472,7 @@ class _LiteFeatures(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # the package's EfficientNet (untyped)
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -518,7 +518,7 @@ _NO_LITE = (
 class _DenseNetFeatures(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.net: Any = net  # a MONAI DenseNet (features, class_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.net.features(x)

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -101,10 +101,13 @@ def create_app(
     started = time.perf_counter()
     searcher = searcher or Searcher(index_dir, config=config)
     if warm_up:
-        info = searcher.encoder.info
+        encoder_info = searcher.encoder.info
         size = searcher.config.preprocess.size
-        shape = (1, info.in_channels, *searcher.config.encoder.volume_shape) if info.spatial_dims == 3 else (
-            1, info.in_channels, size, size)
+        channels = encoder_info.in_channels
+        if encoder_info.spatial_dims == 3:
+            shape: tuple[int, ...] = (1, channels, *searcher.config.encoder.volume_shape)
+        else:
+            shape = (1, channels, size, size)
         searcher.encoder.embed(np.zeros(shape, dtype=np.float32))
     limit = int(max_upload_mb * 1_000_000)
     details = {
@@ -223,7 +226,7 @@ async def _receive(request: Request, sink: Any, limit: int) -> str:
         if not boundary:
             raise _UploadError(400, "the multipart body has no boundary; send the file with curl -F file=@study.dcm")
         form = _FilePart(sink)
-        parser = MultipartParser(boundary, form.callbacks())
+        parser = MultipartParser(boundary, cast(Any, form.callbacks()))
         write = parser.write
     elif kind in _RAW_TYPES:
         write = sink.write
