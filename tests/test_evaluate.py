@@ -526,6 +526,27 @@ def test_cli_npz_writes_json_csv_and_figure(runner, tmp_path, small_config):
     assert (out / "r.png").stat().st_size > 1000
 
 
+def test_cli_two_encoders_side_by_side(runner, tmp_path, small_config):
+    import torch
+    from monai.networks import nets
+
+    checkpoint = tmp_path / "r10.pt"
+    torch.manual_seed(0)
+    torch.save(nets.resnet10(spatial_dims=2, n_input_channels=3, num_classes=2).state_dict(), checkpoint)
+    data = _npz(tmp_path / "d.npz", (20, 20), n_train=15, n_test=6)
+    result = runner.invoke(app, [
+        "evaluate", str(data), "-k", "1,3", "--config", str(small_config), "--quiet", "--limit", "5",
+        "--encoder", "efficientnet-lite0", "--encoder", f"resnet10:{checkpoint}", "--json", str(tmp_path / "two.json"),
+    ])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "efficientnet-lite0" in line and "resnet10:r10.pt" in line)
+    assert "metric" in header
+    assert "resnet10:r10.pt - efficientnet-lite0 on map@r:" in result.stdout and "p = " in result.stdout
+    data_json = json.loads((tmp_path / "two.json").read_text())
+    assert data_json["n_queries"] == 5 and data_json["other_encoders"][0]["encoder"]["checkpoint"] == str(checkpoint)
+    assert data_json["comparisons"][0]["encoder"] == "resnet10:r10.pt"
+
+
 def test_cli_index_leave_one_out(runner, labeled_index, tmp_path):
     index_dir, _ = labeled_index
     result = runner.invoke(app, [
