@@ -19,22 +19,24 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.transforms import (
+    Transform,
     Compose,
     EnsureChannelFirst,
     EnsureType,
     Lambda,
-    NormalizeIntensity,
     RepeatChannel,
     Resize,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
     SpatialPad,
 )
+from monai.data import MetaTensor
 from skimage.transform import resize as _sk_resize
 
 from medsearch.config import PreprocessConfig, SliceMode
 
 __all__ = [
+    "ChannelAffine",
     "build_slice_transform",
     "build_volume_transform",
     "intensity_transform",
@@ -42,6 +44,32 @@ __all__ = [
     "preprocess_volume",
     "select_slices",
 ]
+
+
+class ChannelAffine(Transform):
+    """``(img - mean[c]) / std[c]`` per channel of a channel-first image.
+
+    Does what ``monai.transforms.NormalizeIntensity(subtrahend, divisor, channel_wise=True)`` does
+    with fixed values, as one broadcast operation: measured about 100x faster here, where MONAI's
+    per-channel loop dominated preprocessing time (see docs/benchmarks.md).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if len(mean) != len(std) or any(s == 0 for s in std):
+            raise ValueError(f"mean and std need one nonzero std per channel, got {list(mean)} and {list(std)}")
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+
+    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(img, MetaTensor):
+            img = img.as_tensor()
+        data = torch.as_tensor(img, dtype=torch.float32)
+        if data.shape[0] != len(self.mean):
+            raise ValueError(f"image has {data.shape[0]} channels, normalization is for {len(self.mean)}")
+        shape = (-1,) + (1,) * (data.ndim - 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32).view(shape)
+        return (data - mean) / std
 
 
 def select_slices(
@@ -146,11 +174,13 @@ def build_slice_transform(
     steps.append(intensity_transform(config, modality=modality))
     steps.append(Resize(spatial_size=config.size, size_mode="longest", mode="bilinear", anti_aliasing=True))
     steps.append(SpatialPad(spatial_size=(config.size, config.size)))
+    # plain tensors from here on: MONAI's metadata tracking costs more than the arithmetic
+    steps.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
     if rgb and channels == 1:
         steps.append(Lambda(_mean_channels))
     elif not rgb and channels == 3:
         steps.append(RepeatChannel(repeats=3))
-    steps.append(NormalizeIntensity(subtrahend=list(mean)[:channels], divisor=list(std)[:channels], channel_wise=True))
+    steps.append(ChannelAffine(mean=list(mean)[:channels], std=list(std)[:channels]))
     steps.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
@@ -172,7 +202,7 @@ def build_volume_transform(
             EnsureChannelFirst(channel_dim="no_channel"),
             intensity_transform(config, modality=modality),
             Resize(spatial_size=tuple(shape), mode="trilinear"),
-            NormalizeIntensity(subtrahend=[mean], divisor=[std], channel_wise=True),
+            ChannelAffine(mean=[mean], std=[std]),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
