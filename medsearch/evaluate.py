@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.typing import ArrayLike
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: notebooks need no widget package
 
 from medsearch.config import Config, EncoderConfig, Metric, load_config
 from medsearch.deid import SiteKey, case_id, patient_pseudonym
