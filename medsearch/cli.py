@@ -83,13 +83,20 @@ def index(
     label_columns: Optional[str] = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
     links: Optional[Path] = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
-    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    index_type: Optional[str] = typer.Option(None, "--index-type", help="auto, flat, hnsw or ivfpq (default: the config's, auto); converts an existing index."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Processes that read and decode (default: min(4, CPU count); 0: none)."),
+    commit_every: int = typer.Option(64, "--commit-every", min=1, help="Save progress every N new cases (or every minute)."),
+    case_timeout: float = typer.Option(600.0, "--case-timeout", min=1.0, help="Seconds one case may take to decode before it is skipped."),
+    retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Decode again the cases an earlier run skipped entirely."),
+    wait: float = typer.Option(10.0, "--wait", min=0.0, help="Seconds to wait for another process writing to the same index."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (counts, skips by reason, seconds per stage)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index every case of an archive, or add a new folder to an existing index.
 
     Files that are not images (SR, RT, non-DICOM, truncated, duplicates...) are skipped and listed with
-    a reason in INDEX/skipped.csv. Running it again on the same archive adds nothing twice.
+    a reason in INDEX/skipped.csv. Running it again on the same archive adds nothing twice, and an
+    interrupted run (even kill -9) picks up where its last saved chunk ended.
     """
     from medsearch.search import build_index
 
@@ -102,7 +109,13 @@ def index(
         label_columns=[c.strip() for c in label_columns.split(",")] if label_columns else None,
         key=key,
         links=links,
-        progress=not quiet and not as_json,
+        index_type=index_type,
+        progress=not quiet,
+        workers=workers,
+        commit_every=commit_every,
+        case_timeout=case_timeout,
+        retry_skipped=retry_skipped,
+        lock_timeout=wait,
     )
     if report.key_created is not None:
         _err.print(f"created a new site key at {report.key_created} (keep it safe; it is not in the index)", highlight=False)
@@ -110,9 +123,21 @@ def index(
     if as_json:
         _print_json(summary)
         return
+    if summary["cases_added"] == 0 and summary["cases_already_indexed"]:
+        _out.print(
+            f"nothing new to index: the {summary['files_found']} file(s) are already indexed or skipped "
+            f"({summary['headers_from_cache']} unchanged since the last run); checked in {summary['seconds']:.1f} s",
+            highlight=False,
+        )
     _out.print(
         f"indexed {summary['cases_added']} new case(s) from {summary['files_found']} file(s) "
         f"({summary['cases_already_indexed']} already indexed); the index holds {summary['cases_in_index']} case(s)",
+        highlight=False,
+    )
+    _out.print(
+        f"files: {summary['files_in_added_cases']} in new cases + {summary['files_already_indexed']} already indexed "
+        f"+ {summary['files_skipped']} skipped = {summary['files_found']} found; "
+        f"{summary['seconds']:.1f} s ({summary['files_per_second'] or 0:.1f} files/s)",
         highlight=False,
     )
     if report.skipped:

@@ -37,6 +37,7 @@ def run_demo(out: str | Path = "medsearch-demo", *, k: int = 5, progress: bool =
         labels=sample / "labels.csv",
         key=key,
         progress=progress,
+        workers=0,  # 13 files: starting worker processes would take longer than the work
     )
     result = query(sample / "tcga-luad-ct" / DEMO_QUERY, out / "index", k=k)
     return report, result

@@ -11,6 +11,7 @@ These functions are the Python API and what the CLI calls::
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections import Counter
@@ -22,16 +23,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
 
 from medsearch.config import Config, config_from_dict, load_config
-from medsearch.deid import DeidOptions, SiteKey, case_id, case_metadata
+from medsearch.deid import DeidOptions, SiteKey, case_metadata
 from medsearch.encoders import Encoder, load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, InvalidStudyError, KeyFileError, MedsearchError
-from medsearch.io import CaseRef, LoadFailure, SkippedFile, Volume, find_files, load_study, load_volume, scan
+from medsearch.io import CaseRef, SkippedFile, Volume, find_files, load_study
+from medsearch.pipeline import FILE_STATE, Chunk, IndexReport, encoder_input, index_files, pool_slices, write_atomic
 from medsearch.sharing import LinkTable
 from medsearch.store import IndexStore, read_manifest
-from medsearch.transforms import make_thumbnail, preprocess_volume
 
 __all__ = [
     "IndexReport",
@@ -49,40 +49,8 @@ log = logging.getLogger(__name__)
 SKIP_REPORT = "skipped.csv"
 RUN_REPORT = "last-run.json"
 # Files an index directory may hold before its first commit (or that are local to this machine).
-_INDEX_LOCAL_FILES = frozenset({".lock", SKIP_REPORT})
+_INDEX_LOCAL_FILES = frozenset({".lock", SKIP_REPORT, FILE_STATE, f"{FILE_STATE}-journal"})
 _LABEL_KEYS = ("path", "file", "filename", "file_name", "dicom_name", "SeriesInstanceUID", "StudyInstanceUID")
-
-
-@dataclass
-class IndexReport:
-    """What one ``build_index`` run did. Every file found is in an indexed case or in ``skipped``."""
-
-    index_dir: Path
-    n_files: int = 0
-    n_cases_found: int = 0
-    n_cases_added: int = 0
-    n_cases_already_indexed: int = 0
-    n_cases_total: int = 0
-    skipped: list[SkippedFile] = field(default_factory=list)
-    seconds: float = 0.0
-    key_created: Path | None = None
-
-    @property
-    def skipped_by_reason(self) -> dict[str, int]:
-        return dict(sorted(Counter(s.reason.value for s in self.skipped).items()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index_dir": str(self.index_dir),
-            "files_found": self.n_files,
-            "cases_found": self.n_cases_found,
-            "cases_added": self.n_cases_added,
-            "cases_already_indexed": self.n_cases_already_indexed,
-            "cases_in_index": self.n_cases_total,
-            "files_skipped": len(self.skipped),
-            "skipped_by_reason": self.skipped_by_reason,
-            "seconds": round(self.seconds, 2),
-        }
 
 
 @dataclass(frozen=True)
@@ -138,24 +106,11 @@ class QueryResult:
 def embed_volume(volume: Volume, encoder: Encoder, config: Config) -> np.ndarray:
     """One case embedding: encode the selected slices (or the volume, for a 3D encoder), then pool.
 
-    Returns a ``(dim,)`` float32 vector of unit length.
+    Returns a ``(dim,)`` float32 vector of unit length. :func:`build_index` gives the same vectors
+    (it encodes several cases per encoder call, with the same two steps).
     """
-    info = encoder.info
-    batch = preprocess_volume(
-        volume.pixels,
-        config=config.preprocess,
-        modality=volume.modality,
-        rgb=volume.rgb,
-        spacing=volume.spacing,
-        spatial_dims=info.spatial_dims,
-        channels=info.in_channels,
-        mean=info.mean,
-        std=info.std,
-        volume_shape=config.encoder.volume_shape,
-    )
-    vectors = encoder.embed(batch)
-    pooled = vectors.max(axis=0) if config.preprocess.pool == "max" else vectors.mean(axis=0)
-    return (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
+    vectors = encoder.embed(encoder_input(volume, encoder.info, config))
+    return pool_slices(vectors, config.preprocess.pool)
 
 
 def build_index(
@@ -170,14 +125,23 @@ def build_index(
     deid: DeidOptions | None = None,
     links: str | Path | None = None,
     progress: bool = False,
+    workers: int | None = None,
     commit_every: int = 64,
+    commit_seconds: float = 60.0,
+    case_timeout: float | None = 600.0,
+    batch_images: int = 32,
+    file_cache: bool = True,
+    retry_skipped: bool = False,
     lock_timeout: float = 10.0,
 ) -> IndexReport:
     """Index every case of an archive folder (or add a new folder to an existing index).
 
-    Files are read header-first; cases already in the index are not decoded again. Progress is
-    committed every ``commit_every`` cases, so an interrupted run loses at most one chunk and the
-    index on disk is always a complete earlier state.
+    Headers are read first (in parallel); cases already in the index are not decoded again, and files
+    unchanged since an earlier run (same size and modification time) are not even read again. The
+    other cases are decoded and preprocessed in ``workers`` processes and encoded here, several per
+    encoder call (see :mod:`medsearch.pipeline`); the vectors are those :func:`embed_volume` gives.
+    Progress is committed in chunks, so an interrupted (even ``kill -9``) run loses at most one
+    chunk, the index on disk is always a complete earlier state, and the same call finishes the job.
 
     Parameters
     ----------
@@ -200,6 +164,27 @@ def build_index(
     links
         Optional link table (CSV, owner-only, outside the index directory) mapping each case id to
         its source files and UIDs, for users allowed to go back to the source.
+    progress
+        Show a live bar on stderr (files/s, cases/s, ETA, files skipped).
+    workers
+        Processes that read, decode and preprocess (default ``min(4, os.cpu_count())``; 0: all in
+        this process).
+    commit_every, commit_seconds
+        Commit once this many new cases wait, or this many seconds after the last commit; commits of a
+        large index are spaced out so that they take at most about a tenth of the run.
+    case_timeout
+        Seconds one case may take to decode before its worker is stopped and its files are skipped
+        with ``decode_error`` (None: no limit). A case whose decoding crashes its worker is skipped too.
+    batch_images
+        Images (selected slices) per encoder call.
+    file_cache
+        Keep ``INDEX/local-file-state.sqlite`` (file paths, UIDs only as keyed pseudonyms: local to this
+        machine, never exported) so that unchanged files are not read again.
+    retry_skipped
+        Decode again the cases whose files were all skipped by an earlier run (by default they are
+        skipped again, with the same reasons, until a file changes).
+    lock_timeout
+        Seconds to wait for another process writing to the same index.
 
     Raises
     ------
@@ -207,12 +192,15 @@ def build_index(
         The archive path does not exist.
     ConfigError, EncoderMismatchError, KeyFileError
         Bad settings, or settings or key other than those of the existing index.
+    MedsearchError
+        Another process is writing to the index; worker processes cannot start.
     """
     started = time.perf_counter()
     archive, index_dir = Path(archive), Path(index_dir)
     site_key = key if isinstance(key, SiteKey) else SiteKey.load(key, create=True)
     deid = deid or DeidOptions()
     files = list(find_files(archive))
+    discovered = time.perf_counter() - started
     link_table = LinkTable.for_index(links, index_dir) if links is not None else None
     _check_index_dir(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -228,47 +216,44 @@ def build_index(
         encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
         store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
         label_table = _read_labels(labels, label_key, label_columns) if labels else None
+        labels_before = list(store.manifest.get("label_columns", []))
         if label_table is not None:
-            store.manifest["label_columns"] = sorted(set(store.manifest.get("label_columns", [])) | set(label_table.columns))
+            store.manifest["label_columns"] = sorted(set(labels_before) | set(label_table.columns))
+        # A new index is written even when it stays empty; an existing one only when something changes.
+        must_commit = store.manifest.get("generation", 0) == 0 or store.manifest["label_columns"] != labels_before
 
         created = site_key.path if site_key.created and not isinstance(key, SiteKey) else None
         report = IndexReport(index_dir=index_dir, n_files=len(files), key_created=created)
-        found = scan(tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False))
-        report.skipped.extend(found.skipped)
-        report.n_cases_found = len(found.cases)
-
-        vectors: list[np.ndarray] = []
-        rows: list[dict[str, Any]] = []
-        thumbs: list[np.ndarray] = []
-        thumb_size = config.index.thumbnail_size
-        bar = tqdm(found.cases, desc="embedding cases", unit="case", disable=not progress)
-        for case in bar:
-            cid = case_id(site_key, case.study_uid, case.series_uid, case.part)
-            if cid in store:
-                report.n_cases_already_indexed += 1
-                if link_table is not None and cid not in link_table.rows:
-                    _link(link_table, cid, case)
-                continue
-            try:
-                volume, bad_files = load_volume(case)
-            except LoadFailure as e:
-                report.skipped.extend(e.skipped)
-                continue
-            report.skipped.extend(bad_files)
-            vectors.append(embed_volume(volume, encoder, config))
-            rows.append(_case_row(cid, case, volume, site_key, deid, label_table, archive))
-            if thumb_size:
-                thumbs.append(make_thumbnail(volume.pixels, config=config.preprocess, modality=volume.modality,
-                                             rgb=volume.rgb, spacing=volume.spacing, size=thumb_size))
-            if link_table is not None:
-                _link(link_table, cid, case)
-            report.n_cases_added += 1
-            bar.set_postfix(skipped=len(report.skipped), refresh=False)
-            if len(rows) >= commit_every:
-                _flush(store, vectors, rows, thumbs, report, archive, link_table)
-        _flush(store, vectors, rows, thumbs, report, archive, link_table, force=True)
+        report.stage_seconds["discover"] = discovered
+        index_files(
+            files,
+            root=archive,
+            store=store,
+            encoder=encoder,
+            config=config,
+            key=site_key,
+            # runs in the worker processes: a partial of a module-level function pickles
+            describe=functools.partial(_case_row, key=site_key, deid=deid, labels=label_table, archive=archive),
+            commit=functools.partial(_flush, store, report=report, archive=archive, link_table=link_table),
+            report=report,
+            links=link_table,
+            workers=workers,
+            case_timeout=case_timeout,
+            batch_images=batch_images,
+            commit_every=commit_every,
+            commit_seconds=commit_seconds,
+            file_cache=file_cache,
+            retry_skipped=retry_skipped,
+            must_commit=must_commit,
+            progress=progress,
+        )
         report.n_cases_total = len(store)
         report.seconds = time.perf_counter() - started
+        if not report.accounted:
+            log.warning(
+                "file counts do not add up: %d found, %d in added cases, %d already indexed, %d skipped",
+                report.n_files, report.n_files_added, report.n_files_already_indexed, len(report.skipped),
+            )
         return report
     finally:
         lock.release()
@@ -424,30 +409,30 @@ def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: 
 
 def _flush(
     store: IndexStore,
-    vectors: list[np.ndarray],
-    rows: list[dict[str, Any]],
-    thumbs: list[np.ndarray],
+    chunk: Chunk,
+    force: bool = False,
+    *,
     report: IndexReport,
     archive: Path,
     link_table: LinkTable | None,
-    *,
-    force: bool = False,
-) -> None:
-    if vectors:
-        store.add(np.stack(vectors), pd.DataFrame(rows), np.stack(thumbs) if thumbs else None)
-    if vectors or force:
-        report.n_cases_total = len(store)
-        # the link table first: a case in the index always has its way back
-        if link_table is not None:
-            link_table.save()
-        store.commit(extra={SKIP_REPORT: _skip_csv(report.skipped, archive)}, info={"last_run": report.to_dict()})
-    vectors.clear()
-    rows.clear()
-    thumbs.clear()
+) -> bool:
+    """Add a chunk of new cases to the store and commit it; return whether the index was written.
 
-
-def _link(table: LinkTable, cid: str, case: CaseRef) -> None:
-    table.add(cid, study_uid=case.study_uid, series_uid=case.series_uid, part=case.part, files=case.files)
+    Without new cases (and without ``force``) the index is left as it is and only the skip report
+    is rewritten, so that re-running on an unchanged archive rewrites nothing.
+    """
+    if chunk.vectors:
+        store.add(np.stack(chunk.vectors), pd.DataFrame(chunk.rows), np.stack(chunk.thumbnails) if chunk.thumbnails else None)
+    report.n_cases_total = len(store)
+    # the link table first: a case in the index always has its way back
+    if link_table is not None:
+        link_table.save()
+    skip_report = _skip_csv(report.skipped, archive)
+    if not chunk.vectors and not force:
+        write_atomic(store.path / SKIP_REPORT, skip_report)
+        return False
+    store.commit(extra={SKIP_REPORT: skip_report}, info={"last_run": report.to_dict()})
+    return True
 
 
 def _case_row(

@@ -119,6 +119,27 @@ class IndexStore:
 
     @classmethod
     def open(cls, path: str | Path) -> IndexStore:
+        """Load an index directory, checking every file against the manifest (see :meth:`_open_once`).
+
+        A writer that commits twice while this reads removes the files of the manifest it read; then
+        the new manifest is read, so that a reader sees the old or the new state, and no error.
+
+        Raises
+        ------
+        IndexNotFoundError, IndexCorruptError
+        """
+        retries = 2
+        while True:
+            generation = read_manifest(path).get("generation")
+            try:
+                return cls._open_once(path)
+            except IndexCorruptError:
+                if retries == 0 or read_manifest(path).get("generation") == generation:
+                    raise
+                retries -= 1
+
+    @classmethod
+    def _open_once(cls, path: str | Path) -> IndexStore:
         """Load an index directory, checking every file against the manifest.
 
         Raises

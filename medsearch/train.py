@@ -867,15 +867,15 @@ class _Trainer:
         train, val = self.data.train, self.data.val
         if not (val.labels >= 0).any() or not (train.labels >= 0).any():
             return out
-        gallery = self._embed(train)
-        queries = self._embed(val)
         g_rows = np.flatnonzero(train.labels >= 0)
         if g_rows.size > _VAL_GALLERY:
             g_rows = np.sort(np.random.default_rng(self.settings.seed).choice(g_rows, _VAL_GALLERY, replace=False))
         q_rows = np.flatnonzero(val.labels >= 0)
+        gallery = self._embed(_subset(train, g_rows))
+        queries = self._embed(_subset(val, q_rows))
         g_lab, q_lab = train.labels[g_rows], val.labels[q_rows]
         k = min(max(_VAL_KS), g_rows.size)
-        sims = queries[q_rows] @ gallery[g_rows].T
+        sims = queries @ gallery.T
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         n_rel = np.bincount(g_lab, minlength=len(self.data.classes))[q_lab]
         ks = tuple(x for x in _VAL_KS if x <= k)
@@ -910,6 +910,14 @@ class _Trainer:
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _subset(split: _Split, cases: np.ndarray) -> _Split:
+    """The cases ``cases`` of a split (in that order), renumbered 0..n-1."""
+    keep = np.flatnonzero(np.isin(split.case, cases))
+    renumber = np.full(split.n_cases, -1, dtype=np.int64)
+    renumber[cases] = np.arange(cases.shape[0])
+    return _Split(images=split.images[torch.as_tensor(keep)], case=renumber[split.case[keep]], labels=split.labels[cases])
 
 
 def _normalize(images01: torch.Tensor) -> torch.Tensor:

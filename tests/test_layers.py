@@ -23,6 +23,7 @@ RANK = {
     "metrics": 6,
     "sharing": 7,
     "search": 7,
+    "pipeline": 7,
     "evaluate": 8,
     "train": 8,
     "demo": 8,

@@ -8,7 +8,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-import medsearch.search as search_module
+import medsearch.pipeline as pipeline_module
 from medsearch import Config, build_index, index_info, query
 from medsearch.deid import SiteKey
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, KeyFileError, MedsearchError
@@ -78,17 +78,27 @@ def test_query_result_as_dict_and_frame(sample_index):
     assert frame["distance"].is_monotonic_increasing
 
 
-def test_rerun_adds_nothing_and_decodes_nothing(sample_index, sample_key, tmp_path, monkeypatch):
+@pytest.mark.parametrize("file_cache", [True, False], ids=["file-cache", "no-file-cache"])
+def test_rerun_adds_nothing_and_decodes_nothing(sample_index, sample_key, tmp_path, monkeypatch, file_cache):
     copy = tmp_path / "index"
     shutil.copytree(sample_index, copy)
+    manifest = (copy / "manifest.json").read_bytes()
 
-    def no_decoding(case):
+    def no_decoding(job, setup):
         raise AssertionError("a case already indexed was decoded again")
 
-    monkeypatch.setattr(search_module, "load_volume", no_decoding)
-    report = build_index(ARCHIVE, copy, key=sample_key)
+    def no_header(path):
+        raise AssertionError("the header of an unchanged file was read again")
+
+    monkeypatch.setattr(pipeline_module, "prepare_case", no_decoding)
+    if file_cache:  # unchanged files (same path, size, mtime) are not even opened
+        monkeypatch.setattr(pipeline_module, "summarize_file", no_header)
+    report = build_index(ARCHIVE, copy, key=sample_key, workers=0, file_cache=file_cache)
     assert report.n_cases_added == 0 and report.n_cases_already_indexed == 12
+    assert report.n_headers_cached == (len(FILES) if file_cache else 0)
+    assert report.n_files_already_indexed == 12 and len(report.skipped) == 1 and report.accounted
     assert len(IndexStore.open(copy)) == 12
+    assert (copy / "manifest.json").read_bytes() == manifest  # nothing new: the index is not rewritten
 
 
 def test_adding_a_new_folder_to_an_index(tmp_path, sample_key):
@@ -106,21 +116,21 @@ def test_adding_a_new_folder_to_an_index(tmp_path, sample_key):
 
 def test_interrupted_run_keeps_committed_work_and_resumes(tmp_path, sample_key, monkeypatch):
     index = tmp_path / "index"
-    real_embed = search_module.embed_volume
+    real_pool = pipeline_module.pool_slices
     calls = {"n": 0}
 
-    def embed_then_die(*args, **kwargs):
+    def pool_then_die(*args, **kwargs):  # called once per encoded case, before it joins a chunk
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 5:
             raise KeyboardInterrupt("power cut")
-        return real_embed(*args, **kwargs)
+        return real_pool(*args, **kwargs)
 
-    monkeypatch.setattr(search_module, "embed_volume", embed_then_die)
+    monkeypatch.setattr(pipeline_module, "pool_slices", pool_then_die)
     with pytest.raises(KeyboardInterrupt):
-        build_index(ARCHIVE, index, key=sample_key, commit_every=2)
+        build_index(ARCHIVE, index, key=sample_key, commit_every=2, batch_images=2, workers=0)
     assert len(IndexStore.open(index)) == 4  # two committed chunks of two
-    monkeypatch.setattr(search_module, "embed_volume", real_embed)
-    report = build_index(ARCHIVE, index, key=sample_key, commit_every=2)
+    monkeypatch.setattr(pipeline_module, "pool_slices", real_pool)
+    report = build_index(ARCHIVE, index, key=sample_key, commit_every=2, workers=0)
     assert report.n_cases_already_indexed == 4 and report.n_cases_total == 12
 
 
@@ -207,6 +217,17 @@ def test_index_all_real_dicom_and_pydicom_test_files(shared_dicom, tmp_path, sam
     assert (skipped["path"].str.startswith("shared/tcga-luad-ct100") & (skipped["reason"] == "duplicate")).sum() == 5
     store = IndexStore.open(tmp_path / "index")
     assert np.isfinite(store.vectors()).all()
+    # every file is in an indexed case or in the skip report, once, and the totals add up
+    assert report.accounted and skipped["path"].is_unique
+    assert report.n_files_added + len(report.skipped) == n_files and report.n_files_already_indexed == 0
+    # the same archive again: nothing decoded, unchanged headers not read, the same skip report
+    again = build_index(archive, tmp_path / "index", key=sample_key)
+    assert again.n_cases_added == 0 and again.accounted
+    assert again.n_files_already_indexed == report.n_files_added
+    assert again.n_headers_cached >= n_files - report.skipped_by_reason.get("unreadable", 0) - report.skipped_by_reason.get(
+        "unsupported_transfer_syntax", 0)
+    assert again.skipped_by_reason == report.skipped_by_reason
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "index" / "skipped.csv"), skipped)
 
 
 def test_index_refuses_a_folder_of_other_files_or_a_file(tmp_path, sample_key):

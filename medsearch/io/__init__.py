@@ -7,22 +7,28 @@ float32 pixel volumes, and says why a file was skipped.
 from __future__ import annotations
 
 from medsearch.io.dicom import (
+    CaseFiles,
     CaseRef,
+    HeaderSummary,
     LoadFailure,
     ScanResult,
     SkippedFile,
     SkipReason,
     Volume,
     find_files,
+    group_headers,
     load_study,
     load_volume,
     scan,
+    summarize_file,
 )
 from medsearch.io.npz import NPZ_SPLITS, NpzLayout, NpzSplit, load_npz_split, npz_splits
 
 __all__ = [
     "NPZ_SPLITS",
+    "CaseFiles",
     "CaseRef",
+    "HeaderSummary",
     "LoadFailure",
     "NpzLayout",
     "NpzSplit",
@@ -31,9 +37,11 @@ __all__ = [
     "SkippedFile",
     "Volume",
     "find_files",
+    "group_headers",
     "load_npz_split",
     "load_study",
     "load_volume",
     "npz_splits",
     "scan",
+    "summarize_file",
 ]

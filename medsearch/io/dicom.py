@@ -470,18 +470,132 @@ def find_files(root: Path | str) -> Iterator[Path]:
     yield from sorted(found)
 
 
-@dataclass
-class _Entry:
+@dataclass(frozen=True)
+class HeaderSummary:
+    """The facts :func:`group_headers` needs from one file's header, and nothing else.
+
+    Small and picklable, so that an archive of any size can keep one per file and worker processes
+    can send them back; the UIDs identify a study, so a summary stays on the machine that read it.
+    """
+
     path: Path
-    ds: Dataset
+    study_uid: str  # "" when the header has none
+    series_uid: str
     sop_uid: str
     frames: int
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case as :func:`group_headers` finds them, without a header in memory."""
+
+    study_uid: str
+    series_uid: str
+    files: tuple[Path, ...]
+    instance_uids: tuple[str, ...]
+    part: str = ""
+
+    def open(self) -> CaseRef:
+        """This case as a :class:`CaseRef`, with the header of its first file read now (no pixels).
+
+        The header is the one :func:`scan` would give: that of the first file in path order.
+
+        Raises
+        ------
+        LoadFailure
+            No file of the case has a readable header any more (changed since it was scanned).
+        """
+        skipped = []
+        for path in self.files:
+            try:
+                ds = _read_header(path).ds
+            except _Skip as skip:
+                skipped.append(SkippedFile(path, skip.reason, skip.detail))
+                continue
+            except Exception as exc:  # noqa: BLE001 - as in scan: an odd header is a skip
+                skipped.append(SkippedFile(path, SkipReason.UNREADABLE, f"the header cannot be used: {_one_line(exc)}"))
+                continue
+            return CaseRef(
+                study_uid=self.study_uid,
+                series_uid=self.series_uid,
+                files=self.files,
+                instance_uids=self.instance_uids,
+                header=ds,
+                part=self.part,
+            )
+        first = skipped[0]
+        raise LoadFailure(
+            f"no file of the case at {self.files[0]} has a readable header; {first.path}: "
+            f"{first.reason.value}: {first.detail}",
+            skipped,
+        )
+
+
+def summarize_file(path: Path | str) -> HeaderSummary | SkippedFile:
+    """Read one file's header (never its pixels) and say how it would be grouped, or why it is left out.
+
+    This is the per-file half of :func:`scan`, for callers that read headers in parallel or keep
+    the result between runs; :func:`group_headers` is the other half. It never raises: a file that
+    cannot be used is a :class:`SkippedFile` (NOT_DICOM, UNREADABLE, TRUNCATED, NO_PIXEL_DATA,
+    UNSUPPORTED_TRANSFER_SYNTAX). Duplicates are found by :func:`group_headers`, which sees all files.
+
+    Parameters
+    ----------
+    path : Path or str
+        A file.
+
+    Returns
+    -------
+    HeaderSummary or SkippedFile
+    """
+    found = _summarize(Path(path))
+    return found if isinstance(found, SkippedFile) else found[0]
+
+
+def group_headers(items: Iterable[HeaderSummary | SkippedFile]) -> tuple[list[CaseFiles], list[SkippedFile]]:
+    """Group file summaries into cases, as :func:`scan` does, and find duplicates.
+
+    Parameters
+    ----------
+    items : iterable of HeaderSummary or SkippedFile
+        What :func:`summarize_file` gave for each file, in any order. Skipped files are passed
+        through; a second file with the SOP Instance UID of an earlier one (in path order) is
+        skipped as DUPLICATE.
+
+    Returns
+    -------
+    list of CaseFiles
+        Sorted by first file, then part (see :func:`scan` for the grouping rules).
+    list of SkippedFile
+        In path order.
+    """
+    ordered = sorted(items, key=lambda item: item.path)
+    skipped: list[SkippedFile] = []
+    seen: dict[str, Path] = {}
+    groups: dict[tuple[str, str], list[HeaderSummary]] = {}
+    for item in ordered:
+        if isinstance(item, SkippedFile):
+            skipped.append(item)
+            continue
+        if item.sop_uid and item.sop_uid in seen:
+            detail = f"same SOP instance as {seen[item.sop_uid]}"
+            logger.debug("skip %s: %s (%s)", item.path, SkipReason.DUPLICATE.value, detail)
+            skipped.append(SkippedFile(item.path, SkipReason.DUPLICATE, detail))
+            continue
+        if item.sop_uid:
+            seen[item.sop_uid] = item.path
+        groups.setdefault(_case_key(item), []).append(item)
+    cases = [case for key, entries in groups.items() for case in _split(key, entries)]
+    cases.sort(key=lambda c: (str(c.files[0]), c.part))
+    return cases, skipped
 
 
 def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
     """Read the headers of files and group the images into cases.
 
-    Only headers are read (``stop_before_pixels``); pixel data is never decoded here.
+    Only headers are read (``stop_before_pixels``); pixel data is never decoded here. Each case
+    keeps the header of its first file; for archives too large to keep those, use
+    :func:`summarize_file` and :func:`group_headers`, then :meth:`CaseFiles.open` per case.
 
     Parameters
     ----------
@@ -512,31 +626,52 @@ def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
             item = Path(item)
             listed.extend(find_files(item) if item.is_dir() else [item])
         files = sorted(dict.fromkeys(listed))
-    skipped: list[SkippedFile] = []
-    seen: dict[str, Path] = {}
-    groups: dict[tuple[str, str], list[_Entry]] = {}
+    headers: dict[Path, Dataset] = {}
+    items: list[HeaderSummary | SkippedFile] = []
     for path in files:
-        try:
-            entry = _scan_one(path, seen)
-        except _Skip as skip:
-            logger.debug("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
-            skipped.append(SkippedFile(path, skip.reason, skip.detail))
-            continue
-        except Exception as exc:  # noqa: BLE001 - an odd header must not stop an archive scan
-            detail = f"the header cannot be used: {_one_line(exc)}"
-            logger.debug("skip %s: %s (%s)", path, SkipReason.UNREADABLE.value, detail)
-            skipped.append(SkippedFile(path, SkipReason.UNREADABLE, detail))
-            continue
-        if entry.sop_uid:
-            seen[entry.sop_uid] = path
-        groups.setdefault(_case_key(entry), []).append(entry)
-    cases = [case for key, entries in groups.items() for case in _split(key, entries)]
-    cases.sort(key=lambda c: (str(c.files[0]), c.part))
+        found = _summarize(path)
+        if isinstance(found, SkippedFile):
+            items.append(found)
+        else:
+            items.append(found[0])
+            headers[path] = found[1]
+    groups, skipped = group_headers(items)
+    cases = [
+        CaseRef(
+            study_uid=g.study_uid,
+            series_uid=g.series_uid,
+            files=g.files,
+            instance_uids=g.instance_uids,
+            header=headers[g.files[0]],
+            part=g.part,
+        )
+        for g in groups
+    ]
     logger.info("scanned %d files: %d cases, %d skipped", len(files), len(cases), len(skipped))
     return ScanResult(cases=cases, skipped=skipped, n_files=len(files))
 
 
-def _scan_one(path: Path, seen: dict[str, Path]) -> _Entry:
+def _summarize(path: Path) -> tuple[HeaderSummary, Dataset] | SkippedFile:
+    try:
+        ds = _usable_header(path)
+    except _Skip as skip:
+        logger.debug("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
+        return SkippedFile(path, skip.reason, skip.detail)
+    except Exception as exc:  # noqa: BLE001 - an odd header must not stop an archive scan
+        detail = f"the header cannot be used: {_one_line(exc)}"
+        logger.debug("skip %s: %s (%s)", path, SkipReason.UNREADABLE.value, detail)
+        return SkippedFile(path, SkipReason.UNREADABLE, detail)
+    return _summary(path, ds), ds
+
+
+def _usable_header(path: Path) -> Dataset:
+    """The header of a file that holds decodable pixel data.
+
+    Raises
+    ------
+    _Skip
+        As :func:`_read_header`, or NO_PIXEL_DATA, or UNSUPPORTED_TRANSFER_SYNTAX.
+    """
     header = _read_header(path)
     ds = header.ds
     if header.pixel_tag is None:
@@ -544,14 +679,21 @@ def _scan_one(path: Path, seen: dict[str, Path]) -> _Entry:
     problem = _decoder_problem(_transfer_syntax(ds))
     if problem:
         raise _Skip(SkipReason.UNSUPPORTED_TRANSFER_SYNTAX, problem)
-    sop_uid = _str(ds, "SOPInstanceUID")
-    if sop_uid and sop_uid in seen:
-        raise _Skip(SkipReason.DUPLICATE, f"same SOP instance as {seen[sop_uid]}")
-    return _Entry(path, ds, sop_uid, _int(_get(ds, "NumberOfFrames"), 1))
+    return ds
 
 
-def _case_key(entry: _Entry) -> tuple[str, str]:
-    study, series = _str(entry.ds, "StudyInstanceUID"), _str(entry.ds, "SeriesInstanceUID")
+def _summary(path: Path, ds: Dataset) -> HeaderSummary:
+    return HeaderSummary(
+        path=path,
+        study_uid=_str(ds, "StudyInstanceUID"),
+        series_uid=_str(ds, "SeriesInstanceUID"),
+        sop_uid=_str(ds, "SOPInstanceUID"),
+        frames=_int(_get(ds, "NumberOfFrames"), 1),
+    )
+
+
+def _case_key(entry: HeaderSummary) -> tuple[str, str]:
+    study, series = entry.study_uid, entry.series_uid
     if study and series:
         return study, series
     # No UIDs to group by: the file is a case of its own, under a key that stays the same
@@ -560,16 +702,15 @@ def _case_key(entry: _Entry) -> tuple[str, str]:
     return study or f"nouid-{digest}", f"nouid-{digest}"
 
 
-def _split(key: tuple[str, str], entries: list[_Entry]) -> list[CaseRef]:
+def _split(key: tuple[str, str], entries: list[HeaderSummary]) -> list[CaseFiles]:
     entries = sorted(entries, key=lambda e: e.path)
 
-    def make(members: list[_Entry], part: str = "") -> CaseRef:
-        return CaseRef(
+    def make(members: list[HeaderSummary], part: str = "") -> CaseFiles:
+        return CaseFiles(
             study_uid=key[0],
             series_uid=key[1],
             files=tuple(e.path for e in members),
             instance_uids=tuple(e.sop_uid for e in members),
-            header=members[0].ds,
             part=part,
         )
 
@@ -671,6 +812,18 @@ def _gray(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return out.astype(np.float32)
 
 
+_MAX_PIXEL_BYTES = 2**30  # decoded bytes one file may declare (a 2,000-frame 512 x 512 16-bit volume is 1 GiB)
+
+
+def _declared_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of decoded pixel data the header declares (rows x columns x frames x samples x bytes)."""
+    rows, columns = _int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0)
+    frames = max(_int(_get(ds, "NumberOfFrames"), 1), 1)
+    samples = max(_int(_get(ds, "SamplesPerPixel"), 1), 1)
+    allocated = max(_int(_get(ds, "BitsAllocated"), 8), 1)
+    return max(rows, 0) * max(columns, 0) * frames * samples * ((allocated + 7) // 8)
+
+
 def _decode(ds: Dataset) -> np.ndarray:
     """Decode a dataset's pixels to (F, H, W) or (F, H, W, 3) float32.
 
@@ -679,11 +832,21 @@ def _decode(ds: Dataset) -> np.ndarray:
     _Skip
         TRUNCATED for short pixel data, DECODE_ERROR for anything else the decoder rejects.
     """
+    declared = _declared_pixel_bytes(ds)
+    if declared > _MAX_PIXEL_BYTES:
+        # A damaged header (or a hostile file) must not make the decoder allocate gigabytes.
+        raise _Skip(
+            SkipReason.DECODE_ERROR,
+            f"the header declares {declared / 2**30:.1f} GiB of pixel data, more than the "
+            f"{_MAX_PIXEL_BYTES / 2**30:.0f} GiB one file may hold here",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = ds.pixel_array  # pydicom 3 converts YBR to RGB by default
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # Rust decoders (pylibjpeg-rle) panic with a BaseException
         text = _one_line(exc, ds)
         if _mentions_truncation(text):
             raise _Skip(SkipReason.TRUNCATED, text) from exc

@@ -1,0 +1,287 @@
+"""Indexing throughput: the medsearch pipeline against a naive loop and against the encoder alone.
+
+Builds a synthetic archive of real-looking DICOMs derived from real samples, with new UIDs and a
+little noise added to the pixels:
+
+* CT series of 8 slices (positions 2.5 mm apart), from the TCGA-LUAD slices shipped in
+  ``medsearch/data/sample/tcga-luad-ct`` (512 x 512) and pydicom's ``CT_small.dcm``;
+* computed radiographs, from pydicom-data's ``RG1_UNCI.dcm`` and ``RG3_UNCI.dcm`` (CR, MONOCHROME1),
+  halved to about 900 x 900 to keep the archive small (pixel spacing doubled to match).
+
+Then, in one run (so that all figures share the machine's load):
+
+1. **encoder alone**: images/s of ``Encoder.embed`` on pre-decoded, preprocessed tensors, in batches
+   of ``--batch-images`` (the pipeline's encoder call), median of ``--repeats``; measured before and
+   after the pipeline, and the median of all those runs is the reference;
+2. **naive loop**: one process, one case at a time: read, decode, preprocess, embed, thumbnail
+   (the loop ``build_index`` ran before the pipeline), over the first ``--naive-files`` files;
+3. **pipeline**: ``build_index`` with ``--workers`` worker processes, on the whole archive, with the
+   seconds per stage from its report;
+4. **re-run** on the unchanged archive, with the file-state cache and without it;
+5. **commit cost** of ``IndexStore.commit`` at a few index sizes, and what it adds up to over a large
+   archive with fixed 64-case chunks and with the pipeline's spaced-out commits.
+
+Usage::
+
+    nice -n 10 .venv/bin/python benchmarks/ingest.py [--files 5000] [--workers N] [--json FILE]
+
+Compare figures only within one run; on a shared machine, compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medsearch.config import Config
+from medsearch.deid import SiteKey
+from medsearch.encoders import load_encoder
+from medsearch.io import load_volume, scan
+from medsearch.pipeline import default_workers, encoder_input
+from medsearch.search import build_index, embed_volume
+from medsearch.store import IndexStore
+from medsearch.transforms import make_thumbnail
+
+SAMPLE = Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample" / "tcga-luad-ct"
+SLICES_PER_SERIES = 8
+XRAY_FRACTION = 0.2
+
+
+# -- the archive --------------------------------------------------------------------------------------
+
+
+def _sources() -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
+    ct = [pydicom.dcmread(p) for p in sorted(SAMPLE.glob("*.dcm"))]
+    small = get_testdata_file("CT_small.dcm")
+    if small:
+        ct.append(pydicom.dcmread(small))
+    xray = []
+    for name in ("RG1_UNCI.dcm", "RG3_UNCI.dcm"):
+        path = get_testdata_file(name)
+        if path:
+            ds = pydicom.dcmread(path)
+            half = ds.pixel_array[::2, ::2].copy()
+            ds.PixelData = half.tobytes()
+            ds.Rows, ds.Columns = half.shape
+            for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+                if keyword in ds:
+                    setattr(ds, keyword, [float(v) * 2 for v in ds[keyword].value])
+            xray.append(ds)
+    if not xray:
+        print("pydicom-data is not installed: the archive holds CT only", file=sys.stderr)
+    return ct, xray
+
+
+def _write(ds: pydicom.Dataset, path: Path, rng: np.random.Generator, *, study: str, series: str) -> None:
+    ds = copy.deepcopy(ds)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    pixels = ds.pixel_array
+    noise = rng.integers(-2, 3, size=pixels.shape)
+    info = np.iinfo(pixels.dtype)
+    ds.PixelData = np.clip(pixels.astype(np.int64) + noise, info.min, info.max).astype(pixels.dtype).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def build_archive(root: Path, n_files: int, *, seed: int = 0) -> dict[str, int]:
+    """Write about ``n_files`` files under ``root``: CT series of 8 slices and single radiographs."""
+    rng = np.random.default_rng(seed)
+    ct, xray = _sources()
+    n_xray = round(n_files * XRAY_FRACTION) if xray else 0
+    n_series = max(1, (n_files - n_xray) // SLICES_PER_SERIES)
+    for s in range(n_series):
+        src = ct[s % len(ct)]
+        study, series = generate_uid(), generate_uid()
+        for z in range(SLICES_PER_SERIES):
+            ds = copy.deepcopy(src)
+            ds.ImagePositionPatient = [0.0, 0.0, -100.0 + 2.5 * z]
+            ds.InstanceNumber = z + 1
+            _write(ds, root / f"ct{s:05d}" / f"slice{z:02d}.dcm", rng, study=study, series=series)
+    for i in range(n_xray):
+        _write(xray[i % len(xray)], root / "xray" / f"cr{i:05d}.dcm", rng, study=generate_uid(), series=generate_uid())
+    return {"ct_series": n_series, "ct_files": n_series * SLICES_PER_SERIES, "xray_files": n_xray}
+
+
+# -- measurements -------------------------------------------------------------------------------------
+
+
+def encoder_only(encoder, config: Config, archive: Path, *, batch: int, repeats: int) -> list[float]:
+    """Images/s of the encoder on tensors decoded and preprocessed beforehand (one value per repeat)."""
+    found = scan(sorted(p for p in archive.rglob("*.dcm"))[:200])
+    images = []
+    for case in found.cases[:40]:
+        volume, _ = load_volume(case)
+        images.append(encoder_input(volume, encoder.info, config).numpy())
+    pool = np.concatenate(images)
+    tensor = np.ascontiguousarray(np.resize(pool, (batch, *pool.shape[1:])), dtype=np.float32)
+    encoder.embed(tensor)  # warm up
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        encoder.embed(tensor)
+        rates.append(batch / (time.perf_counter() - started))
+    return rates
+
+
+def naive_loop(encoder, config: Config, archive: Path, n_files: int) -> dict[str, float]:
+    """One process, one case at a time: read, decode, preprocess, embed, thumbnail."""
+    files = sorted(p for p in archive.rglob("*.dcm"))[:n_files]
+    started = time.perf_counter()
+    found = scan(files)
+    images = 0
+    for case in found.cases:
+        volume, _ = load_volume(case)
+        embed_volume(volume, encoder, config)
+        make_thumbnail(volume.pixels, config=config.preprocess, modality=volume.modality, rgb=volume.rgb,
+                       spacing=volume.spacing, size=config.index.thumbnail_size)
+        images += min(config.preprocess.slices, volume.pixels.shape[0])
+    seconds = time.perf_counter() - started
+    return {"files": len(files), "cases": len(found.cases), "images": images, "seconds": round(seconds, 2),
+            "files_per_s": round(len(files) / seconds, 2), "images_per_s": round(images / seconds, 2)}
+
+
+def commit_costs(sizes: list[int], dim: int = 1280, thumb: int = 96) -> dict[str, object]:
+    """Seconds of one ``IndexStore.commit`` at each size, and the total over a large archive."""
+    rng = np.random.default_rng(0)
+    seconds = {}
+    for n in sizes:
+        folder = Path(tempfile.mkdtemp(prefix="medsearch-commit-"))
+        try:
+            store = IndexStore.create(folder / "index", dim=dim, encoder={"name": "bench", "dim": dim},
+                                      preprocess={}, key_check="bench")
+            rows = pd.DataFrame({"case_id": [f"c-{i:016x}" for i in range(n)], "modality": "CT", "n_slices": 8})
+            store.add(rng.standard_normal((n, dim)).astype(np.float32), rows,
+                      rng.integers(0, 255, (n, thumb, thumb), dtype=np.uint8))
+            started = time.perf_counter()
+            store.commit()
+            seconds[n] = time.perf_counter() - started
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    # commit cost ~ a + b * n; over an archive of N cases at r cases/s:
+    n_arr, s_arr = np.array(list(seconds)), np.array(list(seconds.values()))
+    b, a = np.polyfit(n_arr, s_arr, 1)
+    total, rate = 100_000, 50.0  # cases, cases/s (a GPU keeps the encoder at this pace)
+
+    def fixed(chunk: int) -> float:
+        return float(sum(a + b * n for n in range(chunk, total + chunk, chunk)))
+
+    def spaced() -> float:  # the pipeline's rule: 64 cases, or 60 s; then at least 10x the last commit
+        t, n, spent, cost = 0.0, 0, 0.0, 0.0
+        while n < total:
+            gap = max(64 / rate, 10 * cost if cost > 0.5 else 0.0)
+            n = min(total, n + int(np.ceil(gap * rate)))
+            cost = a + b * n
+            spent += cost
+            t += gap
+        return spent
+
+    return {
+        "seconds_per_commit": {str(k): round(v, 3) for k, v in seconds.items()},
+        "model": f"{a:.3f} s + {b * 1e3:.4f} ms per case in the index" if b > 0 else "n/a",
+        "archive_100k_cases_at_50_per_s": {
+            "encode_seconds": total / rate,
+            "commit_seconds_fixed_64_case_chunks": round(fixed(64), 1),
+            "commit_seconds_spaced_out": round(spaced(), 1),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=5000, help="archive size in files (default 5000)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="pipeline worker processes")
+    parser.add_argument("--batch-images", type=int, default=32, help="images per encoder call")
+    parser.add_argument("--naive-files", type=int, default=None, help="files timed in the naive loop (default: min(files, 400))")
+    parser.add_argument("--repeats", type=int, default=5, help="encoder-alone repeats, before and after the pipeline")
+    parser.add_argument("--archive", type=Path, default=None, help="keep (or reuse) the synthetic archive here")
+    parser.add_argument("--commit-sizes", default="1000,4000,16000", help="index sizes for the commit cost")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="medsearch-ingest-"))
+    archive = args.archive or work / "archive"
+    config = Config()
+    result: dict[str, object] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "settings": {"files": args.files, "workers": args.workers, "batch_images": args.batch_images,
+                     "preprocess": config.to_dict()["preprocess"], "encoder": config.encoder.name},
+    }
+    try:
+        started = time.perf_counter()
+        if not archive.exists() or not any(archive.rglob("*.dcm")):
+            result["archive"] = build_archive(archive, args.files)
+        n_files = sum(1 for _ in archive.rglob("*.dcm"))
+        result["archive_files"] = n_files
+        print(f"archive: {n_files} files in {archive} ({time.perf_counter() - started:.0f} s to write)", file=sys.stderr)
+
+        encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
+        result["encoder_runtime"] = f"{encoder.runtime} on {encoder.device.type}"
+        before = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
+        print(f"encoder alone: {statistics.median(before):.1f} images/s", file=sys.stderr)
+
+        naive = naive_loop(encoder, config, archive, args.naive_files or min(n_files, 400))
+        result["naive_loop"] = naive
+        print(f"naive loop: {naive['files_per_s']} files/s", file=sys.stderr)
+
+        key = SiteKey.load(work / "bench.key", create=True)
+        index = work / "index"
+        report = build_index(archive, index, key=key, config=config, workers=args.workers,
+                             batch_images=args.batch_images, progress=True).to_dict()
+        pipeline_images_per_s = report["images_encoded"] / report["seconds"]
+        result["pipeline"] = {**report, "images_per_second": round(pipeline_images_per_s, 2)}
+
+        after = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
+        reference = statistics.median(before + after)
+        result["encoder_only"] = {"images_per_s_before": [round(r, 2) for r in before],
+                                  "images_per_s_after": [round(r, 2) for r in after],
+                                  "images_per_s_median": round(reference, 2)}
+
+        timed = {}
+        for cached in (True, False):
+            t0 = time.perf_counter()
+            again = build_index(archive, index, key=key, workers=args.workers, file_cache=cached)
+            timed["with_file_cache" if cached else "without_file_cache"] = {
+                "seconds": round(time.perf_counter() - t0, 2), "cases_added": again.n_cases_added,
+                "headers_read": again.n_files - again.n_headers_cached}
+        result["rerun_unchanged_archive"] = timed
+        result["commit_cost"] = commit_costs([int(s) for s in args.commit_sizes.split(",") if s])
+
+        result["ratios"] = {
+            "encoder_images_per_s_over_pipeline_files_per_s": round(reference / report["files_per_second"], 3),
+            "encoder_images_per_s_over_pipeline_images_per_s": round(reference / pipeline_images_per_s, 3),
+            "pipeline_over_naive_files_per_s": round(report["files_per_second"] / naive["files_per_s"], 3),
+            "target": "encoder_images_per_s_over_pipeline_files_per_s <= 1.3",
+        }
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # type: ignore[index]
+    finally:
+        if args.archive is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.rmtree(work / "index", ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
