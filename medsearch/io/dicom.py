@@ -984,11 +984,11 @@ def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
             pixels = _decode(ds)
             decoded.append((path, ds, pixels, _images(ds, pixels, index)))
         except _Skip as skip:
-            logger.warning("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
+            logger.info("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
             skipped.append(SkippedFile(path, skip.reason, skip.detail))
         except Exception as exc:  # noqa: BLE001 - one odd file must not stop its series
             detail = _one_line(exc, ds)
-            logger.warning("skip %s: %s (%s)", path, SkipReason.DECODE_ERROR.value, detail)
+            logger.info("skip %s: %s (%s)", path, SkipReason.DECODE_ERROR.value, detail)
             skipped.append(SkippedFile(path, SkipReason.DECODE_ERROR, detail))
     if not decoded:
         first = skipped[0]
@@ -1004,7 +1004,7 @@ def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
     for path, ds, pixels, file_images in decoded:
         if pixels.shape[1:] != majority:
             detail = f"image shape {pixels.shape[1:]} differs from the case's {majority}"
-            logger.warning("skip %s: %s", path, detail)
+            logger.info("skip %s: %s", path, detail)
             skipped.append(SkippedFile(path, SkipReason.INCONSISTENT_SERIES, detail))
             continue
         images.extend(file_images)
