@@ -83,6 +83,7 @@ def index(
     label_columns: Optional[str] = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
     links: Optional[Path] = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
+    index_type: Optional[str] = typer.Option(None, "--index-type", help="auto, flat, hnsw or ivfpq (default: the config's, auto); converts an existing index."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Processes that read and decode (default: min(4, CPU count); 0: none)."),
     commit_every: int = typer.Option(64, "--commit-every", min=1, help="Save progress every N new cases (or every minute)."),
     case_timeout: float = typer.Option(600.0, "--case-timeout", min=1.0, help="Seconds one case may take to decode before it is skipped."),
@@ -108,6 +109,7 @@ def index(
         label_columns=[c.strip() for c in label_columns.split(",")] if label_columns else None,
         key=key,
         links=links,
+        index_type=index_type,
         progress=not quiet,
         workers=workers,
         commit_every=commit_every,
@@ -154,11 +156,12 @@ def query(
     resolve: Optional[Path] = typer.Option(None, "--resolve", help="Link table from 'index --links': show where each result's files are."),
     sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
     sheet_html: Optional[Path] = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
+    where: Optional[list[str]] = typer.Option(None, "--where", help="Keep cases whose metadata match, e.g. --where modality=CT --where age>=60 (= != >= <= > < ~); repeatable."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first."""
     from medsearch.search import query as run_query
 
-    result = run_query(study, index_dir, k=k, config=config)
+    result = run_query(study, index_dir, k=k, config=config, where=where)
     if resolve is not None:
         result = result.resolve(resolve)
     if sheet is not None or sheet_html is not None:
@@ -186,6 +189,13 @@ def info(
     _out.print(f"[bold]{data['index_dir']}[/]: {data['cases']} case(s), {data['dim']}-d {data['metric']} index")
     _out.print(f"encoder: {enc['name']} (weights sha256 {str(enc['weights_sha256'])[:12]}...)", highlight=False)
     _out.print(f"distance: {data['distance']}", highlight=False)
+    ix = data["index"]
+    params = ", ".join(f"{k} {v}" for k, v in (ix.get("params") or {}).items())
+    _out.print(
+        f"index type: {ix['type']} (asked for {ix['requested']}{'; ' + params if params else ''})"
+        + (f"; {ix['note']}" if ix.get("note") else ""),
+        highlight=False,
+    )
     _out.print(f"preprocess: {json.dumps(data['preprocess'])}", highlight=False)
     if data["label_columns"]:
         _out.print(f"labels: {', '.join(data['label_columns'])}", highlight=False)

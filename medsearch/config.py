@@ -21,6 +21,7 @@ __all__ = [
     "Config",
     "EncoderConfig",
     "IndexConfig",
+    "IndexType",
     "Metric",
     "PreprocessConfig",
     "SliceMode",
@@ -46,6 +47,22 @@ class Metric(str, enum.Enum):
 
     COSINE = "cosine"
     L2 = "l2"
+
+
+class IndexType(str, enum.Enum):
+    """Which faiss index holds the vectors (see ``medsearch.store`` for the rule behind ``auto``).
+
+    ``flat``: exact search, every query compares with every case. ``hnsw``: a graph (HNSW32) over the
+    exact vectors; approximate, fast, about 4*dim + 270 bytes per case. ``ivfpq``: inverted lists of
+    product-quantized codes (with an OPQ rotation), trained on a sample; approximate, tens of bytes
+    per case in memory. ``auto``: flat for small collections, then hnsw, then ivfpq when hnsw would
+    exceed ``index.memory_budget_mb``.
+    """
+
+    AUTO = "auto"
+    FLAT = "flat"
+    HNSW = "hnsw"
+    IVFPQ = "ivfpq"
 
 
 @dataclass(frozen=True)
@@ -114,9 +131,21 @@ class IndexConfig:
     metric: Metric = Metric.COSINE
     # side of the gray thumbnail kept per case for result sheets, in pixels; 0 keeps none
     thumbnail_size: int = 96
+    # which faiss index; "auto" follows the collection size and the memory budget
+    index_type: IndexType = IndexType.AUTO
+    # the most memory the faiss index may take, in MB ("auto" picks a smaller index type beyond it)
+    memory_budget_mb: int = 8192
+    # search-time accuracy knobs of the approximate types: more is slower and closer to exact
+    ef_search: int = 128
+    nprobe: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", _enum(Metric, self.metric, "index.metric"))
+        object.__setattr__(self, "index_type", _enum(IndexType, self.index_type, "index.index_type"))
+        for name in ("memory_budget_mb", "ef_search", "nprobe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"index.{name} must be a whole number of at least 1, got {value!r}")
         if not (self.thumbnail_size == 0 or 16 <= int(self.thumbnail_size) <= 512):
             raise ConfigError(f"index.thumbnail_size must be 0 (none) or 16 to 512 pixels, got {self.thumbnail_size}")
 

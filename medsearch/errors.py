@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "EncoderMismatchError",
+    "FilterError",
     "IndexCorruptError",
     "IndexNotFoundError",
     "InvalidStudyError",
@@ -27,6 +28,10 @@ class InvalidStudyError(MedsearchError, ValueError):
 
 class ConfigError(MedsearchError, ValueError):
     """A configuration file or option has a wrong value."""
+
+
+class FilterError(ConfigError):
+    """A query filter (``--where``) is malformed, names an unknown field, or compares text as a number."""
 
 
 class IndexNotFoundError(MedsearchError, FileNotFoundError):

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from medsearch.config import Config, config_from_dict, load_config
+from medsearch.config import Config, IndexType, config_from_dict, load_config
 from medsearch.deid import DeidOptions, SiteKey, case_metadata
 from medsearch.encoders import Encoder, load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, InvalidStudyError, KeyFileError, MedsearchError
+from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, SkippedFile, Volume, find_files, load_study
 from medsearch.pipeline import FILE_STATE, Chunk, IndexReport, encoder_input, index_files, pool_slices, write_atomic
 from medsearch.sharing import LinkTable
@@ -124,6 +125,7 @@ def build_index(
     key: SiteKey | str | Path | None = None,
     deid: DeidOptions | None = None,
     links: str | Path | None = None,
+    index_type: IndexType | str | None = None,
     progress: bool = False,
     workers: int | None = None,
     commit_every: int = 64,
@@ -164,6 +166,9 @@ def build_index(
     links
         Optional link table (CSV, owner-only, outside the index directory) mapping each case id to
         its source files and UIDs, for users allowed to go back to the source.
+    index_type
+        ``auto``, ``flat``, ``hnsw`` or ``ivfpq`` (default: the config's ``index.index_type`` for a new
+        index, the index's own for an existing one, which this converts when given another type).
     progress
         Show a live bar on stderr (files/s, cases/s, ETA, files skipped).
     workers
@@ -212,7 +217,7 @@ def build_index(
             f"another medsearch process is writing to {index_dir}; wait for it to finish, then run again"
         ) from None
     try:
-        store, config = _open_for_writing(index_dir, config, site_key)
+        store, config = _open_for_writing(index_dir, config, site_key, index_type=index_type)
         encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
         store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
         label_table = _read_labels(labels, label_key, label_columns) if labels else None
@@ -265,8 +270,13 @@ def query(
     *,
     k: int = 10,
     config: Config | str | Path | None = None,
+    where: str | Filter | Sequence[str | Filter] | None = None,
 ) -> QueryResult:
     """The ``k`` cases of an index most similar to a study (a DICOM file or a series folder).
+
+    ``where`` keeps only the cases whose metadata match every filter, e.g.
+    ``["modality=CT", "age>=60", "Contrast=True"]`` (see :mod:`medsearch.filters`); ``k`` results
+    still come back whenever ``k`` cases match.
 
     Raises
     ------
@@ -276,8 +286,10 @@ def query(
         ``index_dir`` is not a readable index.
     EncoderMismatchError
         ``config`` differs from the settings the index was built with.
+    FilterError
+        A filter is malformed, names a field the index lacks, or compares text as a number.
     """
-    return Searcher(index_dir, config=config).search(study, k=k)
+    return Searcher(index_dir, config=config).search(study, k=k, where=where)
 
 
 class Searcher:
@@ -288,26 +300,60 @@ class Searcher:
         self.config = _index_config(self.store.manifest) if config is None else _as_config(config)
         self.encoder = load_encoder(self.config.encoder, input_size=self.config.preprocess.size)
         self.store.check_compatible(self.encoder.info.to_dict(), self.config.to_dict()["preprocess"])
+        if config is not None:  # a config's search knobs apply to this searcher (not written to the index)
+            self.store.configure(ef_search=self.config.index.ef_search, nprobe=self.config.index.nprobe)
 
-    def search(self, study: str | Path, *, k: int = 10) -> QueryResult:
+    def search(
+        self,
+        study: str | Path,
+        *,
+        k: int = 10,
+        where: str | Filter | Sequence[str | Filter] | None = None,
+    ) -> QueryResult:
+        """The ``k`` cases most similar to a study, among those matching ``where`` (see :func:`query`).
+
+        Raises
+        ------
+        ConfigError
+            ``k`` is below 1.
+        FilterError
+            A bad filter (checked before the study is read).
+        InvalidStudyError
+            The study is missing, not DICOM, has no image, or several series.
+        """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
+        filters = parse_filters(where)
+        self.store.matching(filters)  # a bad filter fails before the study is decoded and encoded
         case, volume = load_study(study)
         vector = embed_volume(volume, self.encoder, self.config)
-        return self.search_vector(vector, k=k, query={
-            "path": str(study),
-            "modality": volume.modality,
-            "n_slices": int(volume.pixels.shape[0]),
-        })
+        info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
+        if filters:
+            info["where"] = [str(f) for f in filters]
+        return self.search_vector(vector, k=k, where=filters, query=info)
 
-    def search_vector(self, vector: np.ndarray, *, k: int = 10, query: dict[str, Any] | None = None) -> QueryResult:
-        hits = self.store.search(vector[None, :], k)
-        records = self.store.cases.to_dict(orient="records")
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        *,
+        k: int = 10,
+        where: str | Filter | Sequence[str | Filter] | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> QueryResult:
+        """The ``k`` cases nearest to an embedding, among those matching ``where``.
+
+        Raises
+        ------
+        FilterError
+            A filter is malformed or names a field the index lacks.
+        """
+        hits = self.store.search(vector[None, :], k, where=where)
+        found = hits.ids[0][hits.ids[0] >= 0]
+        # only the rows returned: the whole table would cost more than the search on a large index
+        records = self.store.cases.iloc[found].to_dict(orient="records")
         matches = []
-        for rank, (row, distance) in enumerate(zip(hits.ids[0], hits.distances[0]), start=1):
-            if row < 0:
-                break
-            record = {k: _plain(v) for k, v in records[row].items()}
+        for rank, (record, distance) in enumerate(zip(records, hits.distances[0]), start=1):
+            record = {k: _plain(v) for k, v in record.items()}
             cid = record.pop("case_id")
             matches.append(Match(rank=rank, case_id=cid, distance=round(float(distance), 6), metadata=record))
         return QueryResult(
@@ -339,6 +385,7 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
         "dim": m["dim"],
         "metric": m["metric"],
         "distance": m.get("distance"),
+        "index": {k: m["index"].get(k) for k in ("type", "requested", "params", "ef_search", "nprobe", "memory_budget_mb", "note")},
         "encoder": {k: m["encoder"].get(k) for k in ("name", "dim", "weights_sha256")},
         "preprocess": m["preprocess"],
         "label_columns": m.get("label_columns", []),
@@ -378,7 +425,13 @@ def _check_index_dir(index_dir: Path) -> None:
         )
 
 
-def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: SiteKey) -> tuple[IndexStore, Config]:
+def _open_for_writing(
+    index_dir: Path,
+    config: Config | str | Path | None,
+    key: SiteKey,
+    *,
+    index_type: IndexType | str | None = None,
+) -> tuple[IndexStore, Config]:
     try:
         manifest = read_manifest(index_dir)
     except IndexNotFoundError:
@@ -386,6 +439,8 @@ def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: 
     if manifest is None:
         _check_index_dir(index_dir)
         cfg = _as_config(config)
+        if index_type is not None:
+            cfg = cfg.replace(index={"index_type": index_type})
         encoder = load_encoder(cfg.encoder)
         store = IndexStore.create(
             index_dir,
@@ -394,6 +449,10 @@ def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: 
             encoder=encoder.info.to_dict(),
             preprocess=cfg.to_dict()["preprocess"],
             key_check=key.check_value(),
+            index_type=cfg.index.index_type,
+            memory_budget_mb=cfg.index.memory_budget_mb,
+            ef_search=cfg.index.ef_search,
+            nprobe=cfg.index.nprobe,
         )
         store.manifest["config"] = cfg.to_dict()
         return store, cfg
@@ -404,6 +463,13 @@ def _open_for_writing(index_dir: Path, config: Config | str | Path | None, key: 
             "with (--key or MEDSEARCH_KEY_FILE), or build a new index"
         )
     cfg = _index_config(store.manifest) if config is None else _as_config(config)
+    if index_type is not None:
+        cfg = cfg.replace(index={"index_type": index_type})
+        if store.manifest["index"].get("requested") != cfg.index.index_type.value:
+            # another type for an existing index: convert it now, from the exact vectors it keeps
+            store.configure(index_type=cfg.index.index_type)
+            store.manifest["config"] = {**store.manifest.get("config", {}), "index": cfg.to_dict()["index"]}
+            store.commit()
     return store, cfg
 
 

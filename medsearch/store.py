@@ -5,6 +5,7 @@ Layout of an index directory::
     manifest.json          what the index holds: format, dimension, metric, encoder, preprocessing,
                            counts, and the name, size and SHA-256 of every data file
     vectors-<gen>.faiss    the faiss index (row i = row i of the case table)
+    raw-<gen>.npy          ivfpq indexes only: the exact vectors, memory-mapped (see below)
     cases-<gen>.csv        one row per case: pseudonymous case id and allow-listed metadata
     thumbs-<gen>.npy       optional: one small uint8 gray thumbnail per case, for result sheets
     <extra files>          reports written with a commit (skip report, run summary)
@@ -17,17 +18,36 @@ Distances: for the ``cosine`` metric the store keeps L2-normalized vectors in an
 and reports ``distance = 1 - cosine similarity``; for ``l2`` it reports the Euclidean distance. In
 both, lower is closer and an identical vector has distance 0.
 
+Index types (``index.index_type``): ``flat`` searches exactly; ``hnsw`` (HNSW32 over the exact
+vectors) and ``ivfpq`` (an OPQ rotation, inverted lists and product-quantized codes, trained on a
+sample) search approximately. ``auto`` picks one from the collection size and a memory budget, see
+:func:`choose_index_type`. The store converts the index when the collection crosses a threshold
+(at :meth:`IndexStore.add` or :meth:`IndexStore.commit`), rebuilding it from the exact vectors, which
+it always keeps: a flat or HNSW index holds them itself; an ivfpq index keeps them beside its codes
+in ``raw-<gen>.npy``, memory-mapped (4 * dim bytes per case on disk, read only for re-ranking,
+filtered searches over few cases, :meth:`IndexStore.vectors` and rebuilds). Every type keeps the
+metric's meaning: cosine is an inner product of normalized vectors, and ``distance`` is
+``1 - cosine`` (or Euclidean). An ivfpq index re-ranks its candidates with the exact vectors, so
+its distances are exact too; with ``rerank = 0`` they come from the compressed codes (off by a
+few hundredths).
+
+Metadata filters (``where=["modality=CT", "age>=60"]``, see :mod:`medsearch.filters`) become a
+faiss ID selector, so the ``k`` nearest *matching* cases come back whenever ``k`` cases match.
+
 This module takes float32 arrays; it never imports torch or an encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO, StringIO
@@ -38,16 +58,39 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from medsearch.config import Metric
+from medsearch.config import IndexConfig, IndexType, Metric
 from medsearch.errors import EncoderMismatchError, IndexCorruptError, IndexNotFoundError
+from medsearch.filters import Filter, filter_mask, parse_filters
 
-__all__ = ["FORMAT_VERSION", "IndexStore", "SearchHits"]
+__all__ = ["FORMAT_VERSION", "IndexStore", "SearchHits", "choose_index_type", "index_bytes_per_vector"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _GENERATIONS_KEPT = 2
+
+#: ``auto`` searches exactly while the vectors take at most this much memory: a flat query reads
+#: every vector once, and this many MB take a few milliseconds (README, "Choosing an index type").
+FLAT_MAX_MB = 64
+#: HNSW links per node, and the candidates kept while inserting.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+#: ivfpq trains 256 centroids per sub-quantizer (faiss asks for 39 points per centroid) and
+#: its coarse lists; below this many vectors it stays flat.
+IVFPQ_MIN_VECTORS = 10_000
+#: an ivfpq index trained for n vectors is trained again when it holds this many times n.
+RETRAIN_GROWTH = 4
+#: exact scores of the top k * IVFPQ_RERANK candidates of an ivfpq search (0: codes' scores).
+IVFPQ_RERANK = 8
+_IVFPQ_MAX_TRAIN = 65_536  # faiss samples at most 256 points per centroid anyway
+_OPQ_ROUNDS = 10
+_OPQ_MAX_TRAIN = 16_384
+_ADD_CHUNK = 65_536
+_EXACT_FILTER_MAX = 4096  # a filter matching at most this many cases is searched exactly
+_MAX_WIDEN = 64  # a filtered approximate search widens ef_search / nprobe up to this factor
+_MASKS_CACHED = 16
+_DEFAULTS = IndexConfig()
 
 
 @dataclass(frozen=True)
@@ -68,6 +111,7 @@ class IndexStore:
         index: faiss.Index,
         cases: pd.DataFrame,
         thumbnails: np.ndarray | None = None,
+        raw: np.ndarray | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -76,6 +120,12 @@ class IndexStore:
         # (n, T, T) uint8 aligned with the case table, or None when the index keeps no thumbnails
         self.thumbnails = thumbnails
         self._ids = set(cases["case_id"]) if len(cases) else set()
+        self.manifest.setdefault("index", _index_section(IndexType.FLAT, {}, 0))
+        # ivfpq only: the exact (normalized) vectors in row order, a memory-mapped file then additions
+        self._raw: list[np.ndarray] = [raw] if raw is not None else []
+        self._raw_checked = raw is None
+        self._masks: dict[tuple[tuple[Filter, ...], int], np.ndarray] = {}
+        self._apply_search_params()
 
     # -- creating and opening -------------------------------------------------------------------
 
@@ -89,13 +139,30 @@ class IndexStore:
         encoder: Mapping[str, Any],
         preprocess: Mapping[str, Any],
         key_check: str = "",
+        index_type: IndexType | str = IndexType.FLAT,
+        memory_budget_mb: int = _DEFAULTS.memory_budget_mb,
+        ef_search: int = _DEFAULTS.ef_search,
+        nprobe: int = _DEFAULTS.nprobe,
     ) -> IndexStore:
         """A new, empty index (in memory until :meth:`commit`).
+
+        Parameters
+        ----------
+        index_type
+            ``flat`` (exact; the default here), ``hnsw``, ``ivfpq``, or ``auto`` (from the collection
+            size and ``memory_budget_mb``, see :func:`choose_index_type`). An ivfpq index starts flat
+            and is trained once it holds :data:`IVFPQ_MIN_VECTORS` vectors.
+        memory_budget_mb
+            The most memory the faiss index should take (``auto`` only).
+        ef_search, nprobe
+            Search-time knobs of hnsw and ivfpq (see :meth:`configure`).
 
         Raises
         ------
         FileExistsError
             ``path`` already holds an index; open it with :meth:`open` instead.
+        ConfigError
+            A bad index type or knob.
         """
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -115,7 +182,10 @@ class IndexStore:
             "label_columns": [],
             "files": {},
         }
-        return cls(path, manifest, _new_faiss(dim, metric), pd.DataFrame({"case_id": pd.Series(dtype=str)}))
+        store = cls(path, manifest, _new_flat(dim, metric), pd.DataFrame({"case_id": pd.Series(dtype=str)}))
+        store.configure(index_type=index_type, memory_budget_mb=memory_budget_mb, ef_search=ef_search, nprobe=nprobe)
+        store.rebuild()
+        return store
 
     @classmethod
     def open(cls, path: str | Path) -> IndexStore:
@@ -174,7 +244,20 @@ class IndexStore:
                 f"{path}: the faiss index holds {index.ntotal} vectors of dimension {index.d} but the case table "
                 f"has {len(cases)} rows and the manifest says dimension {manifest['dim']}; rebuild the index"
             )
-        return cls(path, manifest, index, cases, thumbnails)
+        try:
+            kind = IndexType(manifest.get("index", {}).get("type", IndexType.FLAT.value))
+            IndexType(manifest.get("index", {}).get("requested", kind.value))
+        except ValueError:
+            raise IndexCorruptError(f"{path / MANIFEST} names an unknown index type; rebuild the index") from None
+        if _kind_of(index) is not kind or index.metric_type != _FAISS_METRIC[Metric(manifest["metric"])]:
+            raise IndexCorruptError(
+                f"{path}: the manifest describes a {kind.value} {manifest['metric']} index but "
+                f"{files['vectors']['name']} holds a {_kind_of(index).value} one; rebuild the index"
+            )
+        raw = None
+        if kind is IndexType.IVFPQ:
+            raw = _open_raw(path, files.get("raw"), rows=len(cases), dim=int(manifest["dim"]))
+        return cls(path, manifest, index, cases, thumbnails, raw)
 
     @classmethod
     def open_or_create(cls, path: str | Path, **create_args: Any) -> IndexStore:
@@ -192,6 +275,46 @@ class IndexStore:
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
+
+    @property
+    def index_type(self) -> IndexType:
+        """The type of the faiss index now (``auto`` resolved; ``flat`` while an ivfpq waits for data)."""
+        return IndexType(self.manifest["index"]["type"])
+
+    def configure(
+        self,
+        *,
+        index_type: IndexType | str | None = None,
+        memory_budget_mb: int | None = None,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+    ) -> None:
+        """Change the index type asked for, the memory budget, or the search knobs.
+
+        A new type or budget takes effect at the next :meth:`add`, :meth:`commit` or :meth:`rebuild`
+        (a conversion from the exact vectors); ``ef_search`` (hnsw: candidates kept while walking
+        the graph) and ``nprobe`` (ivfpq: inverted lists scanned) at once. Both are recorded in the
+        manifest at the next commit.
+
+        Raises
+        ------
+        ConfigError
+            An unknown index type, or a number below 1.
+        """
+        section = self.manifest["index"]
+        checked = IndexConfig(
+            index_type=section.get("requested", "flat") if index_type is None else index_type,
+            memory_budget_mb=int(section.get("memory_budget_mb", _DEFAULTS.memory_budget_mb)) if memory_budget_mb is None else memory_budget_mb,
+            ef_search=int(section.get("ef_search", _DEFAULTS.ef_search)) if ef_search is None else ef_search,
+            nprobe=int(section.get("nprobe", _DEFAULTS.nprobe)) if nprobe is None else nprobe,
+        )
+        section.update(
+            requested=checked.index_type.value,
+            memory_budget_mb=checked.memory_budget_mb,
+            ef_search=checked.ef_search,
+            nprobe=checked.nprobe,
+        )
+        self._apply_search_params()
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -246,7 +369,8 @@ class IndexStore:
         fresh = ~rows["case_id"].isin(self._ids).to_numpy() & ~rows["case_id"].duplicated().to_numpy()
         if not fresh.any():
             return
-        vectors, rows = vectors[fresh], rows.loc[fresh]
+        if not fresh.all():  # (a copy of a large batch only when needed)
+            vectors, rows = vectors[fresh], rows.loc[fresh]
         if thumbnails is not None:
             thumbnails = np.asarray(thumbnails, dtype=np.uint8)
             if thumbnails.ndim != 3 or len(thumbnails) != len(fresh):
@@ -255,13 +379,205 @@ class IndexStore:
         elif self.thumbnails is not None:
             size = self.thumbnails.shape[1:]
             self._add_thumbnails(np.zeros((int(fresh.sum()), *size), np.uint8))
-        if self.metric is Metric.COSINE:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        self.index.add(vectors)
+        kind, params, note = self._plan(len(self) + len(vectors))
+        if len(self) == 0 and self._due(kind, len(vectors)):
+            # a first batch large enough for an approximate index: build it straight from the batch
+            self._install(kind, params, note, vectors)
+        else:
+            self._append(vectors)
         rows = rows.reset_index(drop=True)
         # concat with an empty table would turn every new column into float (all-NA upcast)
         self.cases = rows if self.cases.empty else pd.concat([self.cases, rows], ignore_index=True)
         self._ids.update(rows["case_id"])
+        self._masks.clear()
+        self.rebuild()
+
+    # -- index types: planning, building, searching -----------------------------------------------
+
+    def _plan(self, n: int) -> tuple[IndexType, dict[str, Any], str]:
+        """The index type and build parameters for ``n`` vectors, and a note when it falls back."""
+        section = self.manifest["index"]
+        budget_mb = int(section.get("memory_budget_mb", _DEFAULTS.memory_budget_mb))
+        requested = IndexType(section.get("requested", IndexType.FLAT.value))
+        kind = choose_index_type(n, self.dim, memory_budget_mb=budget_mb) if requested is IndexType.AUTO else requested
+        note = ""
+        if kind is IndexType.IVFPQ and n < IVFPQ_MIN_VECTORS:
+            note = (
+                f"ivfpq needs at least {IVFPQ_MIN_VECTORS} vectors to train and the index holds {n}; "
+                "it searches exactly (flat) until then and converts when it grows"
+            )
+            kind = IndexType.FLAT
+        return kind, _build_params(kind, n, self.dim, budget_mb), note
+
+    def _due(self, kind: IndexType, n: int) -> bool:
+        if kind is not self.index_type:
+            return True
+        if kind is IndexType.IVFPQ:
+            # coarse centroids trained for far fewer vectors make lists long and slow: train again
+            return n >= RETRAIN_GROWTH * max(int(self.manifest["index"].get("built_for", 0)), 1)
+        return False
+
+    def _install(self, kind: IndexType, params: dict[str, Any], note: str, source: np.ndarray) -> None:
+        """Replace the faiss index by a new one of ``kind`` holding ``source`` (row order kept)."""
+        started = time.perf_counter()
+        n = len(source)
+        index = _empty_index(kind, params, self.dim, self.metric)
+        if kind is IndexType.IVFPQ:
+            train_n = min(n, int(params["train_size"]))
+            rows = np.sort(np.random.default_rng(0).choice(n, size=train_n, replace=False))
+            index.train(self._normalized(np.asarray(source[rows], dtype=np.float32)))
+        keep_raw = kind is IndexType.IVFPQ and self.index_type is IndexType.IVFPQ and n == len(self)
+        raw: list[np.ndarray] = []
+        for start in range(0, n, _ADD_CHUNK):
+            chunk = self._normalized(np.asarray(source[start:start + _ADD_CHUNK], dtype=np.float32))
+            index.add(chunk)
+            if kind is IndexType.IVFPQ and not keep_raw:
+                raw.append(chunk if self.metric is Metric.COSINE else chunk.copy())  # (l2: a view of source)
+        self.index = index
+        if not keep_raw:
+            self._raw, self._raw_checked = raw, True
+        self.manifest["index"].update(type=kind.value, params=params, built_for=n, note=note)
+        self._apply_search_params()
+        log.info("built a %s index of %d vectors in %.1f s", kind.value, n, time.perf_counter() - started)
+
+    def _append(self, vectors: np.ndarray) -> None:
+        for start in range(0, len(vectors), _ADD_CHUNK):
+            chunk = self._normalized(vectors[start:start + _ADD_CHUNK])
+            self.index.add(chunk)
+            if self.index_type is IndexType.IVFPQ:
+                self._raw.append(chunk if self.metric is Metric.COSINE else chunk.copy())
+
+    def _normalized(self, vectors: np.ndarray) -> np.ndarray:
+        if self.metric is Metric.COSINE:
+            return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
+
+    def _apply_search_params(self) -> None:
+        section = self.manifest["index"]
+        kind = self.index_type
+        if kind is IndexType.HNSW:
+            self.index.hnsw.efSearch = int(section.get("ef_search", _DEFAULTS.ef_search))
+        elif kind is IndexType.IVFPQ:
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.nprobe = min(int(section.get("nprobe", _DEFAULTS.nprobe)), ivf.nlist)
+
+    def _search_params(self, selector: Any, widen: int = 1) -> Any:
+        section = self.manifest["index"]
+        kind = self.index_type
+        if kind is IndexType.HNSW:
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=int(section.get("ef_search", _DEFAULTS.ef_search)) * widen)
+        if kind is IndexType.IVFPQ:
+            nlist = faiss.extract_index_ivf(self.index).nlist
+            ivf = faiss.SearchParametersIVF(sel=selector, nprobe=min(int(section.get("nprobe", _DEFAULTS.nprobe)) * widen, nlist))
+            return faiss.SearchParametersPreTransform(index_params=ivf) if isinstance(self.index, faiss.IndexPreTransform) else ivf
+        return faiss.SearchParameters(sel=selector)
+
+    def _rerank_factor(self) -> int:
+        if self.index_type is not IndexType.IVFPQ:
+            return 0
+        return int(self.manifest["index"].get("params", {}).get("rerank", 0))
+
+    def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of each query's candidates (from the exact vectors); the best ``k`` of them."""
+        scores = np.full(candidates.shape, -np.inf if self.metric is Metric.COSINE else np.inf, np.float32)
+        for q in range(len(queries)):
+            found = candidates[q] >= 0
+            if found.any():
+                scores[q, found] = self._exact_scores(queries[q:q + 1], self._exact_rows(candidates[q, found]))[0]
+        return _top_k(scores, candidates, k, self.metric)
+
+    def _search_filtered(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        allowed = np.flatnonzero(mask)
+        k = min(k, len(allowed))
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        kind = self.index_type
+        if kind is not IndexType.FLAT and len(allowed) <= _EXACT_FILTER_MAX:
+            # few matching cases: comparing with each is cheaper and exact
+            return self._exact_search(queries, allowed, k)
+        bits = np.packbits(mask, bitorder="little")  # the selector reads this buffer: keep it alive
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+        rerank = max(self._rerank_factor(), 1)
+        fetch = min(k * rerank, len(allowed))
+        widen = 1
+        while True:
+            scores, ids = self.index.search(queries, fetch, params=self._search_params(selector, widen))
+            short = (ids >= 0).sum(axis=1) < k
+            if not short.any() or kind is IndexType.FLAT or widen >= _MAX_WIDEN:
+                break
+            # a graph walk or the lists probed met too few matching cases: look further
+            widen *= 4
+        if rerank > 1:
+            scores, ids = self._rerank(queries, ids, k)
+        if short.any() and kind is not IndexType.FLAT:
+            exact_scores, exact_ids = self._exact_search(queries[short], allowed, k)
+            scores, ids = scores[:, :k].copy(), ids[:, :k].copy()
+            scores[short], ids[short] = exact_scores, exact_ids
+        return scores[:, :k], ids[:, :k]
+
+    def _exact_search(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``k`` among ``rows`` (in chunks, so a large subset is never copied at once)."""
+        best_scores = np.zeros((len(queries), 0), np.float32)
+        best_ids = np.zeros((len(queries), 0), np.int64)
+        for start in range(0, len(rows), _EXACT_FILTER_MAX):
+            chunk = rows[start:start + _EXACT_FILTER_MAX]
+            scores = self._exact_scores(queries, self._exact_rows(chunk))
+            ids = np.broadcast_to(chunk, scores.shape)
+            best_scores, best_ids = _top_k(
+                np.concatenate([best_scores, scores], axis=1), np.concatenate([best_ids, ids], axis=1), k, self.metric
+            )
+        return best_scores, best_ids
+
+    def _exact_scores(self, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """faiss's convention: inner products (cosine), or squared Euclidean distances (l2)."""
+        if self.metric is Metric.COSINE:
+            return queries @ vectors.T
+        return (queries**2).sum(1)[:, None] - 2 * queries @ vectors.T + (vectors**2).sum(1)[None, :]
+
+    def _exact_all(self) -> np.ndarray:
+        """All exact vectors without a copy where possible (a view of the index or of the raw file)."""
+        if not len(self):
+            return np.zeros((0, self.dim), np.float32)
+        if self.index_type is not IndexType.IVFPQ:
+            return _flat_storage(self.index)
+        self._check_raw()
+        if len(self._raw) > 1:
+            self._raw = [np.concatenate(self._raw)]
+        return self._raw[0]
+
+    def _exact_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.index_type is not IndexType.IVFPQ:
+            return _flat_storage(self.index)[rows]
+        if len(self._raw) > 1:
+            self._raw = [np.concatenate(self._raw)]
+        return np.asarray(self._raw[0][rows], dtype=np.float32)
+
+    def _check_raw(self) -> None:
+        if self._raw_checked:
+            return
+        entry = self.manifest["files"].get("raw", {})
+        digest = hashlib.sha256()
+        with open(self.path / str(entry.get("name", "")), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry.get("sha256"):
+            raise IndexCorruptError(
+                f"index file {self.path / str(entry.get('name'))} does not match its checksum in the manifest; rebuild the index"
+            )
+        self._raw_checked = True
+
+    def _write_raw(self, name: str) -> dict[str, Any]:
+        rows = sum(len(part) for part in self._raw)
+        header = BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (rows, self.dim)}
+        )
+        chunks = (memoryview(np.ascontiguousarray(part[i:i + _ADD_CHUNK])).cast("B")
+                  for part in self._raw for i in range(0, len(part), _ADD_CHUNK))
+        entry = _write_file(self.path, name, itertools.chain([header.getvalue()], chunks))
+        self._raw = [np.load(self.path / name, mmap_mode="r")]
+        self._raw_checked = True
+        return entry
 
     def _add_thumbnails(self, new: np.ndarray) -> None:
         if self.thumbnails is None:
@@ -278,8 +594,33 @@ class IndexStore:
             )
         self.thumbnails = np.concatenate([self.thumbnails, new])
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> SearchHits:
-        """The ``k`` nearest cases of each query vector, closest first."""
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        *,
+        where: str | Filter | Iterable[str | Filter] | None = None,
+    ) -> SearchHits:
+        """The ``k`` nearest cases of each query vector, closest first.
+
+        Parameters
+        ----------
+        vectors
+            ``(Q, dim)`` or ``(dim,)`` float32 queries.
+        k
+            Results per query; fewer when the index (or the filtered subset) holds fewer cases.
+        where
+            Metadata filters that must all hold, e.g. ``["modality=CT", "age>=60"]`` (see
+            :mod:`medsearch.filters`). The search runs over the matching cases only (a faiss ID
+            selector), so ``min(k, matching cases)`` results come back.
+
+        Raises
+        ------
+        ValueError
+            Wrong query dimension or ``k`` below 1.
+        FilterError
+            A filter is malformed or names a field the case table lacks.
+        """
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors must have dimension {self.dim}, got {vectors.shape[1]}")
@@ -287,7 +628,17 @@ class IndexStore:
             raise ValueError(f"k must be at least 1, got {k}")
         if self.metric is Metric.COSINE:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        scores, ids = self.index.search(vectors, min(k, max(len(self), 1)))
+        filters = parse_filters(where)
+        if filters:
+            scores, ids = self._search_filtered(vectors, k, self.matching(filters))
+        else:
+            k = min(k, max(len(self), 1))
+            rerank = self._rerank_factor()
+            if rerank > 1:
+                scores, ids = self.index.search(vectors, min(k * rerank, len(self)))
+                scores, ids = self._rerank(vectors, ids, k)
+            else:
+                scores, ids = self.index.search(vectors, k)
         if self.metric is Metric.COSINE:
             distances = 1.0 - scores
         else:
@@ -295,9 +646,55 @@ class IndexStore:
         distances = np.where(ids < 0, np.inf, np.maximum(distances, 0.0)).astype(np.float32)
         return SearchHits(distances=distances, ids=ids.astype(np.int64))
 
+    def matching(self, where: str | Filter | Iterable[str | Filter] | None) -> np.ndarray:
+        """The case-table rows that satisfy every filter, as a boolean array (cached per filter set).
+
+        Raises
+        ------
+        FilterError
+            A filter is malformed or names a field the case table lacks.
+        """
+        filters = parse_filters(where)
+        key = (filters, len(self.cases))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = filter_mask(self.cases, filters)
+            if len(self._masks) >= _MASKS_CACHED:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = mask
+        return mask
+
     def vectors(self) -> np.ndarray:
-        """All stored vectors, in case-table order (for evaluation and export)."""
-        return self.index.reconstruct_n(0, self.index.ntotal) if len(self) else np.zeros((0, self.dim), np.float32)
+        """All stored vectors (normalized for cosine), exact, in case-table order (for evaluation, export
+        and rebuilds). For ivfpq they come from ``raw-<gen>.npy``; the first call checks its checksum.
+
+        Raises
+        ------
+        IndexCorruptError
+            The exact vectors of an ivfpq index do not match their checksum.
+        """
+        return np.array(self._exact_all())
+
+    def rebuild(self, *, force: bool = False) -> bool:
+        """Convert the faiss index to the type planned for the collection's size, if it is due.
+
+        Due: the type planned differs from the present one (``auto`` crossed a size or memory
+        threshold; an ivfpq that waited on flat now has enough vectors; :meth:`configure` asked for
+        another type), or an ivfpq index has grown :data:`RETRAIN_GROWTH` times since it was trained.
+        ``force`` rebuilds anyway (a fresh training). Returns whether it rebuilt.
+
+        Raises
+        ------
+        IndexCorruptError
+            The exact vectors of an ivfpq index do not match their checksum.
+        """
+        kind, params, note = self._plan(len(self))
+        if not force and not self._due(kind, len(self)):
+            if note != self.manifest["index"].get("note", ""):
+                self.manifest["index"]["note"] = note
+            return False
+        self._install(kind, params, note, self._exact_all())
+        return True
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -305,8 +702,10 @@ class IndexStore:
         """Write the index to disk as a new generation, then switch the manifest to it atomically.
 
         ``extra`` files (reports) are written atomically beside the data files; ``info`` is merged
-        into the manifest (e.g. run counts).
+        into the manifest (e.g. run counts). An index type due for conversion converts first
+        (see :meth:`rebuild`).
         """
+        self.rebuild()
         self.path.mkdir(parents=True, exist_ok=True)
         generation = int(self.manifest.get("generation", 0)) + 1
         vectors = faiss.serialize_index(self.index).tobytes()
@@ -319,6 +718,8 @@ class IndexStore:
             buffer = BytesIO()
             np.save(buffer, self.thumbnails, allow_pickle=False)
             files["thumbnails"] = _write_file(self.path, f"thumbs-{generation:06d}.npy", buffer.getvalue())
+        if self.index_type is IndexType.IVFPQ:
+            files["raw"] = self._write_raw(f"raw-{generation:06d}.npy")
         for name, data in (extra or {}).items():
             _write_file(self.path, name, data)
         manifest = dict(self.manifest)
@@ -368,16 +769,145 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _new_faiss(dim: int, metric: Metric) -> faiss.Index:
+def choose_index_type(n: int, dim: int, *, memory_budget_mb: float = _DEFAULTS.memory_budget_mb) -> IndexType:
+    """The index type ``auto`` picks for ``n`` vectors of dimension ``dim``.
+
+    1. ``flat`` (exact) while the vectors take at most :data:`FLAT_MAX_MB` (12,000 1280-d vectors):
+       a query then reads a few tens of MB, a few milliseconds.
+    2. ``hnsw`` while the HNSW index fits the memory budget (4 * dim + ~270 bytes per vector).
+    3. ``ivfpq`` beyond: product-quantized codes as large as the budget allows (8 to 128 bytes
+       per vector), with the exact vectors on disk for re-ranking.
+
+    The rule follows autofaiss (exact for few vectors, a graph while memory allows, compressed
+    codes beyond); the thresholds were measured with ``benchmarks/search.py``.
+    """
+    budget = memory_budget_mb * 2**20
+    if n * index_bytes_per_vector(IndexType.FLAT, dim) <= min(FLAT_MAX_MB * 2**20, budget):
+        return IndexType.FLAT
+    if n * index_bytes_per_vector(IndexType.HNSW, dim) <= budget:
+        return IndexType.HNSW
+    # too few vectors to train codes on: flat is the smallest index that works
+    return IndexType.IVFPQ if n >= IVFPQ_MIN_VECTORS else IndexType.FLAT
+
+
+def index_bytes_per_vector(kind: IndexType | str, dim: int, *, pq_bytes: int = 64) -> float:
+    """Memory a vector takes in a faiss index of ``kind`` (an estimate; lists and graphs vary).
+
+    flat: the float32 vector. hnsw: the vector and its links (2 * M ids on level 0, a few more
+    above). ivfpq: the code and its 8-byte id in an inverted list (the exact vector is on disk).
+    """
+    kind = IndexType(kind)
+    if kind is IndexType.FLAT:
+        return 4.0 * dim
+    if kind is IndexType.HNSW:
+        return 4.0 * dim + 4 * 2 * HNSW_M * 1.05 + 12
+    return float(pq_bytes + 8)
+
+
+def _build_params(kind: IndexType, n: int, dim: int, memory_budget_mb: float) -> dict[str, Any]:
+    if kind is IndexType.HNSW:
+        return {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}
+    if kind is not IndexType.IVFPQ:
+        return {}
+    # about sqrt(n) coarse lists (a power of two), each trained with 40 points
+    nlist = int(2 ** round(math.log2(max(math.sqrt(n), 16))))
+    nlist = max(16, min(nlist, 65_536, n // 40))
+    # the largest code that fits the budget, at most 128 bytes and at most one byte per 2 dims
+    per_vector = memory_budget_mb * 2**20 / max(n, 1) - 8
+    sizes = [m for m in (8, 16, 32, 48, 64, 96, 128) if m <= dim // 2] or [1]
+    m = max([s for s in sizes if s <= per_vector] or [sizes[0]])
+    # OPQ rotates (and shortens) the vectors so that each sub-quantizer gets a balanced share
+    opq_dim = min(4 * m, dim - dim % m)
+    train = min(max(IVFPQ_MIN_VECTORS, 40 * nlist), _IVFPQ_MAX_TRAIN)
+    return {"nlist": nlist, "m": m, "nbits": 8, "opq_dim": opq_dim, "train_size": train, "rerank": IVFPQ_RERANK}
+
+
+def _empty_index(kind: IndexType, params: Mapping[str, Any], dim: int, metric: Metric) -> faiss.Index:
+    if kind is IndexType.FLAT:
+        return _new_flat(dim, metric)
+    if kind is IndexType.HNSW:
+        index = faiss.IndexHNSWFlat(dim, int(params["M"]), _FAISS_METRIC[metric])
+        index.hnsw.efConstruction = int(params["ef_construction"])
+        return index
+    m, opq_dim = int(params["m"]), int(params["opq_dim"])
+    # "np": no polysemous training (a slow code reordering for a search mode medsearch does not use)
+    description = f"OPQ{m}_{opq_dim},IVF{int(params['nlist'])},PQ{m}x{int(params['nbits'])}np"
+    index = faiss.index_factory(dim, description, _FAISS_METRIC[metric])
+    # faiss's default OPQ training (50 rounds, 40 k-means iterations in the first, 65,536 points)
+    # takes many minutes on a few cores at 1280-d; fewer rounds on fewer points give most of the gain
+    opq = faiss.downcast_VectorTransform(index.chain.at(0))
+    opq.niter, opq.niter_pq_0, opq.max_train_points = _OPQ_ROUNDS, _OPQ_ROUNDS, _OPQ_MAX_TRAIN
+    return index
+
+
+def _new_flat(dim: int, metric: Metric) -> faiss.Index:
     return faiss.IndexFlatIP(dim) if metric is Metric.COSINE else faiss.IndexFlatL2(dim)
 
 
-def _write_file(folder: Path, name: str, data: bytes) -> dict[str, Any]:
-    """Write ``data`` to ``folder/name`` atomically (temporary file, fsync, rename)."""
+_FAISS_METRIC = {Metric.COSINE: faiss.METRIC_INNER_PRODUCT, Metric.L2: faiss.METRIC_L2}
+
+
+def _kind_of(index: faiss.Index) -> IndexType:
+    if isinstance(index, faiss.IndexHNSW):
+        return IndexType.HNSW
+    if isinstance(index, faiss.IndexFlat):
+        return IndexType.FLAT
+    return IndexType.IVFPQ
+
+
+def _index_section(kind: IndexType, params: dict[str, Any], n: int) -> dict[str, Any]:
+    return {"requested": kind.value, "type": kind.value, "params": params, "built_for": n, "note": "",
+            "memory_budget_mb": _DEFAULTS.memory_budget_mb, "ef_search": _DEFAULTS.ef_search, "nprobe": _DEFAULTS.nprobe}
+
+
+def _flat_storage(index: faiss.Index) -> np.ndarray:
+    """The ``(n, d)`` vectors of a flat index or of an HNSW index's storage, as a view (no copy)."""
+    flat = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
+    if flat.ntotal == 0:
+        return np.zeros((0, flat.d), np.float32)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` columns of each row, best first (largest inner product, smallest l2)."""
+    key = -scores if metric is Metric.COSINE else scores
+    k = min(k, scores.shape[1])
+    if k < scores.shape[1]:
+        part = np.argpartition(key, k - 1, axis=1)[:, :k]
+        key, scores, ids = (np.take_along_axis(a, part, axis=1) for a in (key, scores, ids))
+    order = np.argsort(key, axis=1, kind="stable")
+    scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    return scores.astype(np.float32), np.where(np.isfinite(scores), ids, -1).astype(np.int64)
+
+
+def _open_raw(folder: Path, entry: Mapping[str, Any] | None, *, rows: int, dim: int) -> np.ndarray:
+    """The exact vectors of an ivfpq index, memory-mapped; size and shape checked (the checksum when read whole)."""
+    if not entry:
+        raise IndexCorruptError(f"{folder / MANIFEST} lists no exact vectors (raw) for an ivfpq index; rebuild the index")
+    path = folder / str(entry.get("name", ""))
+    try:
+        size = path.stat().st_size
+        raw = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexCorruptError(f"index file {path} is missing or unreadable; rebuild the index") from e
+    if size != entry.get("bytes") or raw.shape != (rows, dim) or raw.dtype != np.float32:
+        raise IndexCorruptError(
+            f"index file {path} holds {raw.shape} {raw.dtype} in {size} bytes, the manifest expects ({rows}, {dim}) "
+            f"float32 in {entry.get('bytes')} bytes; rebuild the index"
+        )
+    return raw
+
+
+def _write_file(folder: Path, name: str, data: bytes | Iterable[bytes | memoryview]) -> dict[str, Any]:
+    """Write ``data`` (bytes, or chunks of them) to ``folder/name`` atomically (temporary file, fsync, rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    digest, size = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, folder / name)
@@ -385,7 +915,7 @@ def _write_file(folder: Path, name: str, data: bytes) -> dict[str, Any]:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(folder)
-    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": name, "bytes": size, "sha256": digest.hexdigest()}
 
 
 def _read_checked(folder: Path, entry: Mapping[str, Any]) -> bytes:
@@ -406,7 +936,7 @@ def _read_checked(folder: Path, entry: Mapping[str, Any]) -> bytes:
 def _drop_old_generations(folder: Path, current: int) -> None:
     # Keep the generation before the current one: a reader that loaded the old manifest a moment
     # ago may still be reading its files.
-    for pattern in ("vectors-*.faiss", "cases-*.csv", "thumbs-*.npy"):
+    for pattern in ("vectors-*.faiss", "cases-*.csv", "thumbs-*.npy", "raw-*.npy"):
         for old in folder.glob(pattern):
             try:
                 generation = int(old.stem.split("-")[-1])

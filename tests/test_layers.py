@@ -19,6 +19,7 @@ RANK = {
     "io": 3,
     "transforms": 4,
     "encoders": 5,
+    "filters": 6,
     "store": 6,
     "metrics": 6,
     "sharing": 7,
@@ -40,6 +41,7 @@ FORBIDDEN = {
     "io": {"torch", "monai", "faiss"},
     "transforms": {"faiss", "pydicom"},
     "encoders": {"faiss", "pydicom"},
+    "filters": {"torch", "monai", "faiss", "pydicom"},
     "store": {"torch", "monai", "pydicom"},
     "metrics": {"torch", "monai", "faiss", "pydicom"},
 }

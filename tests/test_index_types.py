@@ -1,0 +1,417 @@
+"""Index types (flat, hnsw, ivfpq, auto) and metadata filters, checked against exact search."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from faiss.contrib.evaluation import check_ref_knn_with_draws
+from typer.testing import CliRunner
+
+from medsearch import store as store_module
+from medsearch.cli import app
+from medsearch.config import IndexConfig, IndexType
+from medsearch.errors import ConfigError, FilterError, IndexCorruptError
+from medsearch.filters import Filter, FilterOp, filter_mask, parse_filters
+from medsearch.store import MANIFEST, IndexStore, choose_index_type
+
+from conftest import SAMPLE
+
+DIM = 16
+N = 12_000  # enough to train ivfpq (IVFPQ_MIN_VECTORS)
+QUERY = SAMPLE / "tcga-luad-ct" / "ID_0000_AGE_0060_CONTRAST_1_CT.dcm"
+
+
+def _clustered(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    """Vectors around 50 centres, like embeddings of a few kinds of images (not uniform noise)."""
+    centres = np.random.default_rng(1234).normal(size=(50, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return centres[rng.integers(0, 50, n)] + rng.normal(scale=0.6, size=(n, dim)).astype(np.float32)
+
+
+def _table(n: int) -> pd.DataFrame:
+    i = np.arange(n)
+    decade = (i % 10) * 10
+    return pd.DataFrame({
+        "case_id": [f"c-{j:05d}" for j in i],
+        "modality": np.where(i % 3 == 0, "CT", "MR"),
+        "age_band": [f"{d}-{d + 9}" if d < 90 else "90+" for d in decade],
+        "Contrast": i % 2 == 0,
+        "n_slices": i % 7,
+        "model": np.where(i % 5 == 0, "LightSpeed Ultra", "Discovery STE"),
+    })
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _exact(data: np.ndarray, queries: np.ndarray, k: int, rows: np.ndarray | None = None):
+    """Independent reference: an IndexFlatIP over (a subset of) the normalized data."""
+    rows = np.arange(len(data)) if rows is None else rows
+    ref = faiss.IndexFlatIP(data.shape[1])
+    ref.add(_unit(data[rows]))
+    sims, ids = ref.search(_unit(queries), k)
+    return (1 - sims).astype(np.float32), rows[ids]
+
+
+def _recall(ids: np.ndarray, ref_ids: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / ref_ids.shape[1] for a, b in zip(ids, ref_ids)]))
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return _clustered(N)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    return _clustered(40, seed=7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick_opq():
+    """Fewer OPQ rounds: the same code path, a fraction of the training time."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_module, "_OPQ_ROUNDS", 3)
+        yield
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, data) -> dict[str, IndexStore]:
+    """One committed store per index type over the same data (built once: ivfpq trains)."""
+    out = {}
+    for kind in ("flat", "hnsw", "ivfpq"):
+        path = tmp_path_factory.mktemp(kind) / "ix"
+        store = IndexStore.create(path, dim=DIM, encoder={}, preprocess={}, index_type=kind)
+        store.add(data, _table(N))
+        store.commit()
+        out[kind] = store
+    return out
+
+
+# -- filter parsing ---------------------------------------------------------------------------------
+
+PARSED = [
+    ("modality=CT", ("modality", FilterOp.EQ, "CT")),
+    ("modality == CT", ("modality", FilterOp.EQ, "CT")),
+    (" age_band >= 60 ", ("age_band", FilterOp.GE, "60")),
+    ("age<=69.5", ("age", FilterOp.LE, "69.5")),
+    ("n_slices>1", ("n_slices", FilterOp.GT, "1")),
+    ("n_slices<3", ("n_slices", FilterOp.LT, "3")),
+    ("sex!=F", ("sex", FilterOp.NE, "F")),
+    ("model~light speed", ("model", FilterOp.CONTAINS, "light speed")),
+    ("manufacturer='GE MEDICAL'", ("manufacturer", FilterOp.EQ, "GE MEDICAL")),
+    ("note=a=b", ("note", FilterOp.EQ, "a=b")),
+]
+
+
+@pytest.mark.parametrize("text, expected", PARSED)
+def test_filters_parse_into_field_operator_value(text, expected):
+    f = Filter.parse(text)
+    assert (f.field, f.op, f.value) == expected
+
+
+BAD_FILTERS = [
+    ("modality", "has no operator"),
+    ("", "has no operator"),
+    ("=CT", "names no field"),
+    ("modality=", "has no value"),
+    ("age>=sixty", "compares numbers, and 'sixty' is not one"),
+    ("age<nan", "is not one"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_FILTERS)
+def test_bad_filters_say_what_to_write(text, message):
+    with pytest.raises(FilterError, match=message):
+        parse_filters(text)
+
+
+def test_filter_objects_and_strings_mix_and_operators_accept_their_text():
+    assert parse_filters([Filter("age", ">=", "60"), "modality=CT"]) == (
+        Filter("age", FilterOp.GE, "60"), Filter("modality", FilterOp.EQ, "CT"))
+    with pytest.raises(FilterError, match="operator '=>' is unknown"):
+        Filter("age", "=>", "60")
+
+
+TABLE = pd.DataFrame({
+    "case_id": ["a", "b", "c", "d", "e"],
+    "modality": ["CT", "MR", "CT", "ct", None],
+    "age_band": ["60-69", "90+", None, "50-59", "70-79"],
+    "Contrast": [True, False, True, None, False],
+    "n_slices": [1, 3, 2, 1, 40],
+    "model": ["LightSpeed Ultra", None, "Discovery STE", "x", "LightSpeed 16"],
+})
+
+MASKS = [
+    ("modality=CT", "a c d"),  # case-insensitive text
+    ("modality!=CT", "b"),  # a missing value matches nothing, not even !=
+    ("age>=60", "a b e"),  # an age band counts as its lower bound
+    ("age_band>=60", "a b e"),
+    ("age<60", "d"),
+    ("age>65", "b e"),
+    ("age<=60", "a d"),
+    ("age=65", "a"),  # a number equals the band holding it
+    ("age=95", "b"),
+    ("age_band=60-69", "a"),
+    ("Contrast=True", "a c"),
+    ("contrast=true", "a c"),  # field names fall back to case-insensitive
+    ("Contrast=1", "a c"),
+    ("Contrast!=True", "b e"),
+    ("n_slices>1", "b c e"),
+    ("n_slices=1.0", "a d"),
+    ("n_slices<=2", "a c d"),
+    ("model~light", "a e"),
+    ("model~SPEED 16", "e"),
+    ("case_id=c", "c"),
+]
+
+
+@pytest.mark.parametrize("where, expected", MASKS)
+def test_filter_masks(where, expected):
+    mask = filter_mask(TABLE, parse_filters(where))
+    assert " ".join(TABLE["case_id"][mask]) == expected
+
+
+def test_several_filters_must_all_hold():
+    mask = filter_mask(TABLE, parse_filters(["modality=CT", "age>=60", "Contrast=True"]))
+    assert list(TABLE["case_id"][mask]) == ["a"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("weight=70", r"no field 'weight' in this index; its fields: age_band, case_id, Contrast, modality, model, n_slices"),
+    ("modality>=3", "field 'modality' holds no numbers or age bands; use = != or ~"),
+])
+def test_unknown_field_or_bad_comparison_is_one_clear_line(where, message):
+    with pytest.raises(FilterError, match=message) as info:
+        filter_mask(TABLE, parse_filters(where))
+    assert "\n" not in str(info.value)
+
+
+# -- the auto rule, config -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, dim, budget_mb, expected", [
+    (0, 1280, 8192, IndexType.FLAT),
+    (10_000, 1280, 8192, IndexType.FLAT),  # 49 MB of vectors: exact
+    (100_000, 1280, 8192, IndexType.HNSW),
+    (1_000_000, 1280, 8192, IndexType.HNSW),  # 5.4 GB fits 8 GB
+    (1_000_000, 1280, 4096, IndexType.IVFPQ),
+    (2_000_000, 1280, 8192, IndexType.IVFPQ),
+    (20_000, 512, 8192, IndexType.FLAT),  # 41 MB
+    (5_000, 1280, 10, IndexType.FLAT),  # nothing smaller can be trained on 5,000 vectors
+])
+def test_auto_rule(n, dim, budget_mb, expected):
+    assert choose_index_type(n, dim, memory_budget_mb=budget_mb) is expected
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"index_type": "annoy"}, "index.index_type must be one of 'auto', 'flat', 'hnsw', 'ivfpq', got 'annoy'"),
+    ({"nprobe": 0}, "index.nprobe must be a whole number of at least 1, got 0"),
+    ({"memory_budget_mb": "lots"}, "index.memory_budget_mb must be a whole number"),
+])
+def test_index_config_rejects_bad_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        IndexConfig(**values)
+
+
+def test_index_type_accepts_its_string_value():
+    assert IndexConfig(index_type="hnsw").index_type is IndexType.HNSW
+
+
+# -- search against an exact reference ----------------------------------------------------------------
+
+def test_flat_is_exact_with_and_without_a_filter(stores, data, queries):
+    store = stores["flat"]
+    hits = store.search(queries, 10)
+    check_ref_knn_with_draws(*_exact(data, queries, 10), hits.distances, hits.ids)
+    where = ["modality=CT", "age>=60"]
+    rows = np.flatnonzero(store.matching(where))
+    hits = store.search(queries, 10, where=where)
+    check_ref_knn_with_draws(*_exact(data, queries, 10, rows), hits.distances, hits.ids)
+
+
+@pytest.mark.parametrize("kind, floor", [("hnsw", 0.95), ("ivfpq", 0.9)])
+def test_approximate_types_find_most_exact_neighbours(stores, data, queries, kind, floor):
+    store = stores[kind]
+    assert store.index_type is IndexType(kind)
+    ref_dist, ref_ids = _exact(data, queries, 10)
+    hits = store.search(queries, 10)
+    assert _recall(hits.ids, ref_ids) >= floor
+    # distances keep their meaning: 1 - cosine of the case returned (ivfpq re-ranks exactly)
+    np.testing.assert_allclose(hits.distances, 1 - np.einsum("qd,qkd->qk", _unit(queries), _unit(data)[hits.ids]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("where", [["modality=CT", "age>=60"], ["n_slices=3", "age<30", "Contrast=True"]])
+def test_filtered_searches_return_only_matches_and_agree_with_exact(stores, data, queries, kind, where):
+    store = stores[kind]
+    mask = store.matching(where)
+    rows = np.flatnonzero(mask)
+    hits = store.search(queries, 10, where=where)
+    assert hits.ids.shape == (len(queries), 10) and (hits.ids >= 0).all()
+    assert mask[hits.ids].all()
+    _, ref_ids = _exact(data, queries, 10, rows)
+    assert _recall(hits.ids, ref_ids) >= (1.0 if kind == "flat" else 0.9)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_a_filtered_query_returns_k_whenever_k_cases_match(stores, queries, kind):
+    store = stores[kind]
+    # a rare subset spread over the whole collection: 1 case in 210
+    where = ["modality=CT", "age>=90", "n_slices=6", "Contrast=False"]
+    n_match = int(store.matching(where).sum())
+    assert 10 < n_match < 100
+    hits = store.search(queries, 10, where=where)
+    assert (hits.ids >= 0).all() and hits.ids.shape == (len(queries), 10)
+    # fewer matches than k: all of them
+    few = store.search(queries[:3], 50, where=where + ["age_band=90+", "n_slices>5", "case_id~c-0"])
+    expected = int(store.matching(where + ["case_id~c-0"]).sum())
+    assert few.ids.shape == (3, expected) and (few.ids >= 0).all()
+    # none: an empty result, not an error
+    assert store.search(queries[:2], 5, where="modality=PT").ids.shape == (2, 0)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_a_filter_over_many_cases_goes_through_the_faiss_selector(stores, queries, kind, monkeypatch):
+    store = stores[kind]
+    monkeypatch.setattr(store_module, "_EXACT_FILTER_MAX", 10)
+    calls = []
+    original = store_module.IndexStore._exact_search
+    monkeypatch.setattr(store_module.IndexStore, "_exact_search", lambda *a: calls.append(a) or original(*a))
+    hits = store.search(queries, 10, where=["modality=MR"])
+    assert store.matching("modality=MR")[hits.ids].all() and (hits.ids >= 0).all()
+    assert not calls  # found by the index itself, not by the exact fallback
+
+
+def test_unknown_filter_field_lists_the_fields(stores, queries):
+    with pytest.raises(FilterError, match="no field 'weight' in this index; its fields: age_band, case_id, Contrast"):
+        stores["hnsw"].search(queries, 5, where="weight>70")
+
+
+# -- save / load, fallback, conversion --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_save_then_load_gives_identical_results(stores, queries, kind):
+    store = stores[kind]
+    loaded = IndexStore.open(store.path)
+    assert loaded.index_type is IndexType(kind)
+    assert loaded.manifest["index"]["type"] == kind and loaded.manifest["index"]["params"] == store.manifest["index"]["params"]
+    for where in (None, ["modality=CT", "age>=60"]):
+        a, b = store.search(queries, 10, where=where), loaded.search(queries, 10, where=where)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)
+    np.testing.assert_allclose(loaded.vectors(), _unit(_clustered(N)), atol=1e-6)
+
+
+def test_ivfpq_keeps_the_exact_vectors_beside_its_codes(stores):
+    store = stores["ivfpq"]
+    files = store.manifest["files"]
+    assert files["raw"]["name"].startswith("raw-") and files["raw"]["bytes"] > N * DIM * 4
+    assert files["vectors"]["bytes"] < files["raw"]["bytes"] / 2
+
+
+def test_too_few_vectors_for_ivfpq_fall_back_to_flat_then_convert(tmp_path, data, queries):
+    store = IndexStore.create(tmp_path / "ix", dim=DIM, encoder={}, preprocess={}, index_type="ivfpq")
+    store.add(data[:500], _table(500))
+    assert store.index_type is IndexType.FLAT
+    assert "ivfpq needs at least 10000 vectors to train and the index holds 500" in store.manifest["index"]["note"]
+    store.commit()
+    hits = IndexStore.open(tmp_path / "ix").search(queries, 5)
+    check_ref_knn_with_draws(*_exact(data[:500], queries, 5), hits.distances, hits.ids)
+    # the collection grows past the minimum: the next addition trains ivfpq from the stored vectors
+    table = _table(N)
+    store.add(data[500:], table.iloc[500:])
+    assert store.index_type is IndexType.IVFPQ and store.manifest["index"]["note"] == ""
+    assert store.manifest["index"]["built_for"] == N
+    _, ref_ids = _exact(data, queries, 10)
+    assert _recall(store.search(queries, 10).ids, ref_ids) >= 0.9
+
+
+def test_auto_converts_when_the_collection_crosses_the_flat_threshold(tmp_path, data, queries, monkeypatch):
+    monkeypatch.setattr(store_module, "FLAT_MAX_MB", 0.53)  # about 8,680 16-d vectors
+    store = IndexStore.create(tmp_path / "ix", dim=DIM, encoder={}, preprocess={}, index_type="auto")
+    store.add(data[:8000], _table(8000))
+    assert store.index_type is IndexType.FLAT
+    store.add(data[8000:9000], _table(9000).iloc[8000:])
+    assert store.index_type is IndexType.HNSW
+    _, ref_ids = _exact(data[:9000], queries, 10)
+    assert _recall(store.search(queries, 10).ids, ref_ids) >= 0.95
+    store.commit()
+    assert IndexStore.open(tmp_path / "ix").manifest["index"]["requested"] == "auto"
+
+
+def test_configure_converts_an_existing_index_at_commit(tmp_path, data, queries):
+    store = IndexStore.create(tmp_path / "ix", dim=DIM, encoder={}, preprocess={})
+    store.add(data[:2000], _table(2000))
+    store.commit()
+    store.configure(index_type="hnsw", ef_search=64)
+    store.commit()
+    loaded = IndexStore.open(tmp_path / "ix")
+    assert loaded.index_type is IndexType.HNSW and loaded.index.hnsw.efSearch == 64
+    np.testing.assert_array_equal(loaded.search(queries, 5).ids, store.search(queries, 5).ids)
+
+
+def test_l2_metric_stays_euclidean_for_hnsw(tmp_path, data, queries):
+    store = IndexStore.create(tmp_path / "ix", dim=DIM, metric="l2", encoder={}, preprocess={}, index_type="hnsw")
+    store.add(data[:3000], _table(3000))
+    hits = store.search(queries, 5)
+    np.testing.assert_allclose(hits.distances, np.linalg.norm(data[:3000][hits.ids] - queries[:, None], axis=2), rtol=1e-4)
+
+
+def test_a_manifest_that_names_another_index_type_is_refused(stores, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stores["hnsw"].path, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["index"]["type"] = "flat"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match="describes a flat cosine index but .* holds a hnsw one; rebuild"):
+        IndexStore.open(copy)
+
+
+def test_a_damaged_raw_file_is_caught(stores, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stores["ivfpq"].path, copy)
+    raw = copy / json.loads((copy / MANIFEST).read_text())["files"]["raw"]["name"]
+    data = bytearray(raw.read_bytes())
+    data[-1] ^= 0xFF
+    raw.write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptError, match="does not match its checksum"):
+        IndexStore.open(copy).vectors()
+    raw.write_bytes(bytes(data[:-4]))
+    with pytest.raises(IndexCorruptError, match="rebuild the index"):
+        IndexStore.open(copy)
+
+
+# -- the command line on the sample index ------------------------------------------------------------------
+
+def test_cli_where_keeps_matching_cases_only(sample_index):
+    runner = CliRunner()
+    result = runner.invoke(app, ["query", str(QUERY), "--index", str(sample_index), "-k", "5", "--json",
+                                 "--where", "modality=CT", "--where", "Contrast=False", "--where", "age>=60"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    cases = IndexStore.open(sample_index).cases
+    expected = int(filter_mask(cases, parse_filters(["Contrast=False", "age>=60"])).sum())
+    assert 0 < expected and len(data["results"]) == min(5, expected)
+    assert all(r["metadata"]["Contrast"] is False for r in data["results"])
+    assert all(int(r["metadata"]["age_band"][:2]) >= 60 for r in data["results"])
+    assert data["query"]["where"] == ["modality=CT", "Contrast=False", "age>=60"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("weight>70", "no field 'weight' in this index; its fields: age_band, body_part, case_id, columns, Contrast"),
+    ("age>=old", "compares numbers, and 'old' is not one"),
+    ("modality", "has no operator"),
+])
+def test_cli_bad_where_is_one_line_and_exit_2(sample_index, where, message):
+    result = CliRunner().invoke(app, ["query", str(QUERY), "--index", str(sample_index), "--where", where])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
