@@ -91,7 +91,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FILE_STATE = "local-file-state.sqlite"
-STAGES = ("discover", "scan", "decode", "preprocess", "encode", "store", "wait")
+STAGES = ("discover", "startup", "scan", "decode", "preprocess", "encode", "store", "wait")
 
 # A commit that takes longer than this is throttled: the next one waits at least
 # _COMMIT_OVERHEAD times as long, so that rewriting the index stays under ~1/10 of a run.
@@ -153,8 +153,9 @@ class IndexReport:
         """A JSON-ready summary.
 
         ``stage_seconds``: ``scan``, ``decode`` and ``preprocess`` are summed over the worker
-        processes (they overlap, and may add up to more than ``seconds``); ``discover``, ``encode``,
-        ``store`` (commits) and ``wait`` (this process waiting for workers) are wall-clock time here.
+        processes (they overlap, and may add up to more than ``seconds``); ``discover``, ``startup``
+        (starting the worker processes), ``encode``, ``store`` (commits) and ``wait`` (this process
+        waiting for workers) are wall-clock time here.
         """
         rate = self.seconds if self.seconds > 0 else float("nan")
         return {
@@ -936,7 +937,9 @@ def index_files(
         def get_pool() -> _WorkerPool:
             nonlocal pool
             if pool is None:
+                started = time.perf_counter()
                 pool = _WorkerPool(n_workers, setup, timeout=case_timeout)
+                report.stage_seconds["startup"] += time.perf_counter() - started
             return pool
 
         scanned = _read_headers(todo, states, cache, tokens, report, get_pool if n_workers else None, setup, progress)

@@ -151,7 +151,7 @@ def test_workers_give_the_serial_index_and_account_for_every_file(serial_index, 
     assert reasons["ID_0006_AGE_0075_CONTRAST_1_CT.dcm"] is SkipReason.DUPLICATE
     summary = report.to_dict()
     assert summary["files_accounted"] and summary["workers"] == 2
-    assert set(summary["stage_seconds"]) == {"discover", "scan", "decode", "preprocess", "encode", "store", "wait"}
+    assert set(summary["stage_seconds"]) == {"discover", "startup", "scan", "decode", "preprocess", "encode", "store", "wait"}
     assert summary["images_encoded"] > summary["cases_added"]  # several slices of the multi-slice cases
 
 
