@@ -279,7 +279,11 @@ class IndexStore:
     @property
     def index_type(self) -> IndexType:
         """The type of the faiss index now (``auto`` resolved; ``flat`` while an ivfpq waits for data)."""
-        return IndexType(self.manifest["index"]["type"])
+        return self._kind
+
+    @property
+    def _kind(self) -> IndexType:
+        return _KINDS[self.manifest["index"]["type"]]
 
     def configure(
         self,
@@ -473,18 +477,24 @@ class IndexStore:
         return faiss.SearchParameters(sel=selector)
 
     def _rerank_factor(self) -> int:
-        if self.index_type is not IndexType.IVFPQ:
-            return 0
-        return int(self.manifest["index"].get("params", {}).get("rerank", 0))
+        return int(self.manifest["index"]["params"].get("rerank", 0)) if self._kind is IndexType.IVFPQ else 0
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of each query's candidates (from the exact vectors); the best ``k`` of them."""
-        scores = np.full(candidates.shape, -np.inf if self.metric is Metric.COSINE else np.inf, np.float32)
-        for q in range(len(queries)):
-            found = candidates[q] >= 0
-            if found.any():
-                scores[q, found] = self._exact_scores(queries[q:q + 1], self._exact_rows(candidates[q, found]))[0]
-        return _top_k(scores, candidates, k, self.metric)
+        found = candidates >= 0
+        vectors = self._exact_rows(np.where(found, candidates, 0).ravel()).reshape(*candidates.shape, self.dim)
+        if self.metric is Metric.COSINE:
+            scores = np.einsum("qd,qcd->qc", queries, vectors)
+            scores[~found] = -np.inf
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        else:
+            scores = ((vectors - queries[:, None, :]) ** 2).sum(axis=2)
+            scores[~found] = np.inf
+            order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+        ids = np.take_along_axis(candidates, order, axis=1)
+        ids[~np.isfinite(scores)] = -1
+        return scores, ids
 
     def _search_filtered(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         allowed = np.flatnonzero(mask)
@@ -621,16 +631,17 @@ class IndexStore:
         FilterError
             A filter is malformed or names a field the case table lacks.
         """
-        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
-        if vectors.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have dimension {self.dim}, got {vectors.shape[1]}")
+        # This is the hot path of every query: a few C-level steps around the faiss call.
+        vectors = np.array(vectors, dtype=np.float32, order="C", ndmin=2)  # a copy: normalized in place
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have dimension {self.dim}, got shape {vectors.shape}")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        if self.metric is Metric.COSINE:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        filters = parse_filters(where)
-        if filters:
-            scores, ids = self._search_filtered(vectors, k, self.matching(filters))
+        cosine = self.metric is Metric.COSINE
+        if cosine:
+            faiss.normalize_L2(vectors)
+        if where is not None and not (isinstance(where, (list, tuple)) and not where):
+            scores, ids = self._search_filtered(vectors, k, self.matching(where))
         else:
             k = min(k, max(len(self), 1))
             rerank = self._rerank_factor()
@@ -639,12 +650,13 @@ class IndexStore:
                 scores, ids = self._rerank(vectors, ids, k)
             else:
                 scores, ids = self.index.search(vectors, k)
-        if self.metric is Metric.COSINE:
-            distances = 1.0 - scores
+        if cosine:
+            np.subtract(1.0, scores, out=scores)
         else:
-            distances = np.sqrt(np.maximum(scores, 0.0))
-        distances = np.where(ids < 0, np.inf, np.maximum(distances, 0.0)).astype(np.float32)
-        return SearchHits(distances=distances, ids=ids.astype(np.int64))
+            np.sqrt(np.maximum(scores, 0.0, out=scores), out=scores)
+        np.maximum(scores, 0.0, out=scores)  # rounding can give -1e-7 for the vector itself
+        scores[ids < 0] = np.inf
+        return SearchHits(distances=scores, ids=ids)
 
     def matching(self, where: str | Filter | Iterable[str | Filter] | None) -> np.ndarray:
         """The case-table rows that satisfy every filter, as a boolean array (cached per filter set).
@@ -845,6 +857,7 @@ def _new_flat(dim: int, metric: Metric) -> faiss.Index:
 
 
 _FAISS_METRIC = {Metric.COSINE: faiss.METRIC_INNER_PRODUCT, Metric.L2: faiss.METRIC_L2}
+_KINDS = {kind.value: kind for kind in IndexType}
 
 
 def _kind_of(index: faiss.Index) -> IndexType:
