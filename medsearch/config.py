@@ -136,7 +136,7 @@ class IndexConfig:
     # the most memory the faiss index may take, in MB ("auto" picks a smaller index type beyond it)
     memory_budget_mb: int = 8192
     # search-time accuracy knobs of the approximate types: more is slower and closer to exact
-    ef_search: int = 128
+    ef_search: int = 256
     nprobe: int = 32
 
     def __post_init__(self) -> None:

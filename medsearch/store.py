@@ -71,7 +71,7 @@ MANIFEST = "manifest.json"
 _GENERATIONS_KEPT = 2
 
 #: ``auto`` searches exactly while the vectors take at most this much memory: a flat query reads
-#: every vector once, and this many MB take a few milliseconds (README, "Choosing an index type").
+#: every vector once, tens of milliseconds for this many MB (README, "Choosing an index type").
 FLAT_MAX_MB = 64
 #: HNSW links per node, and the candidates kept while inserting.
 HNSW_M = 32
@@ -459,6 +459,8 @@ class IndexStore:
     def _apply_search_params(self) -> None:
         section = self.manifest["index"]
         kind = self.index_type
+        # what search() reads on every query, as plain attributes (each lookup costs after a faiss call)
+        self._hot = (int(self.manifest["dim"]), self.manifest["metric"] == Metric.COSINE.value, self._rerank_factor())
         if kind is IndexType.HNSW:
             self.index.hnsw.efSearch = int(section.get("ef_search", _DEFAULTS.ef_search))
         elif kind is IndexType.IVFPQ:
@@ -477,7 +479,7 @@ class IndexStore:
         return faiss.SearchParameters(sel=selector)
 
     def _rerank_factor(self) -> int:
-        return int(self.manifest["index"]["params"].get("rerank", 0)) if self._kind is IndexType.IVFPQ else 0
+        return int(self.manifest["index"].get("params", {}).get("rerank", 0)) if self._kind is IndexType.IVFPQ else 0
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of each query's candidates (from the exact vectors); the best ``k`` of them."""
@@ -632,30 +634,31 @@ class IndexStore:
             A filter is malformed or names a field the case table lacks.
         """
         # This is the hot path of every query: a few C-level steps around the faiss call.
+        dim, cosine, rerank = self._hot
         vectors = np.array(vectors, dtype=np.float32, order="C", ndmin=2)  # a copy: normalized in place
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have dimension {self.dim}, got shape {vectors.shape}")
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise ValueError(f"query vectors must have dimension {dim}, got shape {vectors.shape}")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        cosine = self.metric is Metric.COSINE
         if cosine:
-            faiss.normalize_L2(vectors)
+            faiss.fvec_renorm_L2(dim, len(vectors), faiss.swig_ptr(vectors))
         if where is not None and not (isinstance(where, (list, tuple)) and not where):
             scores, ids = self._search_filtered(vectors, k, self.matching(where))
         else:
-            k = min(k, max(len(self), 1))
-            rerank = self._rerank_factor()
+            n = self.index.ntotal
+            k = min(k, max(n, 1))
             if rerank > 1:
-                scores, ids = self.index.search(vectors, min(k * rerank, len(self)))
+                scores, ids = self.index.search(vectors, min(k * rerank, n))
                 scores, ids = self._rerank(vectors, ids, k)
             else:
                 scores, ids = self.index.search(vectors, k)
         if cosine:
-            np.subtract(1.0, scores, out=scores)
+            # 1 - cosine, at least 0 (rounding can give -1e-7 for the vector itself)
+            np.subtract(1.0, np.minimum(scores, 1.0, out=scores), out=scores)
         else:
             np.sqrt(np.maximum(scores, 0.0, out=scores), out=scores)
-        np.maximum(scores, 0.0, out=scores)  # rounding can give -1e-7 for the vector itself
-        scores[ids < 0] = np.inf
+        if ids.size and ids.min() < 0:
+            scores[ids < 0] = np.inf
         return SearchHits(distances=scores, ids=ids)
 
     def matching(self, where: str | Filter | Iterable[str | Filter] | None) -> np.ndarray:
@@ -784,8 +787,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def choose_index_type(n: int, dim: int, *, memory_budget_mb: float = _DEFAULTS.memory_budget_mb) -> IndexType:
     """The index type ``auto`` picks for ``n`` vectors of dimension ``dim``.
 
-    1. ``flat`` (exact) while the vectors take at most :data:`FLAT_MAX_MB` (12,000 1280-d vectors):
-       a query then reads a few tens of MB, a few milliseconds.
+    1. ``flat`` (exact) while the vectors take at most :data:`FLAT_MAX_MB` (13,100 1280-d vectors):
+       a query then reads at most that much, tens of milliseconds.
     2. ``hnsw`` while the HNSW index fits the memory budget (4 * dim + ~270 bytes per vector).
     3. ``ivfpq`` beyond: product-quantized codes as large as the budget allows (8 to 128 bytes
        per vector), with the exact vectors on disk for re-ranking.
