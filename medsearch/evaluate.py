@@ -58,6 +58,7 @@ from medsearch.io import (
     load_volume,
     scan,
 )
+from medsearch.pipeline import encoder_input
 from medsearch.metrics import (
     METRICS,
     bootstrap_cis,
@@ -68,9 +69,8 @@ from medsearch.metrics import (
     reciprocal_rank,
     summarize,
 )
-from medsearch.search import Searcher, embed_volume
+from medsearch.search import Searcher, embed_volume, labels_for_case, read_labels
 from medsearch.store import IndexStore
-from medsearch.transforms import preprocess_volume
 
 __all__ = [
     "PROTOCOLS",
@@ -782,20 +782,7 @@ def embed_npz_split(
             t0 = time.perf_counter()
             tensors = []
             for volume in split.volumes(batch_rows, modality=modality):
-                tensors.append(
-                    preprocess_volume(
-                        volume.pixels,
-                        config=config.preprocess,
-                        modality=volume.modality,
-                        rgb=volume.rgb,
-                        spacing=volume.spacing,
-                        spatial_dims=info.spatial_dims,
-                        channels=info.in_channels,
-                        mean=info.mean,
-                        std=info.std,
-                        volume_shape=config.encoder.volume_shape,
-                    )
-                )
+                tensors.append(encoder_input(volume, info, config))
             t1 = time.perf_counter()
             vectors = encoder.embed(torch.cat(tensors))
             t2 = time.perf_counter()
@@ -1164,11 +1151,6 @@ def evaluate_queries(
     IndexNotFoundError, IndexCorruptError, EncoderMismatchError
         As :class:`~medsearch.search.Searcher`.
     """
-    from medsearch.search import (  # the index's own label matching
-        _labels_for_case,
-        _read_labels,
-    )
-
     started = time.perf_counter()
     query_folder = Path(query_folder)
     if not query_folder.exists():
@@ -1176,7 +1158,7 @@ def evaluate_queries(
     searcher = Searcher(index_dir)
     store = searcher.store
     column = _label_column(label, store)
-    table = _read_labels(labels_csv, label_key, [column])
+    table = read_labels(labels_csv, label_key, [column])
     site_key = _matching_key(key, store, required=exclude_same_patient)
 
     found = scan(find_files(query_folder))
@@ -1184,7 +1166,7 @@ def evaluate_queries(
     skipped: dict[str, int] = {"unlabeled": 0, "undecodable": 0, "files_not_images": len(found.skipped)}
     t0 = time.perf_counter()
     for case in tqdm(found.cases, desc="embedding queries", unit="case", disable=not progress, leave=False):
-        value = _labels_for_case(case, table, query_folder).get(column)
+        value = labels_for_case(case, table, query_folder).get(column)
         if value is None or str(value).strip() == "":
             skipped["unlabeled"] += 1
             continue

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from medsearch.config import Config, IndexType, config_from_dict, load_config
 from medsearch.deid import DeidOptions, SiteKey, case_metadata
 from medsearch.encoders import Encoder, load_encoder
-from medsearch.errors import ConfigError, IndexNotFoundError, InvalidStudyError, KeyFileError, MedsearchError
+from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError, MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, SkippedFile, Volume, find_files, load_study
 from medsearch.pipeline import FILE_STATE, Chunk, IndexReport, encoder_input, index_files, pool_slices, write_atomic
@@ -42,13 +42,14 @@ __all__ = [
     "build_index",
     "embed_volume",
     "index_info",
+    "labels_for_case",
     "query",
+    "read_labels",
 ]
 
 log = logging.getLogger(__name__)
 
 SKIP_REPORT = "skipped.csv"
-RUN_REPORT = "last-run.json"
 # Files an index directory may hold before its first commit (or that are local to this machine).
 _INDEX_LOCAL_FILES = frozenset({".lock", SKIP_REPORT, FILE_STATE, f"{FILE_STATE}-journal"})
 _LABEL_KEYS = ("path", "file", "filename", "file_name", "dicom_name", "SeriesInstanceUID", "StudyInstanceUID")
@@ -220,7 +221,7 @@ def build_index(
         store, config = _open_for_writing(index_dir, config, site_key, index_type=index_type)
         encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
         store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
-        label_table = _read_labels(labels, label_key, label_columns) if labels else None
+        label_table = read_labels(labels, label_key, label_columns) if labels else None
         labels_before = list(store.manifest.get("label_columns", []))
         if label_table is not None:
             store.manifest["label_columns"] = sorted(set(labels_before) | set(label_table.columns))
@@ -523,11 +524,11 @@ def _case_row(
     row["rows"], row["columns"] = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
     row["spacing_mm"] = "x".join(f"{s:.3g}" for s in volume.spacing)
     if labels is not None:
-        row.update(_labels_for_case(case, labels, archive))
+        row.update(labels_for_case(case, labels, archive))
     return row
 
 
-def _read_labels(path: str | Path, key: str | None, columns: Sequence[str] | None) -> pd.DataFrame:
+def read_labels(path: str | Path, key: str | None, columns: Sequence[str] | None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"labels file {path} does not exist; give a CSV with one row per file or series")
@@ -557,7 +558,7 @@ def _read_labels(path: str | Path, key: str | None, columns: Sequence[str] | Non
     return table
 
 
-def _labels_for_case(case: CaseRef, labels: pd.DataFrame, archive: Path) -> dict[str, Any]:
+def labels_for_case(case: CaseRef, labels: pd.DataFrame, archive: Path) -> dict[str, Any]:
     key = labels.attrs.get("key", "")
     if key.lower() in ("seriesinstanceuid", "studyinstanceuid"):
         uid = case.series_uid if key.lower() == "seriesinstanceuid" else case.study_uid

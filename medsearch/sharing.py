@@ -21,7 +21,6 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from medsearch.deid import CASE_METADATA_KEYS
 from medsearch.errors import ConfigError, MedsearchError
@@ -142,12 +141,12 @@ class ExportReport:
         }
 
 
-def shareability_problems(index_dir: str | Path, *, with_thumbnails: bool = False) -> list[str]:
+def shareability_problems(index_dir: str | Path) -> list[str]:
     """What in an index directory would identify someone if shared; empty when nothing does.
 
     Checks: every case-table column is de-identified metadata, medsearch's own image facts, or a
     declared label; no label value looks like a UID, a date or an e-mail address; no key file or link
-    table sits in the directory; thumbnails (source pixels may carry burned-in text) only when asked.
+    table sits in the directory. (Thumbnails are left out by :func:`export_index` unless asked for.)
     """
     index_dir = Path(index_dir)
     store = IndexStore.open(index_dir)
@@ -168,8 +167,6 @@ def shareability_problems(index_dir: str | Path, *, with_thumbnails: bool = Fals
             problems.append(f"{path.name} looks like a key file or link table; move it out of the index directory")
         elif path.is_file() and _is_link_table(path):
             problems.append(f"{path.name} is a link table; move it out of the index directory")
-    if with_thumbnails and store.thumbnails is not None:
-        pass  # the user has checked the source pixels for burned-in text
     return problems
 
 
@@ -193,7 +190,7 @@ def export_index(
         ``destination`` exists and is not empty.
     """
     source, destination = Path(source), Path(destination)
-    problems = shareability_problems(source, with_thumbnails=with_thumbnails)
+    problems = shareability_problems(source)
     if problems:
         raise NotShareableError(f"refusing to export {source}: " + "; ".join(problems))
     if destination.exists() and any(destination.iterdir()):

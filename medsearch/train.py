@@ -84,11 +84,12 @@ from tqdm.auto import tqdm
 
 from medsearch.config import Config, load_config
 from medsearch.deid import SiteKey, patient_pseudonym
-from medsearch.encoders import DEFAULT_ENCODER, load_encoder, resolve_device
+from medsearch.encoders import DEFAULT_ENCODER, EncoderInfo, load_encoder, resolve_device
 from medsearch.errors import ConfigError, InvalidStudyError, MedsearchError
 from medsearch.io import LoadFailure, find_files, load_npz_split, load_volume, npz_splits, scan
 from medsearch.metrics import compute_metrics
-from medsearch.transforms import preprocess_volume
+from medsearch.pipeline import encoder_input
+from medsearch.search import labels_for_case, read_labels  # the index's own label matching
 
 __all__ = ["SupervisedLoss", "TrainMode", "TrainReport", "train_encoder"]
 
@@ -259,11 +260,9 @@ def _load_npz(path: Path, config: Config, val_split: float, seed: int, progress:
 def _load_archive(
     path: Path, labels: str | Path | None, label_column: str | None, config: Config, val_split: float, seed: int, progress: bool
 ) -> _Data:
-    from medsearch.search import _labels_for_case, _read_labels  # the index's own label matching
-
     table = None
     if labels is not None:
-        table = _read_labels(labels, None, [label_column] if label_column else None)
+        table = read_labels(labels, None, [label_column] if label_column else None)
         if len(table.columns) != 1:
             raise ConfigError(
                 f"labels file {labels} has several label columns ({', '.join(table.columns)}); pick one with --label"
@@ -281,7 +280,7 @@ def _load_archive(
             continue
         value = None
         if table is not None:
-            value = _labels_for_case(case, table, path)[table.columns[0]]
+            value = labels_for_case(case, table, path)[table.columns[0]]
         tensor = _preprocess(volume, config)
         digest.update(tensor.numpy().tobytes())
         digest.update(str(value).encode())
@@ -313,19 +312,13 @@ def _load_archive(
     return _Data(train=sides[0], val=sides[1], classes=classes, sha256=digest.hexdigest(), source=str(path))
 
 
+# What EfficientNet-Lite0 takes (2D, 3 channels, [-1, 1]): EncoderInfo's defaults; the hash is unused here.
+_LITE0_INPUT = EncoderInfo(name=DEFAULT_ENCODER, dim=1280, weights_sha256="")
+
+
 def _preprocess(volume: Any, config: Config) -> torch.Tensor:
-    """``preprocess_volume`` exactly as :func:`medsearch.search.embed_volume` calls it for Lite0."""
-    return preprocess_volume(
-        volume.pixels,
-        config=config.preprocess,
-        modality=volume.modality,
-        rgb=volume.rgb,
-        spacing=volume.spacing,
-        spatial_dims=2,
-        channels=3,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    """The encoder input exactly as indexing builds it for Lite0 (:func:`medsearch.pipeline.encoder_input`)."""
+    return encoder_input(volume, _LITE0_INPUT, config)
 
 
 def _holdout(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
