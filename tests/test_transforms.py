@@ -1,13 +1,39 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
 import torch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    EnsureType,
+    NormalizeIntensity,
+    RepeatChannel,
+    Resize,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    SpatialPad,
+)
+from monai.transforms.utils_pytorch_numpy_unification import (
+    percentile as monai_percentile,
+)
+from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from medsearch.config import PreprocessConfig
-from medsearch.transforms import build_slice_transform, preprocess_volume, select_slices
+from medsearch.io import load_volume, scan
+from medsearch.transforms import (
+    AntiAliasedResize,
+    PercentileScale,
+    _percentiles,
+    build_slice_transform,
+    make_thumbnail,
+    preprocess_volume,
+    select_slices,
+)
 
 
 def _ct_hu() -> np.ndarray:
@@ -93,3 +119,166 @@ def test_preprocess_volume_for_2d_and_3d_encoders():
     out3d = preprocess_volume(vol, config=cfg, modality="CT", rgb=False, spatial_dims=3, channels=1,
                               mean=[0.0], std=[1.0], volume_shape=(8, 16, 16))
     assert out3d.shape == (1, 1, 8, 16, 16)
+
+
+# -- the fast forms of MONAI transforms give MONAI's output ---------------------------------------------
+
+SAMPLE_CT = sorted((Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample" / "tcga-luad-ct").glob("*.dcm"))
+# (file, where it comes from): pydicom's test files, pydicom-data's radiographs, the bundled sample
+REAL_IMAGES = [
+    ("CT_small.dcm", "pydicom"),
+    ("MR_small.dcm", "pydicom"),
+    ("US1_UNCR.dcm", "pydicom"),  # RGB
+    ("RG1_UNCI.dcm", "pydicom-data"),  # CR, 1955 x 1841: numpy percentiles in MONAI
+    ("RG3_UNCI.dcm", "pydicom-data"),
+    (SAMPLE_CT[0].name, "sample"),
+    (SAMPLE_CT[1].name, "sample"),
+]
+
+
+def _real_image(name: str, source: str) -> tuple[np.ndarray, bool]:
+    """A real image as the loader gives it, ``(H, W)`` or ``(H, W, 3)`` float32, and whether it is RGB."""
+    if source == "sample":
+        path = next(p for p in SAMPLE_CT if p.name == name)
+    else:
+        path = get_testdata_file(name)
+        if path is None:
+            pytest.skip(f"{name} is in {source}, which is not installed")
+    volume, _ = load_volume(scan([Path(path)]).cases[0])
+    return volume.pixels[0], volume.rgb
+
+
+def _channel_first(image: np.ndarray, rgb: bool) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(image, -1, 0) if rgb else image[np.newaxis])
+
+
+def _monai_slice_transform(config: PreprocessConfig, *, modality: str, rgb: bool) -> Compose:
+    """build_slice_transform as it was with MONAI's own percentile scaling and resize (3 channels)."""
+    if modality == "CT":
+        center, width = config.ct_window
+        scale = ScaleIntensityRange(a_min=center - width / 2, a_max=center + width / 2, b_min=0.0, b_max=1.0, clip=True)
+    else:
+        scale = ScaleIntensityRangePercentiles(lower=config.percentiles[0], upper=config.percentiles[1], b_min=0.0, b_max=1.0, clip=True)
+    steps = [
+        EnsureChannelFirst(channel_dim=-1 if rgb else "no_channel"),
+        scale,
+        Resize(spatial_size=config.size, size_mode="longest", mode="bilinear", anti_aliasing=True),
+        SpatialPad(spatial_size=(config.size, config.size)),
+        EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+    ]
+    if not rgb:
+        steps.append(RepeatChannel(repeats=3))
+    steps.append(NormalizeIntensity(subtrahend=[0.5] * 3, divisor=[0.5] * 3, channel_wise=True))
+    return Compose(steps)
+
+
+@pytest.mark.parametrize(("name", "source"), REAL_IMAGES)
+@pytest.mark.parametrize("size", [224, 96])
+def test_slice_transform_matches_monai_on_real_images(name, source, size):
+    image, rgb = _real_image(name, source)
+    config = PreprocessConfig(size=size)
+    for modality in ("CT", "CR") if not rgb else ("US",):
+        ours = build_slice_transform(config, modality=modality, rgb=rgb)(image)
+        monai = torch.as_tensor(_monai_slice_transform(config, modality=modality, rgb=rgb)(image))
+        assert ours.shape == monai.shape
+        assert float((ours - monai).abs().max()) < 1e-5, modality
+
+
+@pytest.mark.parametrize(("name", "source"), REAL_IMAGES)
+def test_percentile_scale_matches_monai_on_real_images(name, source):
+    image, rgb = _real_image(name, source)
+    data = _channel_first(image, rgb)
+    ours = PercentileScale(1.0, 99.0)(data)
+    monai = torch.as_tensor(ScaleIntensityRangePercentiles(1.0, 99.0, 0.0, 1.0, clip=True)(torch.as_tensor(data)))
+    assert float((ours - monai).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize(("name", "source"), REAL_IMAGES)
+@pytest.mark.parametrize("size", [224, 96, 300])
+def test_anti_aliased_resize_matches_monai_on_real_images(name, source, size):
+    image, rgb = _real_image(name, source)
+    data = PercentileScale(1.0, 99.0)(_channel_first(image, rgb))
+    ours = AntiAliasedResize(size)(data)
+    monai = torch.as_tensor(Resize(size, size_mode="longest", mode="bilinear", anti_aliasing=True)(data))
+    assert ours.shape == monai.shape
+    assert float((ours - monai).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize(("name", "source"), REAL_IMAGES)
+def test_thumbnail_is_unchanged(name, source):
+    image, rgb = _real_image(name, source)
+    config = PreprocessConfig()
+    gray = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if rgb else image
+    old = Compose([
+        EnsureChannelFirst(channel_dim="no_channel"),
+        ScaleIntensityRangePercentiles(lower=1.0, upper=99.0, b_min=0.0, b_max=1.0, clip=True),
+        Resize(spatial_size=96, size_mode="longest", mode="area"),
+        SpatialPad(spatial_size=(96, 96)),
+        EnsureType(data_type="numpy", dtype=np.float32, track_meta=False),
+    ])(gray)
+    expected = np.clip(np.rint(np.asarray(old)[0] * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(make_thumbnail(image[np.newaxis], config=config, modality="CR", rgb=rgb, size=96), expected)
+
+
+def _ties(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 4, n).astype(np.float32)
+
+
+def _mostly_zero(n: int, rng: np.random.Generator) -> np.ndarray:
+    out = np.zeros(n, dtype=np.float32)
+    out[: n // 50] = rng.normal(size=n // 50) * 100
+    return out
+
+
+def _sorted(n: int, rng: np.random.Generator) -> np.ndarray:  # a strided sample of it is not random
+    return np.sort(rng.exponential(size=n) * 1000).astype(np.float32)
+
+
+def _with_nan(n: int, rng: np.random.Generator) -> np.ndarray:
+    out = rng.normal(size=n).astype(np.float32)
+    out[n // 3] = np.nan
+    return out
+
+
+def _with_inf(n: int, rng: np.random.Generator) -> np.ndarray:
+    out = rng.normal(size=n).astype(np.float32)
+    out[n // 3] = np.inf
+    return out
+
+
+# arrays on both sides of MONAI's switch from torch.quantile to numpy at a million values
+PERCENTILE_CASES = [
+    (make, n, q)
+    for make in (_ties, _mostly_zero, _sorted, _with_nan, _with_inf)
+    for n in (37, 150_000, 1_000_000, 1_000_001, 2_500_000)
+    for q in ((1.0, 99.0), (0.0, 100.0), (37.5, 62.5))
+]
+
+
+@pytest.mark.parametrize(("make", "n", "q"), PERCENTILE_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_percentiles_are_monais(make, n, q):
+    data = make(n, np.random.default_rng(n))
+    tensor = torch.as_tensor(data)
+    expected = [float(monai_percentile(tensor, v)) for v in q]
+    np.testing.assert_array_equal(_percentiles(data, q).astype(np.float32), np.array(expected, dtype=np.float32))
+
+
+BAD_FAST_TRANSFORMS = [
+    (lambda: PercentileScale(99.0, 1.0), ValueError, "0 <= lower <= upper <= 100"),
+    (lambda: PercentileScale(-1.0, 50.0), ValueError, "0 <= lower <= upper <= 100"),
+    (lambda: AntiAliasedResize(0), ValueError, "size must be at least 1"),
+    (lambda: AntiAliasedResize(8)(np.zeros((16, 16), dtype=np.float32)), ValueError, r"\(C, H, W\) image"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_FAST_TRANSFORMS)
+def test_fast_transforms_reject_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_percentile_scale_of_a_flat_image_is_what_monai_gives():
+    flat = np.full((1, 20, 20), 7.0, dtype=np.float32)
+    with pytest.warns(Warning, match="Divide by zero"):
+        monai = ScaleIntensityRangePercentiles(1.0, 99.0, 0.0, 1.0, clip=True)(torch.as_tensor(flat))
+    assert torch.equal(PercentileScale(1.0, 99.0)(flat), torch.as_tensor(monai))
