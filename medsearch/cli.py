@@ -177,11 +177,14 @@ def query(
 def info(
     index_dir: Path = typer.Argument(..., help="Index directory."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Hash every data file and compare it with the manifest (reads the whole index)."
+    ),
 ) -> None:
     """Show what an index holds: case counts, encoder, metric, preprocessing, labels."""
     from medsearch.search import index_info
 
-    data = index_info(index_dir)
+    data = index_info(index_dir, verify=verify)
     if as_json:
         _print_json(data)
         return
@@ -201,6 +204,8 @@ def info(
         _out.print(f"labels: {', '.join(data['label_columns'])}", highlight=False)
     for field, counts in data["tallies"].items():
         _out.print(f"{field}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+    if data["verified"]:
+        _out.print(f"checksums: all {len(data['verified'])} data file(s) match the manifest", highlight=False)
     if data.get("last_run"):
         run = data["last_run"]
         _out.print(

@@ -24,7 +24,7 @@ from typing import Any
 
 from medsearch.deid import CASE_METADATA_KEYS
 from medsearch.errors import ConfigError, MedsearchError
-from medsearch.store import MANIFEST, IndexStore
+from medsearch.store import MANIFEST, VERIFIED_CACHE, IndexStore
 
 __all__ = ["LinkTable", "ExportReport", "NotShareableError", "export_index", "shareability_problems"]
 
@@ -180,7 +180,8 @@ def export_index(
 
     The copy holds the manifest (local paths removed), the faiss index and the case table, and the
     thumbnails only with ``with_thumbnails`` (source pixels may carry burned-in text, which is the
-    archive's to clean). The skip report (local file paths) stays behind.
+    archive's to clean). The skip report (local file paths) and the local caches (which files were
+    read or verified on this machine) stay behind. The copy is checked against every checksum.
 
     Raises
     ------
@@ -207,12 +208,16 @@ def export_index(
             report.files.append(entry["name"])
         for path in source.iterdir():
             if path.name not in report.files and path.name != MANIFEST and path.name not in report.left_out and path.is_file():
-                report.left_out[path.name] = "local report or lock file"
+                report.left_out[path.name] = (
+                    "local checksum cache (this machine's file ids)" if path.name == VERIFIED_CACHE
+                    else "local report, cache or lock file"
+                )
         manifest["files"] = files
         manifest = _without_local_paths(manifest)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
         report.files.append(MANIFEST)
-        IndexStore.open(staging)  # the copy must load and match its checksums
+        IndexStore.open(staging, verify=True)  # the copy must load and match its checksums
+        (staging / VERIFIED_CACHE).unlink(missing_ok=True)  # written by that check; local to this machine
         destination.parent.mkdir(parents=True, exist_ok=True)
         if destination.exists():
             destination.rmdir()

@@ -9,10 +9,22 @@ Layout of an index directory::
     cases-<gen>.csv        one row per case: pseudonymous case id and allow-listed metadata
     thumbs-<gen>.npy       optional: one small uint8 gray thumbnail per case, for result sheets
     <extra files>          reports written with a commit (skip report, run summary)
+    local-verified.json    which data files were checked against their SHA-256 on this machine
+                           (see :class:`_VerifiedFiles`); local, left behind by an export
 
 Every commit writes a new generation of data files, fsyncs them, and then replaces ``manifest.json``
 atomically; the generation before is kept until the next commit. A reader therefore always sees a
-complete old or new state, and a run killed mid-write leaves the previous index intact.
+complete old or new state, and a run killed mid-write leaves the previous index intact. The faiss
+index streams to its file (``faiss.write_index``), and loads from it (``faiss.read_index``), so
+neither holds a second copy of the index in memory.
+
+Opening an index checks every data file's size against the manifest, always, and its SHA-256 when
+the file is not known to be verified: :class:`_VerifiedFiles` remembers files whose checksum
+matched, by size, modification and change time and inode, so that a query on an unchanged index
+of millions of cases does not read gigabytes to hash them. A file written or replaced since (even
+with the same size) is hashed again. ``IndexStore.open(path, verify=True)`` (``medsearch info
+--verify``) hashes every file regardless, which also catches damage that left the file's times
+alone (a failing disk).
 
 Distances: for the ``cosine`` metric the store keeps L2-normalized vectors in an inner-product index
 and reports ``distance = 1 - cosine similarity``; for ``l2`` it reports the Euclidean distance. In
@@ -68,6 +80,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: owner-only, local to this machine: data files whose SHA-256 was checked here (see _VerifiedFiles)
+VERIFIED_CACHE = "local-verified.json"
 _GENERATIONS_KEPT = 2
 
 #: ``auto`` searches exactly while the vectors take at most this much memory: a flat query reads
@@ -91,6 +105,11 @@ _EXACT_FILTER_MAX = 4096  # a filter matching at most this many cases is searche
 _MAX_WIDEN = 64  # a filtered approximate search widens ef_search / nprobe up to this factor
 _MASKS_CACHED = 16
 _DEFAULTS = IndexConfig()
+_HASH_BLOCK = 1 << 24
+# A file modified within this long after it was hashed could keep its modification time (file
+# systems stamp times at a coarse tick: ~10 ms on Linux, 1 s on ext3, 2 s on FAT); a verification
+# made that soon after the last write is not trusted (git calls such entries "racily clean").
+_RACY_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -188,8 +207,11 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path) -> IndexStore:
+    def open(cls, path: str | Path, *, verify: bool = False) -> IndexStore:
         """Load an index directory, checking every file against the manifest (see :meth:`_open_once`).
+
+        Sizes are always checked; a file's SHA-256 is computed when this machine has not verified
+        the file as it is now (:class:`_VerifiedFiles`), or for every file with ``verify``.
 
         A writer that commits twice while this reads removes the files of the manifest it read; then
         the new manifest is read, so that a reader sees the old or the new state, and no error.
@@ -202,14 +224,14 @@ class IndexStore:
         while True:
             generation = read_manifest(path).get("generation")
             try:
-                return cls._open_once(path)
+                return cls._open_once(path, verify=verify)
             except IndexCorruptError:
                 if retries == 0 or read_manifest(path).get("generation") == generation:
                     raise
                 retries -= 1
 
     @classmethod
-    def _open_once(cls, path: str | Path) -> IndexStore:
+    def _open_once(cls, path: str | Path, *, verify: bool = False) -> IndexStore:
         """Load an index directory, checking every file against the manifest.
 
         Raises
@@ -225,16 +247,18 @@ class IndexStore:
         files = manifest.get("files", {})
         if "vectors" not in files or "cases" not in files:
             raise IndexCorruptError(f"{path / MANIFEST} lists no vectors or cases file; rebuild the index")
-        vectors = _read_checked(path, files["vectors"])
-        cases_bytes = _read_checked(path, files["cases"])
+        verified = _VerifiedFiles(path)
+        vectors_path = _check_file(path, files["vectors"], verified, full=verify)
+        cases_bytes = _read_checked(path, files["cases"], verified, full=verify)
         try:
-            index = faiss.deserialize_index(np.frombuffer(vectors, dtype=np.uint8))
+            index = faiss.read_index(str(vectors_path))
         except RuntimeError as e:
-            raise IndexCorruptError(f"{path / files['vectors']['name']} is not a readable faiss index; rebuild the index") from e
+            raise IndexCorruptError(f"{vectors_path} is not a readable faiss index; rebuild the index") from e
         cases = pd.read_csv(StringIO(cases_bytes.decode("utf-8")), dtype={"case_id": str}, keep_default_na=True)
+        del cases_bytes
         thumbnails = None
         if "thumbnails" in files:
-            thumbnails = np.load(BytesIO(_read_checked(path, files["thumbnails"])), allow_pickle=False)
+            thumbnails = np.load(BytesIO(_read_checked(path, files["thumbnails"], verified, full=verify)), allow_pickle=False)
             if len(thumbnails) != len(cases):
                 raise IndexCorruptError(
                     f"{path}: {len(thumbnails)} thumbnails for {len(cases)} cases; rebuild the index"
@@ -255,9 +279,18 @@ class IndexStore:
                 f"{files['vectors']['name']} holds a {_kind_of(index).value} one; rebuild the index"
             )
         raw = None
+        raw_checked = False
         if kind is IndexType.IVFPQ:
             raw = _open_raw(path, files.get("raw"), rows=len(cases), dim=int(manifest["dim"]))
-        return cls(path, manifest, index, cases, thumbnails, raw)
+            # the exact vectors are read in part for re-ranking; their checksum waits for a whole read
+            # (IndexStore.vectors, a rebuild), unless this machine verified them already or verify is asked
+            if verify:
+                _check_file(path, files["raw"], verified, full=True)
+            raw_checked = verify or verified.known(path / files["raw"]["name"], files["raw"])
+        verified.save(keep={entry["name"] for entry in files.values()})
+        store = cls(path, manifest, index, cases, thumbnails, raw)
+        store._raw_checked = store._raw_checked or raw_checked
+        return store
 
     @classmethod
     def open_or_create(cls, path: str | Path, **create_args: Any) -> IndexStore:
@@ -567,15 +600,9 @@ class IndexStore:
     def _check_raw(self) -> None:
         if self._raw_checked:
             return
-        entry = self.manifest["files"].get("raw", {})
-        digest = hashlib.sha256()
-        with open(self.path / str(entry.get("name", "")), "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry.get("sha256"):
-            raise IndexCorruptError(
-                f"index file {self.path / str(entry.get('name'))} does not match its checksum in the manifest; rebuild the index"
-            )
+        verified = _VerifiedFiles(self.path)
+        _check_file(self.path, self.manifest["files"].get("raw", {}), verified, full=True)
+        verified.save(keep={entry["name"] for entry in self.manifest["files"].values()})
         self._raw_checked = True
 
     def _write_raw(self, name: str) -> dict[str, Any]:
@@ -723,12 +750,12 @@ class IndexStore:
         self.rebuild()
         self.path.mkdir(parents=True, exist_ok=True)
         generation = int(self.manifest.get("generation", 0)) + 1
-        vectors = faiss.serialize_index(self.index).tobytes()
         cases = self.cases.to_csv(index=False).encode("utf-8")
         files = {
-            "vectors": _write_file(self.path, f"vectors-{generation:06d}.faiss", vectors),
+            "vectors": _write_index(self.path, f"vectors-{generation:06d}.faiss", self.index),
             "cases": _write_file(self.path, f"cases-{generation:06d}.csv", cases),
         }
+        del cases
         if self.thumbnails is not None:
             buffer = BytesIO()
             np.save(buffer, self.thumbnails, allow_pickle=False)
@@ -934,8 +961,67 @@ def _write_file(folder: Path, name: str, data: bytes | Iterable[bytes | memoryvi
     return {"name": name, "bytes": size, "sha256": digest.hexdigest()}
 
 
-def _read_checked(folder: Path, entry: Mapping[str, Any]) -> bytes:
+def _write_index(folder: Path, name: str, index: faiss.Index) -> dict[str, Any]:
+    """Write a faiss index to ``folder/name`` as :func:`_write_file` does, streaming: faiss writes
+    the file itself, and it is hashed from the disk in blocks (never a serialized copy in memory)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+            digest, size = _sha256_of(f)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    return {"name": name, "bytes": size, "sha256": digest}
+
+
+def _sha256_of(f: Any) -> tuple[str, int]:
+    """SHA-256 and length of what an open binary file holds from its position on, read in blocks."""
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
+
+
+def _check_size(folder: Path, entry: Mapping[str, Any]) -> tuple[Path, os.stat_result]:
     path = folder / str(entry.get("name", ""))
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise IndexCorruptError(f"index file {path} is missing or unreadable; rebuild the index") from e
+    if st.st_size != entry.get("bytes"):
+        raise IndexCorruptError(
+            f"index file {path} has {st.st_size} bytes, the manifest says {entry.get('bytes')} (truncated?); rebuild the index"
+        )
+    return path, st
+
+
+def _check_file(folder: Path, entry: Mapping[str, Any], verified: _VerifiedFiles, *, full: bool) -> Path:
+    """The path of a data file whose size matches the manifest, and whose SHA-256 does too: hashed
+    here from the disk in blocks, unless ``verified`` knows the file unchanged since it was (and not
+    ``full``)."""
+    started = time.time_ns()
+    path, st = _check_size(folder, entry)
+    if full or not verified.known(path, entry, st):
+        try:
+            with open(path, "rb") as f:
+                digest, _ = _sha256_of(f)
+        except OSError as e:
+            raise IndexCorruptError(f"index file {path} is missing or unreadable; rebuild the index") from e
+        _check_digest(path, entry, digest)
+        verified.remember(path, entry, st, started)
+    return path
+
+
+def _read_checked(folder: Path, entry: Mapping[str, Any], verified: _VerifiedFiles, *, full: bool) -> bytes:
+    """The bytes of a (small) data file, checked as :func:`_check_file` does."""
+    started = time.time_ns()
+    path, st = _check_size(folder, entry)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -944,9 +1030,99 @@ def _read_checked(folder: Path, entry: Mapping[str, Any]) -> bytes:
         raise IndexCorruptError(
             f"index file {path} has {len(data)} bytes, the manifest says {entry.get('bytes')} (truncated?); rebuild the index"
         )
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise IndexCorruptError(f"index file {path} does not match its checksum in the manifest; rebuild the index")
+    if full or not verified.known(path, entry, st):
+        _check_digest(path, entry, hashlib.sha256(data).hexdigest())
+        verified.remember(path, entry, st, started)
     return data
+
+
+def _check_digest(path: Path, entry: Mapping[str, Any], digest: str) -> None:
+    if digest != entry.get("sha256"):
+        raise IndexCorruptError(f"index file {path} does not match its checksum in the manifest; rebuild the index")
+
+
+class _VerifiedFiles:
+    """The data files of an index folder whose SHA-256 matched the manifest on this machine.
+
+    A small JSON file in the folder (:data:`VERIFIED_CACHE`), created owner-only. Each entry is a
+    data file's name (``vectors-000003.faiss``: nothing about a case) with its size, modification
+    and change times, inode, the SHA-256 it was found to have, and when that was checked. A file
+    counts as verified while all of these still match, its checksum is still the manifest's, and
+    the check came at least :data:`_RACY_NS` after the file's last modification (a write within the
+    same clock tick could leave the time unchanged). Inodes and change times do not survive a copy,
+    so a copied folder is hashed again; :func:`medsearch.sharing.export_index` leaves the file behind.
+    A cache that is missing, damaged, or another user's is ignored (every file is then hashed);
+    deleting it only makes the next open hash every file.
+    """
+
+    _FORMAT = "medsearch-verified-files"
+    _VERSION = 1
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / VERIFIED_CACHE
+        self.entries = self._read()
+        self._changed = False
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                if hasattr(os, "getuid") and os.fstat(f.fileno()).st_uid != os.getuid():
+                    return {}  # someone else's claims are not evidence
+                data = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("format") != self._FORMAT or data.get("version") != self._VERSION:
+            return {}
+        files = data.get("files")
+        return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+
+    @staticmethod
+    def _key(st: os.stat_result) -> dict[str, int]:
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+    def known(self, path: Path, entry: Mapping[str, Any], st: os.stat_result | None = None) -> bool:
+        """Whether ``path`` is verified as it is now, with the checksum ``entry`` (from the manifest) records."""
+        seen = self.entries.get(path.name)
+        if seen is None:
+            return False
+        try:
+            st = st or path.stat()
+        except OSError:
+            return False
+        return (
+            seen.get("sha256") == entry.get("sha256")
+            and all(seen.get(k) == v for k, v in self._key(st).items())
+            and isinstance(seen.get("checked_ns"), int)
+            and seen["checked_ns"] - st.st_mtime_ns >= _RACY_NS
+        )
+
+    def remember(self, path: Path, entry: Mapping[str, Any], st: os.stat_result, checked_ns: int) -> None:
+        """Record that ``path``, as ``st`` describes it, matched ``entry``'s checksum (hashing began at ``checked_ns``)."""
+        self.entries[path.name] = {**self._key(st), "sha256": entry.get("sha256"), "checked_ns": checked_ns}
+        self._changed = True
+
+    def save(self, *, keep: set[str]) -> None:
+        """Write the cache back with the entries of the files in ``keep`` (best effort: a read-only
+        folder only means hashing again next time)."""
+        kept = {name: v for name, v in self.entries.items() if name in keep}
+        if not self._changed and len(kept) == len(self.entries):
+            return
+        self.entries = kept
+        data = json.dumps({"format": self._FORMAT, "version": self._VERSION, "files": kept}, indent=1, sort_keys=True)
+        try:
+            # mkstemp creates the file owner-only (0o600)
+            fd, tmp = tempfile.mkstemp(prefix=f".{VERIFIED_CACHE}.", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            log.debug("could not update %s (%s); files will be hashed again at the next open", self.path, e)
+            return
+        self._changed = False
 
 
 def _drop_old_generations(folder: Path, current: int) -> None:

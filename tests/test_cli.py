@@ -59,6 +59,21 @@ def test_info_text_and_json(runner, sample_index):
     assert data["last_run"]["skipped_by_reason"] == {"duplicate": 1}
 
 
+def test_info_verify_hashes_every_file_and_names_a_damaged_one(runner, sample_index, tmp_path):
+    copy = tmp_path / "index"
+    shutil.copytree(sample_index, copy)
+    ok = runner.invoke(app, ["info", str(copy), "--verify"])
+    assert ok.exit_code == 0 and "checksums: all 3 data file(s) match the manifest" in ok.output
+    data = json.loads(runner.invoke(app, ["info", str(copy), "--verify", "--json"]).stdout)
+    assert any(name.startswith("vectors-") for name in data["verified"])
+    cases = next(copy.glob("cases-*.csv"))
+    text = bytearray(cases.read_bytes())
+    text[-2] = ord("x") if text[-2] != ord("x") else ord("y")
+    cases.write_bytes(bytes(text))
+    bad = runner.invoke(app, ["info", str(copy), "--verify"])
+    assert bad.exit_code == 2 and f"{cases.name} does not match its checksum" in bad.stderr
+
+
 def test_index_summary_and_json(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSEARCH_KEY_FILE", str(tmp_path / "keys" / "site.key"))
     archive = tmp_path / "archive"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import faiss
 import numpy as np
@@ -415,3 +416,21 @@ def test_cli_bad_where_is_one_line_and_exit_2(sample_index, where, message):
     result = CliRunner().invoke(app, ["query", str(QUERY), "--index", str(sample_index), "--where", where])
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_raw_vectors_verified_once_are_not_hashed_at_every_open(stores, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stores["ivfpq"].path, copy)
+    raw = copy / json.loads((copy / MANIFEST).read_text())["files"]["raw"]["name"]
+    old = raw.stat().st_mtime_ns - 3600 * 10**9  # written long ago: its times can be trusted
+    os.utime(raw, ns=(old, old))
+    assert not IndexStore.open(copy)._raw_checked  # unknown here: hashed when first read whole
+    IndexStore.open(copy).vectors()
+    hashed = []
+    monkeypatch.setattr(store_module, "_check_digest", lambda path, entry, digest: hashed.append(path.name))
+    store = IndexStore.open(copy)
+    assert store._raw_checked and raw.name not in hashed
+    IndexStore.open(copy, verify=True)
+    assert raw.name in hashed

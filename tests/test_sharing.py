@@ -12,7 +12,7 @@ from medsearch.cli import app
 from medsearch.errors import ConfigError
 from medsearch.search import build_index, query
 from medsearch.sharing import LinkTable, NotShareableError, export_index, shareability_problems
-from medsearch.store import IndexStore
+from medsearch.store import VERIFIED_CACHE, IndexStore
 
 from conftest import SAMPLE
 
@@ -68,6 +68,9 @@ def test_export_copies_only_what_is_shareable(linked_index, tmp_path):
     copy = IndexStore.open(tmp_path / "copy")
     assert len(copy) == 12 and copy.thumbnails is None
     assert query(QUERY, tmp_path / "copy", k=1).results[0].distance < 1e-4
+    # the local checksum cache (this machine's file ids) stays behind, and the check of the copy leaves none
+    assert (linked_index / "index" / VERIFIED_CACHE).exists() and "checksum cache" in report.left_out[VERIFIED_CACHE]
+    assert VERIFIED_CACHE not in names
     with_thumbs = export_index(linked_index / "index", tmp_path / "copy2", with_thumbnails=True)
     assert any(n.startswith("thumbs") for n in with_thumbs.files)
 

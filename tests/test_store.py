@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import faiss
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
 from medsearch.errors import EncoderMismatchError, IndexCorruptError, IndexNotFoundError
-from medsearch.store import MANIFEST, IndexStore
+from medsearch.store import MANIFEST, VERIFIED_CACHE, IndexStore
 
 ENCODER = {"name": "test-encoder", "dim": 16, "weights_sha256": "ab" * 32}
 PREPROCESS = {"size": 224, "slices": 5}
@@ -165,3 +166,123 @@ def test_bad_shapes_are_refused(tmp_path):
     with pytest.raises(FileExistsError):
         store.commit()
         IndexStore.create(tmp_path / "ix", dim=16, encoder=ENCODER, preprocess=PREPROCESS)
+
+
+# -- checksums at open: sizes always, SHA-256 unless this machine verified the file as it is ------------------
+
+def _age(path, seconds=3600):
+    """Date the data files back, as files written long ago (a fresh write is not trusted at once)."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    for entry in manifest["files"].values():
+        old = (path / entry["name"]).stat().st_mtime_ns - seconds * 10**9
+        os.utime(path / entry["name"], ns=(old, old))
+    return manifest
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The names of the data files hashed from disk or memory during a test."""
+    import medsearch.store as store_module
+
+    names: list[str] = []
+    real_check = store_module._check_digest
+
+    def spy(path, entry, digest):
+        names.append(path.name)
+        return real_check(path, entry, digest)
+
+    monkeypatch.setattr(store_module, "_check_digest", spy)
+    return names
+
+
+def test_an_unchanged_index_is_hashed_once(tmp_path, hashed):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    manifest = _age(path)
+    IndexStore.open(path)
+    assert sorted(hashed) == sorted(e["name"] for e in manifest["files"].values())
+    hashed.clear()
+    IndexStore.open(path)
+    assert hashed == []
+    IndexStore.open(path, verify=True)  # verify: hashed regardless
+    assert sorted(hashed) == sorted(e["name"] for e in manifest["files"].values())
+
+
+def test_a_file_checked_soon_after_its_last_write_is_hashed_again(tmp_path, hashed, monkeypatch):
+    import medsearch.store as store_module
+
+    path = tmp_path / "ix"
+    _store(path).commit()
+    _age(path, seconds=3600)
+    monkeypatch.setattr(store_module, "_RACY_NS", 7200 * 10**9)  # as if written a clock tick before the check
+    IndexStore.open(path)
+    IndexStore.open(path)
+    assert len(hashed) == 4  # vectors and cases, twice: a write in the same tick could keep the time
+
+
+def test_a_same_size_change_is_caught_when_the_file_time_changes(tmp_path):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    manifest = _age(path)
+    IndexStore.open(path)  # verified and remembered
+    vectors = path / manifest["files"]["vectors"]["name"]
+    data = vectors.read_bytes()
+    vectors.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    stamp = vectors.stat().st_mtime_ns - 1800 * 10**9  # an old time, but not the remembered one
+    os.utime(vectors, ns=(stamp, stamp))
+    with pytest.raises(IndexCorruptError, match=r"vectors-000001\.faiss does not match its checksum"):
+        IndexStore.open(path)
+
+
+def test_a_truncated_file_is_caught_even_when_verified_before(tmp_path, hashed):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    manifest = _age(path)
+    IndexStore.open(path)
+    cases = path / manifest["files"]["cases"]["name"]
+    stat = cases.stat()
+    with open(cases, "r+b") as f:
+        f.truncate(stat.st_size - 10)
+    os.utime(cases, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its old time back
+    with pytest.raises(IndexCorruptError, match=r"cases-000001\.csv has .* bytes.*truncated"):
+        IndexStore.open(path)
+
+
+def test_the_verified_cache_is_owner_only_and_holds_no_identifying_data(tmp_path):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    manifest = _age(path)
+    IndexStore.open(path)
+    cache = path / VERIFIED_CACHE
+    assert cache.stat().st_mode & 0o077 == 0
+    text = cache.read_text()
+    data = json.loads(text)
+    names = {e["name"] for e in manifest["files"].values()}
+    assert set(data["files"]) == names
+    for entry in data["files"].values():
+        assert set(entry) == {"size", "mtime_ns", "ctime_ns", "inode", "sha256", "checked_ns"}
+    assert str(tmp_path) not in text and "c-0000" not in text and "CT" not in text
+
+
+def test_a_copied_folder_is_hashed_again(tmp_path, hashed):
+    import shutil
+
+    path = tmp_path / "ix"
+    _store(path).commit()
+    _age(path)
+    IndexStore.open(path)
+    shutil.copytree(path, tmp_path / "copy")  # keeps the times and the cache, not the inodes
+    hashed.clear()
+    IndexStore.open(tmp_path / "copy")
+    assert len(hashed) == 2
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": "other"}', b'{"format": "medsearch-verified-files", "version": 1, "files": 3}'])
+def test_a_damaged_cache_is_ignored(tmp_path, hashed, content):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    _age(path)
+    (path / VERIFIED_CACHE).write_bytes(content)
+    assert len(IndexStore.open(path)) == 50
+    assert len(hashed) == 2
+    assert json.loads((path / VERIFIED_CACHE).read_text())["format"] == "medsearch-verified-files"
