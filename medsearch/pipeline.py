@@ -29,6 +29,7 @@ process, through the same functions, with the same results.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medsearch.config import Config
+from medsearch.config import Config, SliceMode
 from medsearch.deid import SiteKey, case_id
 from medsearch.encoders import Encoder, EncoderInfo
 from medsearch.errors import MedsearchError
@@ -69,7 +70,7 @@ from medsearch.io import (
 )
 from medsearch.sharing import LinkTable
 from medsearch.store import IndexStore
-from medsearch.transforms import make_thumbnail, preprocess_volume
+from medsearch.transforms import axial_indices, make_thumbnail, preprocess_volume
 
 __all__ = [
     "FILE_STATE",
@@ -252,12 +253,22 @@ class _Setup:
 
 
 def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
-    """Decode one case and make its encoder input, thumbnail and metadata row; never raises."""
+    """Decode one case and make its encoder input, thumbnail and metadata row; never raises.
+
+    With the default loader, a 2D encoder and axial slices, every file is read but only the slices
+    the encoder sees and the thumbnail's middle slice are decoded, chosen from the header geometry
+    (see :func:`~medsearch.io.load_volume`): the same slices as a full decode would give, unless a
+    file that was not selected has pixel data that would not decode, which is then not noticed
+    (and the file counts as part of its case).
+    """
     started = time.perf_counter()
     files = job.case.files
     try:
         case = job.case.open()
-        volume, bad = setup.load(case)
+        if setup.load is load_volume:
+            volume, bad = load_volume(case, select=_used_slices(setup.config, setup.encoder))
+        else:
+            volume, bad = setup.load(case)
     except LoadFailure as e:
         return FailedCase(job.case_id, _cover(files, list(e.skipped)), decode_s=time.perf_counter() - started)
     except (KeyboardInterrupt, SystemExit):
@@ -287,6 +298,19 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
         decode_s=decoded - started,
         preprocess_s=time.perf_counter() - decoded,
     )
+
+
+def _used_slices(config: Config, info: EncoderInfo) -> Callable[[int], list[int]] | None:
+    """Which slices of a stack of a given depth a case's preprocessing reads; None: all of them."""
+    if info.spatial_dims != 2 or config.preprocess.slice_mode is not SliceMode.AXIAL:
+        return None  # tri-planar images and 3D encoders see the whole volume
+    return functools.partial(_axial_and_middle, count=config.preprocess.slices, middle=bool(config.index.thumbnail_size))
+
+
+def _axial_and_middle(depth: int, *, count: int, middle: bool) -> list[int]:
+    """The axial slices an encoder sees, and the middle one the thumbnail shows."""
+    indices = axial_indices(depth, count=count)
+    return sorted({*indices, depth // 2}) if middle else indices
 
 
 def _cover(files: Sequence[Path], skipped: list[SkippedFile], detail: str = "") -> list[SkippedFile]:
@@ -885,7 +909,9 @@ def index_files(
         The site key: case ids, and the tokens the file-state cache keeps instead of UIDs.
     describe
         ``(case id, case, volume) -> row`` of the case table; it runs in the worker processes, so it
-        must be picklable (a module-level function or a ``functools.partial`` of one).
+        must be picklable (a module-level function or a ``functools.partial`` of one). With the
+        default loader, a 2D encoder and axial slices, only the slices listed in ``volume.decoded``
+        hold pixels (the volume has its full shape and spacing).
     commit
         ``(chunk, force) -> committed``: add a chunk to the store and commit it; with an empty chunk,
         commit only when ``force`` (else just write the reports).
@@ -912,7 +938,8 @@ def index_files(
     progress
         Show the live bar on stderr.
     load
-        The decoder (default :func:`~medsearch.io.load_volume`); picklable, like ``describe``.
+        The decoder (default :func:`~medsearch.io.load_volume`, which then decodes only the slices
+        the encoder and the thumbnail use, see :func:`prepare_case`); picklable, like ``describe``.
 
     Raises
     ------

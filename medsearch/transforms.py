@@ -44,6 +44,7 @@ __all__ = [
     "AntiAliasedResize",
     "ChannelAffine",
     "PercentileScale",
+    "axial_indices",
     "build_slice_transform",
     "build_volume_transform",
     "intensity_transform",
@@ -309,9 +310,24 @@ def select_slices(
             _square_pixels(coronal[::-1], sz, sx),
             _square_pixels(sagittal[::-1], sz, sy),
         ]
+    return [_square_pixels(pixels[i], sy, sx) for i in axial_indices(depth, count=count)]
+
+
+def axial_indices(depth: int, *, count: int) -> list[int]:
+    """The axial slices :func:`select_slices` picks in ``"axial"`` mode from a stack of ``depth``.
+
+    The centres of ``count`` equal parts of the stack (all slices when there are fewer). A loader
+    can call this with the depth alone, to decode only these slices.
+
+    Examples
+    --------
+    >>> axial_indices(8, count=5), axial_indices(3, count=5)
+    ([0, 2, 4, 5, 7], [0, 1, 2])
+    """
+    if depth < 1 or count < 1:
+        raise ValueError(f"depth and count must be at least 1, got {depth} and {count}")
     wanted = min(count, depth)
-    indices = sorted({int((i + 0.5) * depth / wanted) for i in range(wanted)})
-    return [_square_pixels(pixels[i], sy, sx) for i in indices]
+    return sorted({int((i + 0.5) * depth / wanted) for i in range(wanted)})
 
 
 def intensity_transform(config: PreprocessConfig, *, modality: str) -> ScaleIntensityRange | PercentileScale:

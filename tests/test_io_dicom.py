@@ -791,3 +791,124 @@ def test_io_layer_imports_no_torch_monai_or_faiss() -> None:
         if isinstance(node, ast.ImportFrom)
     }
     assert not imported & {"torch", "monai", "faiss"}
+
+
+# ---------------------------------------------------------------------------------------------
+# load_volume(select=...): only the slices that will be used are decoded, the same ones
+
+
+def _axial_and_middle(depth: int) -> list[int]:
+    """What the indexing pipeline asks for by default: 5 evenly spaced slices and the middle one."""
+    return sorted({int((i + 0.5) * depth / min(5, depth)) for i in range(min(5, depth))} | {depth // 2})
+
+
+def _same_used_slices(case: CaseRef) -> tuple:
+    """Load ``case`` whole and with select; check the selected load gives the same volume where it matters."""
+    full, full_skipped = load_volume(case)
+    part, part_skipped = load_volume(case, select=_axial_and_middle)
+    assert full.decoded is None
+    assert part.pixels.shape == full.pixels.shape and part.pixels.dtype == full.pixels.dtype
+    assert (part.spacing, part.modality, part.rgb) == (full.spacing, full.modality, full.rgb)
+    assert part_skipped == full_skipped
+    used = part.decoded if part.decoded is not None else range(full.pixels.shape[0])
+    for i in used:
+        np.testing.assert_array_equal(part.pixels[i], full.pixels[i])
+    return part, part_skipped
+
+
+def _sample_series(root: Path, order: list[int], *, duplicate: int | None = None) -> Path:
+    """A series of the bundled TCGA CT slice at 2.5 mm steps, files named in ``order``; a repeated position."""
+    src = sorted((Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample" / "tcga-luad-ct").glob("*.dcm"))[0]
+    base = pydicom.dcmread(src)
+    study, series = generate_uid(entropy_srcs=["sel", "study"]), generate_uid(entropy_srcs=["sel", "series"])
+    for name, z in enumerate(order):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["sel", str(name)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        position = duplicate if duplicate is not None and name == len(order) - 1 else z
+        ds.ImagePositionPatient = [0.0, 0.0, -100.0 + 2.5 * position]
+        ds.InstanceNumber = name + 1
+        pixels = ds.pixel_array.copy()
+        pixels[:8, :8] = z  # each slice different
+        ds.PixelData = pixels.tobytes()
+        _write(ds, root / f"f{name:02d}.dcm")
+    return root
+
+
+SELECT_SERIES = [
+    ("in order", list(range(8)), None),
+    ("shuffled", [5, 0, 7, 2, 6, 1, 4, 3, 9, 8, 11, 10], None),
+    ("a repeated position", list(range(9)), 3),
+]
+
+
+@pytest.mark.parametrize(("name", "order", "duplicate"), SELECT_SERIES, ids=[c[0] for c in SELECT_SERIES])
+def test_select_decodes_only_the_used_slices_of_a_sample_series(tmp_path: Path, name: str, order: list[int], duplicate: int | None) -> None:
+    result = scan(_sample_series(tmp_path / "series", order, duplicate=duplicate))
+    (case,) = result.cases
+    part, _ = _same_used_slices(case)
+    depth = len(set(order)) if duplicate is None else len(order) - 1
+    assert part.pixels.shape[0] == depth
+    assert part.decoded == tuple(_axial_and_middle(depth))
+    unused = [i for i in range(depth) if i not in part.decoded]
+    assert unused and not part.pixels[unused].any()  # never decoded
+
+
+SHARED_SERIES = ["ct-head-ge-gantry-tilt", "mr-ge-dwi", "mr-philips-fmri", "mr-toshiba-dti-partial",
+                 "mr-enhanced-multiframe", "mr-siemens-transfer-syntaxes", "tcga-luad-ct100"]
+
+
+@pytest.mark.parametrize("folder", SHARED_SERIES)
+def test_select_gives_the_slices_of_a_full_decode_on_real_series(shared_dicom: Path, folder: str) -> None:
+    result = scan(shared_dicom / folder)
+    partial = 0
+    for case in result.cases[:12]:
+        part, _ = _same_used_slices(case)
+        partial += part.decoded is not None and len(part.decoded) < part.pixels.shape[0]
+    if folder in ("ct-head-ge-gantry-tilt", "mr-philips-fmri", "mr-toshiba-dti-partial"):
+        assert partial  # long series of single-frame files: most slices were not decoded
+
+
+def test_select_leaves_multiframe_and_rgb_cases_whole() -> None:
+    for name in ("emri_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm"):
+        (case,) = scan([_testfile(name)]).cases
+        part, _ = _same_used_slices(case)
+        assert part.decoded is None, name
+
+
+def _break_pixels(path: Path) -> None:
+    """Make a file whose header and length read fine but whose pixel data does not decode."""
+    ds = pydicom.dcmread(path)
+    ds.BitsAllocated = 32  # twice the bytes the stored pixel data holds
+    ds.BitsStored = 32
+    ds.HighBit = 31
+    _write(ds, path)
+
+
+def test_a_broken_slice_that_is_not_used_stays_in_the_case(tmp_path: Path) -> None:
+    root = _sample_series(tmp_path / "series", list(range(8)))
+    unused = sorted(root.glob("*.dcm"))[1]  # stack position 1: not among 0, 2, 4, 5, 7
+    _break_pixels(unused)
+    (case,) = scan(root).cases
+    full, full_skipped = load_volume(case)
+    assert [s.path for s in full_skipped] == [unused] and full.pixels.shape[0] == 7
+    part, part_skipped = load_volume(case, select=_axial_and_middle)
+    # its pixels are not checked: it counts as part of the case, and the stack keeps its place
+    assert part_skipped == [] and part.pixels.shape[0] == 8 and part.decoded == (0, 2, 4, 5, 7)
+
+
+def test_a_broken_slice_that_is_used_makes_the_whole_case_decode(tmp_path: Path) -> None:
+    root = _sample_series(tmp_path / "series", list(range(8)))
+    used = sorted(root.glob("*.dcm"))[2]
+    _break_pixels(used)
+    (case,) = scan(root).cases
+    part, skipped = _same_used_slices(case)
+    assert [s.path for s in skipped] == [used] and skipped[0].reason in (SkipReason.DECODE_ERROR, SkipReason.TRUNCATED)
+    assert part.decoded is None and part.pixels.shape[0] == 7
+
+
+def test_select_indices_out_of_range_raise(tmp_path: Path) -> None:
+    (case,) = scan(_sample_series(tmp_path / "series", list(range(3)))).cases
+    with pytest.raises(ValueError, match=r"slice indices \[3\] for a stack of 3"):
+        load_volume(case, select=lambda depth: [depth])

@@ -31,7 +31,7 @@ from medsearch.cli import app
 from medsearch.deid import case_id
 from medsearch.encoders import load_encoder
 from medsearch.errors import IndexCorruptError
-from medsearch.io import SkipReason, find_files, load_volume, scan
+from medsearch.io import SkipReason, find_files, group_headers, load_volume, scan, summarize_file
 from medsearch.pipeline import FILE_STATE, IndexReport, index_files
 from medsearch.sharing import export_index, shareability_problems
 from medsearch.store import IndexStore
@@ -425,3 +425,70 @@ def test_slow_commits_are_spaced_out():
         clock["now"] += 1.0  # one case a second
     # not after every case: at least 10 x 2 s apart, so that commits take at most a tenth of the run
     assert commits[0] == 1 and all(n >= 10 for n in commits[1:]) and sum(commits) <= 50
+
+
+# -- only the slices that are used get decoded, and they are the same ------------------------------------
+
+
+def _load_whole(case):
+    """The loader without slice selection (a different function, so prepare_case decodes everything)."""
+    return load_volume(case)
+
+
+def _series_from_sample(root: Path, n: int) -> Path:
+    study, series = generate_uid(entropy_srcs=["used", "study"]), generate_uid(entropy_srcs=["used", "series"])
+    for i in range(n):
+        _derive(CT[i % len(CT)], root / f"slice{i:02d}.dcm", seed=f"used-{i}", study=study, series=series, z=float(3 * i))
+    return root
+
+
+def _prepared_both_ways(folder: Path, config: Config, encoder, key, limit: int = 4) -> list[tuple]:
+    """prepare_case on the first ``limit`` series of several files, with the default loader and whole."""
+    groups, _ = group_headers(summarize_file(p) for p in find_files(folder))
+    groups = [g for g in groups if len(g.files) > 1][:limit]
+    assert groups, f"no series of several files under {folder}"
+    describe = functools.partial(search._case_row, key=key, deid=search.DeidOptions(), labels=None, archive=folder)
+    out = []
+    for i, group in enumerate(groups):
+        job = pipeline.CaseJob(i, f"case-{i}", group)
+        used = pipeline.prepare_case(job, pipeline._Setup(config=config, encoder=encoder.info, describe=describe))
+        whole = pipeline.prepare_case(job, pipeline._Setup(config=config, encoder=encoder.info, describe=describe, load=_load_whole))
+        out.append((used, whole))
+    return out
+
+
+def _check_same(pairs, encoder) -> None:
+    for used, whole in pairs:
+        assert isinstance(used, pipeline.PreparedCase) and isinstance(whole, pipeline.PreparedCase)
+        np.testing.assert_array_equal(used.images, whole.images)
+        np.testing.assert_array_equal(used.thumbnail, whole.thumbnail)
+        assert used.row == whole.row and used.skipped == whole.skipped and used.n_files == whole.n_files
+        np.testing.assert_array_equal(encoder.embed(used.images), encoder.embed(whole.images))
+
+
+@pytest.mark.parametrize("slices", [5, 3])
+def test_decoding_only_the_used_slices_gives_the_same_vectors_on_a_sample_series(tmp_path, sample_key, slices):
+    config = Config().replace(preprocess={"slices": slices})
+    encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
+    _check_same(_prepared_both_ways(_series_from_sample(tmp_path / "series", 11), config, encoder, sample_key), encoder)
+
+
+def test_decoding_only_the_used_slices_gives_the_same_vectors_on_a_real_series(shared_dicom, sample_key):
+    config = Config()
+    encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
+    for folder in ("ct-head-ge-gantry-tilt", "mr-philips-fmri"):
+        _check_same(_prepared_both_ways(shared_dicom / folder, config, encoder, sample_key, limit=2), encoder)
+
+
+@pytest.mark.parametrize(("preprocess", "spatial_dims", "expected"), [
+    ({"slices": 5}, 2, [0, 2, 4, 5, 7]),
+    ({"slices": 3}, 2, [1, 4, 6]),  # 4: the thumbnail's middle slice
+    ({"slice_mode": "triplanar"}, 2, None),
+    ({"slices": 5}, 3, None),
+])
+def test_used_slices_follow_the_preprocessing(preprocess, spatial_dims, expected):
+    config = Config().replace(preprocess=preprocess)
+    info = load_encoder(FAST.encoder, input_size=64).info
+    info = type(info)(**{**info.__dict__, "spatial_dims": spatial_dims})
+    select = pipeline._used_slices(config, info)
+    assert (select(8) if select is not None else None) == expected

@@ -23,7 +23,7 @@ import math
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,12 +85,18 @@ class CaseRef:
 
 @dataclass
 class Volume:
-    """Decoded pixels of one case: float32, (Z, H, W) gray or (Z, H, W, 3) RGB."""
+    """Decoded pixels of one case: float32, (Z, H, W) gray or (Z, H, W, 3) RGB.
+
+    ``decoded`` is None when every slice was decoded. A volume loaded with ``load_volume(case,
+    select=...)`` has the full shape, but only the slices listed in ``decoded`` hold pixels; the
+    others are zero.
+    """
 
     pixels: np.ndarray
     spacing: tuple[float, float, float]
     modality: str
     rgb: bool
+    decoded: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -734,7 +740,7 @@ def _split(key: tuple[str, str], entries: list[HeaderSummary]) -> list[CaseFiles
 class _Image:
     """One decoded 2D image (a file, or one frame of a multi-frame file) and its geometry."""
 
-    pixels: np.ndarray  # (H, W) or (H, W, 3) float32
+    pixels: np.ndarray | None  # (H, W) or (H, W, 3) float32; None: not decoded (yet)
     position: np.ndarray | None
     orientation: np.ndarray | None
     order: tuple[float, float, int, int]  # InstanceNumber, AcquisitionNumber, file, frame
@@ -867,14 +873,15 @@ def _decode(ds: Dataset) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _images(ds: Dataset, pixels: np.ndarray, file_index: int) -> list[_Image]:
+def _images(ds: Dataset, pixels: np.ndarray | None, file_index: int) -> list[_Image]:
+    """The images of one file, with their geometry; ``pixels`` None: one image, not decoded."""
     instance = _int(_get(ds, "InstanceNumber"), -1)
     acquisition = _int(_get(ds, "AcquisitionNumber"), -1)
     rank = (
         float(instance) if instance >= 0 else math.inf,
         float(acquisition) if acquisition >= 0 else math.inf,
     )
-    n = pixels.shape[0]
+    n = 1 if pixels is None else pixels.shape[0]
     images = []
     for i in range(n):
         position = orientation = None
@@ -889,7 +896,7 @@ def _images(ds: Dataset, pixels: np.ndarray, file_index: int) -> list[_Image]:
             # A classic multi-frame file has one position for all its frames: not per frame.
             position = _floats(_get(ds, "ImagePositionPatient"), 3)
             orientation = _floats(_get(ds, "ImageOrientationPatient"), 6)
-        images.append(_Image(pixels[i], position, orientation, (*rank, file_index, i)))
+        images.append(_Image(None if pixels is None else pixels[i], position, orientation, (*rank, file_index, i)))
     return images
 
 
@@ -945,8 +952,10 @@ def _stack(images: list[_Image]) -> tuple[list[_Image], float | None]:
     return [pair[1] for pair in kept], gap
 
 
-def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
-    """Decode the pixels of every file of ``case`` into one float32 volume.
+def load_volume(
+    case: CaseRef, *, select: Callable[[int], Iterable[int]] | None = None
+) -> tuple[Volume, list[SkippedFile]]:
+    """Decode the pixels of every file of ``case`` (or of the slices ``select`` picks) into one volume.
 
     Each image is decoded with pydicom (YBR becomes RGB), the modality LUT or rescale is applied
     (per frame for Enhanced objects, from the Pixel Value Transformation functional group),
@@ -959,6 +968,13 @@ def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
     ----------
     case : CaseRef
         A case from :func:`scan`.
+    select : callable, optional
+        Given the depth of the stack, the indices of the slices that will be used (a 2D encoder
+        sees a few of a CT series). Every file is still read, and the stack is ordered from the
+        headers, but only those slices are decoded; the volume lists them in ``decoded``. This
+        applies to series of single-frame grayscale files; other cases are decoded whole, as is a
+        case where a selected slice fails to decode (so that the skip report names that file and
+        the stack is the one a full decode gives).
 
     Returns
     -------
@@ -975,21 +991,42 @@ def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
     LoadFailure
         If no file of the case decodes.
     """
-    skipped: list[SkippedFile] = []
-    decoded: list[tuple[Path, Dataset, np.ndarray, list[_Image]]] = []
+    failed: list[tuple[int, SkippedFile]] = []
+    read: list[tuple[int, Path, Dataset]] = []
     for index, path in enumerate(case.files):
-        ds = None
         try:
-            ds = _read_full(path)
+            read.append((index, path, _read_full(path)))
+        except _Skip as skip:
+            logger.info("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
+            failed.append((index, SkippedFile(path, skip.reason, skip.detail)))
+        except Exception as exc:  # noqa: BLE001 - one odd file must not stop its series
+            detail = _one_line(exc)
+            logger.info("skip %s: %s (%s)", path, SkipReason.DECODE_ERROR.value, detail)
+            failed.append((index, SkippedFile(path, SkipReason.DECODE_ERROR, detail)))
+    if select is not None and read and all(_plain_gray(ds) for _, _, ds in read):
+        # A file whose header reads but whose pixels would not decode is found only if its slice
+        # is selected (then everything is decoded, below). Otherwise it stays part of the case,
+        # as it is part of the series and its geometry was used to order the stack; its pixels,
+        # which nothing uses, are not checked. Files that cannot be read at all, are cut short,
+        # have no pixel data or an unsupported transfer syntax are still caught, by the header
+        # scan and by reading every file here.
+        partial = _load_selected(case, read, select)
+        if partial is not None:
+            volume, inconsistent = partial
+            return volume, sorted([s for _, s in failed] + inconsistent, key=lambda s: s.path)
+    decoded: list[tuple[Path, Dataset, np.ndarray, list[_Image]]] = []
+    for index, path, ds in read:
+        try:
             pixels = _decode(ds)
             decoded.append((path, ds, pixels, _images(ds, pixels, index)))
         except _Skip as skip:
             logger.info("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
-            skipped.append(SkippedFile(path, skip.reason, skip.detail))
+            failed.append((index, SkippedFile(path, skip.reason, skip.detail)))
         except Exception as exc:  # noqa: BLE001 - one odd file must not stop its series
             detail = _one_line(exc, ds)
             logger.info("skip %s: %s (%s)", path, SkipReason.DECODE_ERROR.value, detail)
-            skipped.append(SkippedFile(path, SkipReason.DECODE_ERROR, detail))
+            failed.append((index, SkippedFile(path, SkipReason.DECODE_ERROR, detail)))
+    skipped = [s for _, s in sorted(failed, key=lambda pair: pair[0])]
     if not decoded:
         first = skipped[0]
         raise LoadFailure(
@@ -1003,15 +1040,82 @@ def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
     kept_ds: list[Dataset] = []
     for path, ds, pixels, file_images in decoded:
         if pixels.shape[1:] != majority:
-            detail = f"image shape {pixels.shape[1:]} differs from the case's {majority}"
-            logger.info("skip %s: %s", path, detail)
-            skipped.append(SkippedFile(path, SkipReason.INCONSISTENT_SERIES, detail))
+            skipped.append(_inconsistent(path, pixels.shape[1:], majority))
             continue
         images.extend(file_images)
         kept_ds.append(ds)
     stacked, gap = _stack(images)
-    pixels = np.stack([im.pixels for im in stacked]).astype(np.float32, copy=False)
-    ref = kept_ds[0]
+    pixels = np.stack([im.pixels for im in stacked]).astype(np.float32, copy=False)  # type: ignore[misc]
+    volume = _volume(case, pixels, kept_ds[0], gap)
+    skipped.sort(key=lambda s: s.path)
+    return volume, skipped
+
+
+def _plain_gray(ds: Dataset) -> bool:
+    """Whether a file holds one grayscale image whose decoded shape is (Rows, Columns)."""
+    return (
+        _int(_get(ds, "NumberOfFrames"), 1) <= 1
+        and _int(_get(ds, "SamplesPerPixel"), 1) == 1
+        and _str(ds, "PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+        and _int(_get(ds, "Rows"), 0) > 0
+        and _int(_get(ds, "Columns"), 0) > 0
+        and _declared_pixel_bytes(ds) <= _MAX_PIXEL_BYTES
+    )
+
+
+def _load_selected(
+    case: CaseRef, read: list[tuple[int, Path, Dataset]], select: Callable[[int], Iterable[int]]
+) -> tuple[Volume, list[SkippedFile]] | None:
+    """The volume of single-frame grayscale files, with only the selected slices decoded.
+
+    The stack is built as :func:`load_volume` builds it from decoded files, from the same headers
+    (shape from Rows and Columns). Returns None where a full decode must decide: geometry that does
+    not parse, or a selected slice that does not decode to its header's shape.
+    """
+    shapes = Counter((_int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0)) for _, _, ds in read)
+    majority = shapes.most_common(1)[0][0]
+    inconsistent: list[SkippedFile] = []
+    images: list[_Image] = []
+    kept: dict[int, Dataset] = {}
+    try:
+        for index, path, ds in read:
+            shape = (_int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0))
+            if shape != majority:
+                inconsistent.append(_inconsistent(path, shape, majority))
+                continue
+            images.extend(_images(ds, None, index))
+            kept[index] = ds
+    except Exception:  # noqa: BLE001 - an odd header: the full decode skips its file with the reason
+        return None
+    stacked, gap = _stack(images)
+    depth = len(stacked)
+    wanted = sorted({int(i) for i in select(depth)})
+    if any(not 0 <= i < depth for i in wanted):
+        raise ValueError(f"select gave slice indices {wanted} for a stack of {depth}")
+    pixels = np.zeros((depth, *majority), dtype=np.float32)  # untouched pages cost no memory
+    for i in wanted:
+        ds = kept[stacked[i].order[2]]
+        try:
+            decoded = _decode(ds)
+        except Exception:  # noqa: BLE001 - decode everything: the full path skips the file with the reason
+            return None
+        if decoded.shape != (1, *majority):
+            return None
+        pixels[i] = decoded[0]
+    volume = _volume(case, pixels, next(iter(kept.values())), gap, decoded=tuple(wanted))
+    return volume, inconsistent
+
+
+def _inconsistent(path: Path, shape: tuple[int, ...], majority: tuple[int, ...]) -> SkippedFile:
+    detail = f"image shape {shape} differs from the case's {majority}"
+    logger.info("skip %s: %s", path, detail)
+    return SkippedFile(path, SkipReason.INCONSISTENT_SERIES, detail)
+
+
+def _volume(
+    case: CaseRef, pixels: np.ndarray, ref: Dataset, gap: float | None, decoded: tuple[int, ...] | None = None
+) -> Volume:
+    """The volume of stacked ``pixels``, its spacing from the stack's ``gap`` and the header ``ref``."""
     z = gap if gap is not None and gap > 0 else None
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         z = z or _positive(_spacing_attr(ref, keyword))
@@ -1019,14 +1123,13 @@ def load_volume(case: CaseRef) -> tuple[Volume, list[SkippedFile]]:
     y = x = None
     if isinstance(in_plane, (list, tuple, pydicom.multival.MultiValue)) and len(in_plane) == 2:
         y, x = _positive(in_plane[0]), _positive(in_plane[1])
-    volume = Volume(
+    return Volume(
         pixels=pixels,
         spacing=(z or 1.0, y or 1.0, x or 1.0),
         modality=_str(case.header, "Modality") or "OT",
         rgb=pixels.ndim == 4,
+        decoded=decoded,
     )
-    skipped.sort(key=lambda s: s.path)
-    return volume, skipped
 
 
 # --------------------------------------------------------------------------------------------
