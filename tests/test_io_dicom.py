@@ -818,7 +818,7 @@ def _same_used_slices(case: CaseRef) -> tuple:
 
 def _sample_series(root: Path, order: list[int], *, duplicate: int | None = None) -> Path:
     """A series of the bundled TCGA CT slice at 2.5 mm steps, files named in ``order``; a repeated position."""
-    src = sorted((Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample" / "tcga-luad-ct").glob("*.dcm"))[0]
+    src = min((Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample" / "tcga-luad-ct").glob("*.dcm"))
     base = pydicom.dcmread(src)
     study, series = generate_uid(entropy_srcs=["sel", "study"]), generate_uid(entropy_srcs=["sel", "series"])
     for name, z in enumerate(order):

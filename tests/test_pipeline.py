@@ -31,7 +31,14 @@ from medsearch.cli import app
 from medsearch.deid import case_id
 from medsearch.encoders import load_encoder
 from medsearch.errors import IndexCorruptError
-from medsearch.io import SkipReason, find_files, group_headers, load_volume, scan, summarize_file
+from medsearch.io import (
+    SkipReason,
+    find_files,
+    group_headers,
+    load_volume,
+    scan,
+    summarize_file,
+)
 from medsearch.pipeline import FILE_STATE, IndexReport, index_files
 from medsearch.sharing import export_index, shareability_problems
 from medsearch.store import IndexStore
