@@ -217,7 +217,7 @@ class AntiAliasedResize(Transform):
             return torch.as_tensor(data, dtype=torch.float32)
         smooth = out_h < height or out_w < width  # MONAI smooths every axis (sigma 0 where not shrunk)
         rows = _resize_matrix(height, out_h, smooth)
-        cols_t = _resize_matrix(width, out_w, smooth).T.tocsr()
+        cols_t = _resize_matrix(width, out_w, smooth, transposed=True)
         out = np.empty((data.shape[0], out_h, out_w), dtype=np.float32)
         for c, channel in enumerate(data):
             out[c] = (rows @ channel) @ cols_t
@@ -225,8 +225,10 @@ class AntiAliasedResize(Transform):
 
 
 @lru_cache(maxsize=64)
-def _resize_matrix(n_in: int, n_out: int, smooth: bool) -> scipy.sparse.csr_matrix:
-    """The ``(n_out, n_in)`` float32 matrix of one axis of :class:`AntiAliasedResize`."""
+def _resize_matrix(n_in: int, n_out: int, smooth: bool, *, transposed: bool = False) -> scipy.sparse.csr_matrix:
+    """The ``(n_out, n_in)`` float32 matrix of one axis of :class:`AntiAliasedResize` (or its transpose)."""
+    if transposed:
+        return _resize_matrix(n_in, n_out, smooth).T.tocsr()
     # bilinear weights, as torch computes them for align_corners=False: in float32, whose rounding
     # of the source positions moves the output by up to ~1e-5 of the image's range
     scale = np.float32(n_in) / np.float32(n_out)

@@ -912,3 +912,24 @@ def test_select_indices_out_of_range_raise(tmp_path: Path) -> None:
     (case,) = scan(_sample_series(tmp_path / "series", list(range(3)))).cases
     with pytest.raises(ValueError, match=r"slice indices \[3\] for a stack of 3"):
         load_volume(case, select=lambda depth: [depth])
+
+
+GRAY_FILES = ["CT_small.dcm", "MR_small.dcm", "RG1_UNCI.dcm", "emri_small.dcm", "MR_small_bigendian.dcm", "OBXXXX1A.dcm"]
+
+
+@pytest.mark.parametrize("name", GRAY_FILES)
+@pytest.mark.parametrize("changes", [{}, {"RescaleSlope": -1, "RescaleIntercept": 0}, {"RescaleSlope": 2, "RescaleIntercept": -3},
+                                     {"RescaleSlope": 0.5, "RescaleIntercept": 0}, {"PhotometricInterpretation": "MONOCHROME1"}])
+def test_gray_in_float32_is_the_float64_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, changes: dict) -> None:
+    from medsearch.io import dicom
+
+    ds = pydicom.dcmread(_copy(name, tmp_path / name, **changes))
+    if ds.get("SamplesPerPixel", 1) != 1:
+        pytest.skip(f"{name} is not grayscale")
+    arr = ds.pixel_array
+    arr = arr[np.newaxis] if arr.ndim == 2 else arr
+    fast = dicom._gray(arr, ds)
+    monkeypatch.setattr(dicom, "_gray_in_float32", lambda arr, ds: None)
+    slow = dicom._gray(arr, ds)
+    assert fast.dtype == slow.dtype == np.float32
+    assert fast.tobytes() == slow.tobytes()
