@@ -165,19 +165,26 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         return _partitioned(flat, ranks)
     sample = np.sort(flat[:: n // 20_000])
     m = sample.size
-    margin = 0.01 + 4.0 / np.sqrt(m)  # well beyond the sampling error of a quantile of the sample
     fractions = ranks / (n - 1)
     low, high = ranks[fractions < 0.5], ranks[fractions >= 0.5]
-    low_cut = sample[min(m - 1, int(np.ceil((fractions.max(initial=0.0, where=fractions < 0.5) + margin) * (m - 1))))]
-    high_cut = sample[max(0, int(np.floor((fractions.min(initial=1.0, where=fractions >= 0.5) - margin) * (m - 1))))]
+    low_p = fractions.max(initial=0.0, where=fractions < 0.5)
+    high_p = fractions.min(initial=1.0, where=fractions >= 0.5)
+    # well beyond the sampling error of a sample quantile (its standard deviation is sqrt(p(1-p)/m))
+    low_cut = sample[min(m - 1, int(np.ceil((low_p + _margin(low_p, m)) * (m - 1))))]
+    high_cut = sample[max(0, int(np.floor((high_p - _margin(high_p, m)) * (m - 1))))]
     if low_cut < high_cut and np.isfinite(flat.sum()):
-        tails = flat[(flat < low_cut) | (flat > high_cut)]
-        n_low = int(np.count_nonzero(tails < low_cut))
+        # (ties at a cut go with their tail: an image often holds many pixels of its percentile value)
+        tails = flat[(flat <= low_cut) | (flat >= high_cut)]
+        n_low = int(np.count_nonzero(tails <= low_cut))
         n_middle = n - tails.size
         if (low.size == 0 or low.max() < n_low) and (high.size == 0 or high.min() >= n_middle + n_low):
             local = np.where(ranks < n_low, ranks, ranks - n_middle)
             return np.partition(tails, local)[local]
     return _partitioned(flat, ranks)
+
+
+def _margin(p: float, m: int) -> float:
+    return 0.002 + 8.0 * np.sqrt(max(p * (1.0 - p), 1.0 / m) / m)
 
 
 def _partitioned(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
