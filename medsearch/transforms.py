@@ -202,7 +202,8 @@ class AntiAliasedResize(Transform):
     ``torch.nn.functional.interpolate`` does it (``align_corners=False``). Both steps are linear and
     act on rows and columns separately, so each axis is one sparse ``(out, in)`` matrix, and the image
     is ``rows @ img @ cols.T``. Only the smoothed values that the interpolation reads get computed:
-    for a 1,955 x 1,841 radiograph, about a hundredth of MONAI's two full-size convolutions.
+    for a 1,955 x 1,841 radiograph, about a hundredth of MONAI's two full-size convolutions. An
+    image that only grows is not smoothed; it goes through torch's interpolation as in MONAI.
     """
 
     def __init__(self, size: int) -> None:
@@ -223,6 +224,10 @@ class AntiAliasedResize(Transform):
         if (out_h, out_w) == (height, width):
             return torch.as_tensor(data, dtype=torch.float32)
         smooth = out_h < height or out_w < width  # MONAI smooths every axis (sigma 0 where not shrunk)
+        if not smooth:
+            # enlarging: no smoothing, and torch's interpolation is cheap and bit-identical to MONAI's
+            tensor = torch.from_numpy(np.ascontiguousarray(data)).unsqueeze(0)
+            return torch.nn.functional.interpolate(tensor, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
         rows = _resize_matrix(height, out_h, smooth)
         cols_t = _resize_matrix(width, out_w, smooth, transposed=True)
         out = np.empty((data.shape[0], out_h, out_w), dtype=np.float32)
