@@ -270,7 +270,8 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - t0, 2), "cases_added": again.n_cases_added,
                 "headers_read": again.n_files - again.n_headers_cached}
         result["rerun_unchanged_archive"] = timed
-        result["commit_cost"] = commit_costs([int(s) for s in args.commit_sizes.split(",") if s])
+        sizes = [int(s) for s in args.commit_sizes.split(",") if s]
+        result["commit_cost"] = commit_costs(sizes) if sizes else None
 
         result["ratios"] = {
             "encoder_images_per_s_over_pipeline_files_per_s": round(reference / report["files_per_second"], 3),

@@ -100,6 +100,8 @@ _FREE_COMMIT_S = 0.5
 _COMMIT_OVERHEAD = 10.0
 # Header reading: files per worker task, and how often scanned headers go to the cache.
 _SCAN_CHUNK = 64
+# Files read here between looks at whether the workers have started (about 40 ms of reading).
+_LOCAL_SCAN_CHUNK = 16
 _CACHE_EVERY_S = 5.0
 # Header skip reasons that depend on the file's bytes only (an unreadable file may be a permission
 # problem, and an unsupported transfer syntax may get its decoder installed): those are cached.
@@ -322,7 +324,21 @@ def _cover(files: Sequence[Path], skipped: list[SkippedFile], detail: str = "") 
 
 def _scan_files(paths: list[Path], setup: _Setup) -> tuple[list[HeaderSummary | SkippedFile], float]:
     started = time.perf_counter()
-    return [summarize_file(p) for p in paths], time.perf_counter() - started
+    with _pydicom_silenced():
+        found = [summarize_file(p) for p in paths]
+    return found, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _pydicom_silenced() -> Iterator[None]:
+    """No log lines from pydicom, which quotes header values in them (workers silence it for good)."""
+    logger = logging.getLogger("pydicom")
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = before
 
 
 def _first_line(exc: BaseException) -> str:
@@ -593,6 +609,56 @@ class _WorkerPool:
         w.conn.close()
         log.warning("replacing a worker process: %s", why)
         self._workers[self._workers.index(w)] = self._start()
+
+
+class _PoolStarter:
+    """The worker pool, started in a background thread so that this process can work meanwhile.
+
+    A worker starts from a fresh interpreter that imports torch and MONAI: seconds, which the run
+    spends reading headers here instead of waiting (see :func:`_read_headers`).
+    """
+
+    def __init__(self, n: int, setup: _Setup, *, timeout: float | None, report: IndexReport) -> None:
+        self._n = n
+        self._setup = setup
+        self._timeout = timeout
+        self._report = report
+        self._thread: threading.Thread | None = None
+        self._pool: _WorkerPool | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._create, name="medsearch-pool-start", daemon=True)
+            self._thread.start()
+
+    def _create(self) -> None:
+        try:
+            self._pool = _WorkerPool(self._n, self._setup, timeout=self._timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that asks for the pool
+            self._error = exc
+
+    def ready(self) -> bool:
+        """Whether :meth:`get` would return at once."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    def get(self) -> _WorkerPool:
+        """The pool, once started; the time spent waiting for it counts as ``startup``."""
+        self.start()
+        assert self._thread is not None
+        started = time.perf_counter()
+        self._thread.join()
+        self._report.stage_seconds["startup"] += time.perf_counter() - started
+        if self._error is not None:
+            raise self._error
+        assert self._pool is not None
+        return self._pool
+
+    def close(self, *, kill: bool = False) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._pool is not None:
+            self._pool.close(kill=kill)
 
 
 # -- the file-state cache ------------------------------------------------------------------------------
@@ -951,7 +1017,7 @@ def index_files(
     setup = _Setup(config=config, encoder=encoder.info, describe=describe, load=load,
                    log_level=logging.getLogger().getEffectiveLevel())
     cache = _open_cache(store.path / FILE_STATE) if file_cache else None
-    pool: _WorkerPool | None = None
+    pool: _PoolStarter | None = None
     bar: _Progress | None = None
     failed = False
     try:
@@ -961,15 +1027,9 @@ def index_files(
         todo = [p for p in files if p not in cached]
         tokens = _Tokens(key)
 
-        def get_pool() -> _WorkerPool:
-            nonlocal pool
-            if pool is None:
-                started = time.perf_counter()
-                pool = _WorkerPool(n_workers, setup, timeout=case_timeout)
-                report.stage_seconds["startup"] += time.perf_counter() - started
-            return pool
-
-        scanned = _read_headers(todo, states, cache, tokens, report, get_pool if n_workers else None, setup, progress)
+        if n_workers:
+            pool = _PoolStarter(n_workers, setup, timeout=case_timeout, report=report)
+        scanned = _read_headers(todo, states, cache, tokens, report, pool, setup, progress)
         # Group with UIDs as tokens, so that cached and freshly read files group alike.
         items = [c.item for c in cached.values()]
         items += [tokens.summary(i) if isinstance(i, HeaderSummary) else i for i in scanned]
@@ -980,7 +1040,7 @@ def index_files(
         jobs = _plan(groups, cached, tokens, store, key, decode_skips, report, links, retry_skipped, states, cache)
         bar = _Progress(report, settled=report.n_files - sum(len(j.case.files) for j in jobs), enabled=progress)
         committer = _Committer(commit, cache, report, every=commit_every, seconds=commit_seconds)
-        results = _prepared(jobs, setup, get_pool() if n_workers and jobs else None, report, batch_images=batch_images)
+        results = _prepared(jobs, setup, pool.get() if pool is not None and jobs else None, report, batch_images=batch_images)
         _encode_all(results, jobs, states, encoder, config, committer, report, bar, links, batch_images)
         committer.commit(force=must_commit)
         if cache is not None:
@@ -1011,14 +1071,16 @@ def _read_headers(
     cache: FileStateCache | None,
     tokens: _Tokens,
     report: IndexReport,
-    get_pool: Callable[[], _WorkerPool] | None,
+    pool: _PoolStarter | None,
     setup: _Setup,
     progress: bool,
 ) -> list[HeaderSummary | SkippedFile]:
     """Header summaries of ``paths`` (with their UIDs): in chunks on the workers (or here).
 
-    They go to the cache as they come, with the UIDs as tokens, so that a run killed while reading
-    the headers of a large archive does not read them again.
+    While the workers start (a fresh interpreter importing torch and MONAI: seconds), this process
+    reads headers itself; header parsing is pydicom's pure Python, which cannot crash it the way
+    a pixel decoder could. They go to the cache as they come, with the UIDs as tokens, so that a
+    run killed while reading the headers of a large archive does not read them again.
     """
     out: list[HeaderSummary | SkippedFile] = []
     unsaved: list[tuple[_FileState, HeaderSummary | SkippedFile]] = []
@@ -1041,27 +1103,34 @@ def _read_headers(
             last_save = time.monotonic()
 
     try:
-        if get_pool is None or not paths:
+        if pool is None or not paths:
             for start in range(0, len(paths), _SCAN_CHUNK):
                 take(*_scan_files(paths[start : start + _SCAN_CHUNK], setup))
         else:
-            pool = get_pool()
-            size = max(1, min(_SCAN_CHUNK, len(paths) // (4 * pool.size)))
+            pool.start()
+            done = 0
+            while done < len(paths) and not pool.ready():
+                take(*_scan_files(paths[done : done + _LOCAL_SCAN_CHUNK], setup))
+                done += _LOCAL_SCAN_CHUNK
+            paths = paths[done:]
+            workers = pool.get() if paths else None
             outstanding = 0
-            for seq, start in enumerate(range(0, len(paths), size)):
-                pool.submit(seq, "scan", paths[start : start + size])
-                outstanding += 1
+            if workers is not None:
+                size = max(1, min(_SCAN_CHUNK, len(paths) // (4 * workers.size)))
+                for seq, start in enumerate(range(0, len(paths), size)):
+                    workers.submit(seq, "scan", paths[start : start + size])
+                    outstanding += 1
             next_seq = outstanding
-            while outstanding:
+            while workers is not None and outstanding:
                 waited = time.perf_counter()
-                task, result = pool.get()
+                task, result = workers.get()
                 report.stage_seconds["wait"] += time.perf_counter() - waited
                 outstanding -= 1
                 if not isinstance(result, _Failure):
                     take(*result)
                 elif len(task.payload) > 1:  # find the file that hung or crashed its worker: one at a time
                     for path in task.payload:
-                        pool.submit(next_seq, "scan", [path])
+                        workers.submit(next_seq, "scan", [path])
                         next_seq += 1
                         outstanding += 1
                 else:
@@ -1178,7 +1247,9 @@ def _prepared(
     """
     if pool is None:
         for job in jobs:
-            yield prepare_case(job, setup)
+            with _pydicom_silenced():
+                result = prepare_case(job, setup)
+            yield result
         return
     ahead = batch_images + 2 * pool.size
     waiting: dict[int, Any] = {}
