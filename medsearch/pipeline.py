@@ -100,8 +100,6 @@ _FREE_COMMIT_S = 0.5
 _COMMIT_OVERHEAD = 10.0
 # Header reading: files per worker task, and how often scanned headers go to the cache.
 _SCAN_CHUNK = 64
-# Files read here between looks at whether the workers have started (about 40 ms of reading).
-_LOCAL_SCAN_CHUNK = 16
 _CACHE_EVERY_S = 5.0
 # Header skip reasons that depend on the file's bytes only (an unreadable file may be a permission
 # problem, and an unsupported transfer syntax may get its decoder installed): those are cached.
@@ -611,56 +609,6 @@ class _WorkerPool:
         self._workers[self._workers.index(w)] = self._start()
 
 
-class _PoolStarter:
-    """The worker pool, started in a background thread so that this process can work meanwhile.
-
-    A worker starts from a fresh interpreter that imports torch and MONAI: seconds, which the run
-    spends reading headers here instead of waiting (see :func:`_read_headers`).
-    """
-
-    def __init__(self, n: int, setup: _Setup, *, timeout: float | None, report: IndexReport) -> None:
-        self._n = n
-        self._setup = setup
-        self._timeout = timeout
-        self._report = report
-        self._thread: threading.Thread | None = None
-        self._pool: _WorkerPool | None = None
-        self._error: BaseException | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._create, name="medsearch-pool-start", daemon=True)
-            self._thread.start()
-
-    def _create(self) -> None:
-        try:
-            self._pool = _WorkerPool(self._n, self._setup, timeout=self._timeout)
-        except BaseException as exc:  # noqa: BLE001 - handed to the thread that asks for the pool
-            self._error = exc
-
-    def ready(self) -> bool:
-        """Whether :meth:`get` would return at once."""
-        return self._thread is not None and not self._thread.is_alive()
-
-    def get(self) -> _WorkerPool:
-        """The pool, once started; the time spent waiting for it counts as ``startup``."""
-        self.start()
-        assert self._thread is not None
-        started = time.perf_counter()
-        self._thread.join()
-        self._report.stage_seconds["startup"] += time.perf_counter() - started
-        if self._error is not None:
-            raise self._error
-        assert self._pool is not None
-        return self._pool
-
-    def close(self, *, kill: bool = False) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        if self._pool is not None:
-            self._pool.close(kill=kill)
-
-
 # -- the file-state cache ------------------------------------------------------------------------------
 
 
@@ -1017,7 +965,7 @@ def index_files(
     setup = _Setup(config=config, encoder=encoder.info, describe=describe, load=load,
                    log_level=logging.getLogger().getEffectiveLevel())
     cache = _open_cache(store.path / FILE_STATE) if file_cache else None
-    pool: _PoolStarter | None = None
+    pool: _WorkerPool | None = None
     bar: _Progress | None = None
     failed = False
     try:
@@ -1027,9 +975,15 @@ def index_files(
         todo = [p for p in files if p not in cached]
         tokens = _Tokens(key)
 
-        if n_workers:
-            pool = _PoolStarter(n_workers, setup, timeout=case_timeout, report=report)
-        scanned = _read_headers(todo, states, cache, tokens, report, pool, setup, progress)
+        def get_pool() -> _WorkerPool:
+            nonlocal pool
+            if pool is None:
+                started = time.perf_counter()
+                pool = _WorkerPool(n_workers, setup, timeout=case_timeout)
+                report.stage_seconds["startup"] += time.perf_counter() - started
+            return pool
+
+        scanned = _read_headers(todo, states, cache, tokens, report, get_pool if n_workers else None, setup, progress)
         # Group with UIDs as tokens, so that cached and freshly read files group alike.
         items = [c.item for c in cached.values()]
         items += [tokens.summary(i) if isinstance(i, HeaderSummary) else i for i in scanned]
@@ -1040,7 +994,7 @@ def index_files(
         jobs = _plan(groups, cached, tokens, store, key, decode_skips, report, links, retry_skipped, states, cache)
         bar = _Progress(report, settled=report.n_files - sum(len(j.case.files) for j in jobs), enabled=progress)
         committer = _Committer(commit, cache, report, every=commit_every, seconds=commit_seconds)
-        results = _prepared(jobs, setup, pool.get() if pool is not None and jobs else None, report, batch_images=batch_images)
+        results = _prepared(jobs, setup, get_pool() if n_workers and jobs else None, report, batch_images=batch_images)
         _encode_all(results, jobs, states, encoder, config, committer, report, bar, links, batch_images)
         committer.commit(force=must_commit)
         if cache is not None:
@@ -1071,16 +1025,14 @@ def _read_headers(
     cache: FileStateCache | None,
     tokens: _Tokens,
     report: IndexReport,
-    pool: _PoolStarter | None,
+    get_pool: Callable[[], _WorkerPool] | None,
     setup: _Setup,
     progress: bool,
 ) -> list[HeaderSummary | SkippedFile]:
     """Header summaries of ``paths`` (with their UIDs): in chunks on the workers (or here).
 
-    While the workers start (a fresh interpreter importing torch and MONAI: seconds), this process
-    reads headers itself; header parsing is pydicom's pure Python, which cannot crash it the way
-    a pixel decoder could. They go to the cache as they come, with the UIDs as tokens, so that a
-    run killed while reading the headers of a large archive does not read them again.
+    They go to the cache as they come, with the UIDs as tokens, so that a run killed while reading
+    the headers of a large archive does not read them again.
     """
     out: list[HeaderSummary | SkippedFile] = []
     unsaved: list[tuple[_FileState, HeaderSummary | SkippedFile]] = []
@@ -1103,34 +1055,27 @@ def _read_headers(
             last_save = time.monotonic()
 
     try:
-        if pool is None or not paths:
+        if get_pool is None or not paths:
             for start in range(0, len(paths), _SCAN_CHUNK):
                 take(*_scan_files(paths[start : start + _SCAN_CHUNK], setup))
         else:
-            pool.start()
-            done = 0
-            while done < len(paths) and not pool.ready():
-                take(*_scan_files(paths[done : done + _LOCAL_SCAN_CHUNK], setup))
-                done += _LOCAL_SCAN_CHUNK
-            paths = paths[done:]
-            workers = pool.get() if paths else None
+            pool = get_pool()
+            size = max(1, min(_SCAN_CHUNK, len(paths) // (4 * pool.size)))
             outstanding = 0
-            if workers is not None:
-                size = max(1, min(_SCAN_CHUNK, len(paths) // (4 * workers.size)))
-                for seq, start in enumerate(range(0, len(paths), size)):
-                    workers.submit(seq, "scan", paths[start : start + size])
-                    outstanding += 1
+            for seq, start in enumerate(range(0, len(paths), size)):
+                pool.submit(seq, "scan", paths[start : start + size])
+                outstanding += 1
             next_seq = outstanding
-            while workers is not None and outstanding:
+            while outstanding:
                 waited = time.perf_counter()
-                task, result = workers.get()
+                task, result = pool.get()
                 report.stage_seconds["wait"] += time.perf_counter() - waited
                 outstanding -= 1
                 if not isinstance(result, _Failure):
                     take(*result)
                 elif len(task.payload) > 1:  # find the file that hung or crashed its worker: one at a time
                     for path in task.payload:
-                        workers.submit(next_seq, "scan", [path])
+                        pool.submit(next_seq, "scan", [path])
                         next_seq += 1
                         outstanding += 1
                 else:

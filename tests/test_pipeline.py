@@ -502,29 +502,7 @@ def test_used_slices_follow_the_preprocessing(preprocess, spatial_dims, expected
     assert (select(8) if select is not None else None) == expected
 
 
-# -- starting the workers while headers are read here ----------------------------------------------
-
-
-def test_headers_are_read_here_while_the_workers_start(serial_index, mixed_archive, sample_key, tmp_path, monkeypatch):
-    # Slow the start down (as a cold machine importing torch and MONAI would be) and see who reads
-    # what: this process reads headers meanwhile, the workers take the rest, and the index is the
-    # serial one.
-    real_create = pipeline._PoolStarter._create
-
-    def slow_create(self):
-        time.sleep(1.5)
-        real_create(self)
-
-    read_here = []
-    real_summarize = pipeline.summarize_file
-    monkeypatch.setattr(pipeline._PoolStarter, "_create", slow_create)
-    monkeypatch.setattr(pipeline, "_LOCAL_SCAN_CHUNK", 2)
-    monkeypatch.setattr(pipeline, "summarize_file", lambda p: read_here.append(p) or real_summarize(p))
-    report = build_index(mixed_archive, tmp_path / "index", key=sample_key, config=FAST, workers=2)
-    files = list(find_files(mixed_archive))
-    assert 0 < len(read_here) <= len(files) and len(set(read_here)) == len(read_here)
-    assert report.accounted and report.n_files == len(files)
-    _same_vectors(_vectors(serial_index[0]), _vectors(tmp_path / "index"))
+# -- workers that cannot start; pydicom's log lines -------------------------------------------------
 
 
 def test_a_pool_that_cannot_start_fails_the_run_with_the_reason(mixed_archive, sample_key, tmp_path, monkeypatch):
