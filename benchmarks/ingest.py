@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -204,6 +205,18 @@ def commit_costs(sizes: list[int], dim: int = 1280, thumb: int = 96) -> dict[str
     }
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process and (on Linux) busy on the whole machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"this_process": usage.ru_utime + usage.ru_stime}
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        out["machine_busy"] = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=5000, help="archive size in files (default 5000)")
@@ -246,15 +259,20 @@ def main() -> None:
 
         key = SiteKey.load(work / "bench.key", create=True)
         index = work / "index"
+        cpu_before = _cpu_seconds()
         report = build_index(archive, index, key=key, config=config, workers=args.workers,
                              batch_images=args.batch_images, progress=True).to_dict()
+        cpu = {k: round(v - cpu_before[k], 1) for k, v in _cpu_seconds().items()}
         pipeline_images_per_s = report["images_encoded"] / report["seconds"]
         # once the workers run (starting them is a fixed cost, a few seconds, paid once per run)
         running = report["seconds"] - report["stage_seconds"]["startup"]
         result["pipeline"] = {**report, "images_per_second": round(pipeline_images_per_s, 2),
                               "files_per_second_after_startup": round(report["files_found"] / running, 2),
                               # share of the time after startup this process spent inside the encoder
-                              "encoder_busy_fraction": round(report["stage_seconds"]["encode"] / running, 3)}
+                              "encoder_busy_fraction": round(report["stage_seconds"]["encode"] / running, 3),
+                              # core-seconds: this process (the encoder and the run's bookkeeping) and the
+                              # whole machine (so the workers and the fork server are the difference)
+                              "cpu_seconds": cpu}
 
         after = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
         reference = statistics.median(before + after)
