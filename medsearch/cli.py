@@ -159,13 +159,17 @@ def query(
     where: Optional[list[str]] = typer.Option(None, "--where", help="Keep cases whose metadata match, e.g. --where modality=CT --where age>=60 (= != >= <= > < ~); repeatable."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first."""
+    from medsearch.io import load_study
     from medsearch.search import query as run_query
 
-    result = run_query(study, index_dir, k=k, config=config, where=where)
+    drawn = sheet is not None or sheet_html is not None
+    # decoded once, for the search and for the sheet's picture of the query
+    volume = load_study(study)[1] if drawn else None
+    result = run_query(study, index_dir, k=k, config=config, where=where, volume=volume)
     if resolve is not None:
         result = result.resolve(resolve)
-    if sheet is not None or sheet_html is not None:
-        _write_sheet(result, index_dir, sheet, sheet_html, study)
+    if drawn:
+        _write_sheet(result, index_dir, sheet, sheet_html, volume)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -508,7 +512,7 @@ def _print_results(result: Any) -> None:
         _out.print(f"distance = {result.distance}", highlight=False)
 
 
-def _write_sheet(result: Any, index_dir: Path, png: Optional[Path], page: Optional[Path], study: Path) -> None:
+def _write_sheet(result: Any, index_dir: Path, png: Optional[Path], page: Optional[Path], study: Any) -> None:
     """Write the result sheet (PNG and/or HTML) and say where, on stderr."""
     from medsearch.sheets import render_sheet
 

@@ -272,12 +272,15 @@ def query(
     k: int = 10,
     config: Config | str | Path | None = None,
     where: str | Filter | Sequence[str | Filter] | None = None,
+    volume: Volume | None = None,
 ) -> QueryResult:
     """The ``k`` cases of an index most similar to a study (a DICOM file or a series folder).
 
     ``where`` keeps only the cases whose metadata match every filter, e.g.
     ``["modality=CT", "age>=60", "Contrast=True"]`` (see :mod:`medsearch.filters`); ``k`` results
-    still come back whenever ``k`` cases match.
+    still come back whenever ``k`` cases match. ``volume``: the study as
+    :func:`~medsearch.io.load_study` already decoded it (e.g. to draw it on a result sheet too), so
+    that it is not decoded again; ``study`` is then only recorded in the result.
 
     Raises
     ------
@@ -290,7 +293,7 @@ def query(
     FilterError
         A filter is malformed, names a field the index lacks, or compares text as a number.
     """
-    return Searcher(index_dir, config=config).search(study, k=k, where=where)
+    return Searcher(index_dir, config=config).search(study, k=k, where=where, volume=volume)
 
 
 class Searcher:
@@ -310,6 +313,7 @@ class Searcher:
         *,
         k: int = 10,
         where: str | Filter | Sequence[str | Filter] | None = None,
+        volume: Volume | None = None,
     ) -> QueryResult:
         """The ``k`` cases most similar to a study, among those matching ``where`` (see :func:`query`).
 
@@ -326,7 +330,8 @@ class Searcher:
             raise ConfigError(f"k must be at least 1, got {k}")
         filters = parse_filters(where)
         self.store.matching(filters)  # a bad filter fails before the study is decoded and encoded
-        case, volume = load_study(study)
+        if volume is None:
+            volume = load_study(study)[1]
         vector = embed_volume(volume, self.encoder, self.config)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
         if filters:

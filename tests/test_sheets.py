@@ -229,6 +229,20 @@ def test_cli_query_writes_sheet_and_html(runner, tmp_path, sample_index):
     assert page.read_text().count("data:image/png;base64,") == 4
 
 
+def test_cli_query_with_sheet_decodes_the_query_once(runner, tmp_path, sample_index, monkeypatch):
+    import medsearch.io.dicom as dicom
+
+    calls = []
+    real = dicom.load_volume
+    monkeypatch.setattr(dicom, "load_volume", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    page = tmp_path / "q.html"
+    out = runner.invoke(app, ["query", str(QUERY), "--index", str(sample_index), "-k", "2", "--json", "--html", str(page)])
+    assert out.exit_code == 0, out.output
+    assert len(calls) == 1  # one decode serves the search and the sheet's picture of the query
+    assert json.loads(out.stdout)["query"]["path"] == str(QUERY)
+    assert page.read_text().count("data:image/png;base64,") == 3  # the query's picture and two results
+
+
 def test_cli_query_bad_sheet_name_is_one_line_error(runner, tmp_path, sample_index):
     out = runner.invoke(app, ["query", str(QUERY), "--index", str(sample_index), "--sheet", str(tmp_path / "q.gif")])
     assert out.exit_code == 2
