@@ -445,6 +445,8 @@ def train(
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: every training image once)."),
     patience: int = typer.Option(10, "--patience", min=0, help="Stop after this many epochs without a better validation score (0: never)."),
+    head_epochs: Optional[int] = typer.Option(None, "--head-epochs", min=0, help="First epochs that train only the new head on the fixed encoder (default: 1 self-supervised, 0 supervised)."),
+    freeze_norm: Optional[bool] = typer.Option(None, "--freeze-norm/--train-norm", help="Keep BatchNorm's ImageNet statistics (default: frozen self-supervised, trained supervised)."),
     val_split: float = typer.Option(0.15, "--val-split", help="Fraction held out for validation (by patient) when there is no val split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, augmentations and heads."),
     flips: bool = typer.Option(False, "--flips", help="Allow horizontal flips (not where laterality matters)."),
@@ -464,7 +466,7 @@ def train(
     report = train_encoder(
         data, out=out, labels=labels, label_column=label, config=config, size=size, mode=mode, loss=loss,
         epochs=epochs, batch_size=batch_size, lr=lr, steps_per_epoch=steps_per_epoch, patience=patience,
-        val_split=val_split, seed=seed, flips=flips, resume=resume, device=device, progress=not quiet and not as_json,
+        val_split=val_split, seed=seed, flips=flips, head_epochs=head_epochs, freeze_norm=freeze_norm, resume=resume, device=device, progress=not quiet and not as_json,
     )
     commands = report.follow_up(labels=labels)
     if as_json:

@@ -35,6 +35,12 @@ Two modes:
   afterwards). The augmentations are MONAI's and fit for medical images: small rotations, zoom
   and shift, contrast (gamma), intensity scaling and shift, gaussian noise. There are no flips:
   laterality carries meaning in medical images (``flips=True`` allows horizontal ones).
+  Two safeguards keep SimCLR from first tearing down the ImageNet features it starts from
+  (measured: without them, every BreastMNIST run ended below the frozen encoder, docs/benchmarks.md):
+  the first epoch trains only the new projection head, on the fixed encoder (``head_epochs``),
+  so that the encoder's first gradients come through a head that already means something; and
+  BatchNorm keeps its ImageNet statistics (``freeze_norm``) instead of re-estimating them on
+  64-image batches of augmented, upscaled images. Its scale and shift still learn.
 
 ``auto`` picks supervised when labels are at hand.
 
@@ -64,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -73,7 +80,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +411,8 @@ class _Settings:
     steps_per_epoch: int | None
     preprocess: dict[str, Any]
     start_weights_sha256: str
+    head_epochs: int = 0
+    freeze_norm: bool = False
 
 
 def train_encoder(
@@ -428,6 +437,8 @@ def train_encoder(
     flips: bool = False,
     augment: float = 1.0,
     steps_per_epoch: int | None = None,
+    head_epochs: int | None = None,
+    freeze_norm: bool | None = None,
     resume: bool = True,
     device: str = "auto",
     progress: bool = True,
@@ -475,6 +486,12 @@ def train_encoder(
         Strength of the augmentations (0 turns them off for supervised runs).
     steps_per_epoch : int, optional
         Steps per epoch (default: enough to see every training image once).
+    head_epochs : int, optional
+        First epochs that train only the new head, on the fixed encoder (default: 1 for a
+        self-supervised run, 0 for a supervised one).
+    freeze_norm : bool, optional
+        Keep BatchNorm's running statistics as loaded (its scale and shift still learn); default:
+        True for a self-supervised run, False for a supervised one.
     resume : bool, default True
         Continue from ``<out>.last.pt`` when it was written by a run with the same settings and data.
     device : str, default "auto"
@@ -522,6 +539,12 @@ def train_encoder(
         raise ConfigError(
             f"supervised training needs labels; give --labels CSV for {data}, or use --mode selfsupervised"
         )
+    if head_epochs is None:  # one epoch for SimCLR's new projection head (see the module docstring)
+        head_epochs = 1 if mode is TrainMode.SELFSUPERVISED and epochs > 1 else 0
+    if not 0 <= head_epochs < epochs:
+        raise ConfigError(f"head_epochs must be at least 0 and below epochs ({epochs}), got {head_epochs}")
+    if head_epochs and mode is TrainMode.SUPERVISED and loss is not SupervisedLoss.CLASSIFIER:
+        raise ConfigError(f"the {loss.value} loss has no head to train alone; give head_epochs 0, or loss classifier")
     if select_metric not in VAL_METRICS:
         raise ConfigError(f"select_metric must be one of {', '.join(VAL_METRICS)}, got {select_metric!r}")
 
@@ -552,6 +575,8 @@ def train_encoder(
         steps_per_epoch=steps_per_epoch,
         preprocess=cfg.to_dict()["preprocess"],
         start_weights_sha256=start_encoder.info.weights_sha256,
+        head_epochs=int(head_epochs),
+        freeze_norm=bool(freeze_norm if freeze_norm is not None else mode is TrainMode.SELFSUPERVISED),
     )
     trainer = _Trainer(start_encoder.net, dataset, settings, run_device)
     paths = _paths(out)
@@ -620,9 +645,13 @@ class _Trainer:
         self.steps = settings.steps_per_epoch or max(1, math.ceil(self.data.train.images.shape[0] / settings.batch_size))
         total = self.steps * settings.epochs
         warmup = min(self.steps, max(1, total // 10))
+        # The encoder waits while the head learns alone, then warms up over a whole epoch: Adam's
+        # first steps move every weight by about the learning rate, whatever its gradient.
+        held = self.steps * settings.head_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
+            [functools.partial(_warm_cosine, start=held, warmup=self.steps if held else warmup, total=total),
+             functools.partial(_warm_cosine, start=0, warmup=warmup, total=total)],
         )
         self.augment = _augmentation(settings.flips, settings.augment)
         self.epoch = 0
@@ -691,7 +720,9 @@ class _Trainer:
             raise ConfigError(f"cannot read the resume state {path} ({_first_line(e)}); delete it or pass --no-resume") from e
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ConfigError(f"{path} is not a medsearch training state; delete it or pass --no-resume")
-        theirs, ours = dict(state["settings"]), asdict(self.settings)
+        # settings added since a state was written take their defaults (the behaviour of that time)
+        defaults = {f.name: f.default for f in fields(_Settings) if f.default is not MISSING}
+        theirs, ours = {**defaults, **dict(state["settings"])}, asdict(self.settings)
         theirs_epochs, ours_epochs = theirs.pop("epochs"), ours.pop("epochs")
         changed = sorted(k for k in ours if theirs.get(k) != ours[k])
         if changed or state.get("data_sha256") != sha256:
@@ -796,22 +827,28 @@ class _Trainer:
             images = torch.stack([self.augment(img) for img in images])
         return images
 
-    def _forward(self, images01: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images01: torch.Tensor, *, fixed: bool = False) -> torch.Tensor:
         x = _normalize(images01).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.net(x).float()
-        return self.net(x.contiguous(memory_format=torch.channels_last))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fixed):
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return self.net(x).float()
+            return self.net(x.contiguous(memory_format=torch.channels_last))
 
     def _train_epoch(self, epoch: int, bar: tqdm) -> float:
         rng = self._seed_epoch(epoch)
-        self.net.train()
+        fixed = epoch < self.settings.head_epochs  # the head learns alone: the encoder is as loaded
+        self.net.train(not fixed)
+        if self.settings.freeze_norm:
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         self.head.train()
         train = self.data.train
         total, n = 0.0, 0
         for step, rows in enumerate(self._batches(rng)):
             if self.supervised:
-                feats = self._forward(self._views(rows))
+                feats = self._forward(self._views(rows), fixed=fixed)
                 labels = torch.as_tensor(train.labels[train.case[rows]], device=self.device)
                 if self.settings.loss == SupervisedLoss.CLASSIFIER.value:
                     loss = self.loss_fn(self.head(feats), labels)
@@ -820,7 +857,7 @@ class _Trainer:
                     loss = self.loss_fn(feats, labels, pairs)
             else:
                 views = torch.cat([self._views(rows), self._views(rows)])
-                z = self.head(self._forward(views))
+                z = self.head(self._forward(views, fixed=fixed))
                 ids = torch.arange(len(rows), device=self.device).repeat(2)
                 loss = self.loss_fn(z, ids)
             if not torch.isfinite(loss):
@@ -903,6 +940,15 @@ class _Trainer:
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _warm_cosine(step: int, *, start: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: 0 before ``start``, then a linear warm-up and a cosine down to ``total``."""
+    if step < start:
+        return 0.0
+    step -= start
+    span = max(1, total - start)
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, span) / span))
 
 
 def _subset(split: _Split, cases: np.ndarray) -> _Split:

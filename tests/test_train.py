@@ -56,7 +56,9 @@ def tiny_npz(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("mode", ["supervised", "selfsupervised"])
 def test_loss_falls_and_checkpoint_loads(tiny_npz, tmp_path, mode):
     out = tmp_path / "enc.pt"
-    report = train_encoder(tiny_npz, out=out, mode=mode, epochs=3, **FAST)
+    # Every epoch trains the encoder (a first head-only epoch, the self-supervised default, scores
+    # its loss on fixed features: not comparable with the later epochs' on 3 steps of 8 images).
+    report = train_encoder(tiny_npz, out=out, mode=mode, epochs=3, head_epochs=0, **FAST)
     losses = [h["loss"] for h in report.history]
     assert report.mode == mode and report.epochs_completed == 3
     assert losses[-1] < losses[0], losses
@@ -79,6 +81,36 @@ def test_loss_falls_and_checkpoint_loads(tiny_npz, tmp_path, mode):
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
     assert record["config"]["preprocess"]["size"] == 32
     assert any("evaluate" in c and str(report.config_path) in c for c in report.follow_up())
+
+
+def test_selfsupervised_head_learns_alone_first_and_norm_statistics_stay(tiny_npz, tmp_path, monkeypatch):
+    import torch
+
+    start = {k: v.clone() for k, v in load_encoder(EncoderConfig(device="cpu")).net.model.state_dict().items()}
+    after_epoch = []
+    real = _Trainer._validate
+
+    def spy(self, epoch):
+        after_epoch.append({k: v.detach().clone() for k, v in self.net.model.state_dict().items()})
+        return real(self, epoch)
+
+    monkeypatch.setattr(_Trainer, "_validate", spy)
+    report = train_encoder(tiny_npz, out=tmp_path / "ssl.pt", mode="selfsupervised", epochs=2, **FAST)
+    assert report.settings["head_epochs"] == 1 and report.settings["freeze_norm"] is True
+    first, second = after_epoch
+    # epoch 1 trained only the projection head: the encoder is exactly as loaded, statistics and all
+    assert all(torch.equal(first[k], start[k]) for k in start)
+    # epoch 2 trained the encoder, but BatchNorm kept its ImageNet statistics
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in start if k.endswith("weight") and start[k].is_floating_point()]
+    assert stats and all(torch.equal(second[k], start[k]) for k in stats)
+    assert any(not torch.equal(second[k], start[k]) for k in weights)
+
+    # a supervised run keeps training the statistics, from the first epoch
+    after_epoch.clear()
+    report = train_encoder(tiny_npz, out=tmp_path / "sup.pt", epochs=1, **FAST)
+    assert report.settings["head_epochs"] == 0 and report.settings["freeze_norm"] is False
+    assert any(not torch.equal(after_epoch[0][k], start[k]) for k in stats)
 
 
 def test_never_reads_the_test_split(tiny_npz, tmp_path, monkeypatch):
@@ -171,13 +203,15 @@ def _bad_inputs(tmp_path: Path, tiny_npz: Path) -> dict[str, tuple[dict, type[Me
         "checkpoint not .pt": ({"data": tiny_npz, "out": tmp_path / "enc.bin"}, ConfigError, r"must end in \.pt"),
         "bad select metric": ({"data": tiny_npz, "select_metric": "auc"}, ConfigError, "select_metric must be one of"),
         "other encoder": ({"data": tiny_npz, "config": "resnet"}, ConfigError, "no config file or preset"),
+        "head epochs without a head": ({"data": tiny_npz, "epochs": 2, "head_epochs": 1}, ConfigError, "no head to train alone"),
+        "head epochs, all of them": ({"data": tiny_npz, "mode": "selfsupervised", "head_epochs": 1}, ConfigError, "below epochs"),
     }
 
 
 BAD = [
     "missing file", "no train split", "too few images", "one class", "archive without labels, supervised",
     "labels file missing", "labels with an npz", "unknown mode", "unknown loss", "checkpoint not .pt",
-    "bad select metric", "other encoder",
+    "bad select metric", "other encoder", "head epochs without a head", "head epochs, all of them",
 ]
 
 
