@@ -124,8 +124,9 @@ def build_archive(root: Path, n_files: int, *, xray_fraction: float = XRAY_FRACT
 # -- measurements -------------------------------------------------------------------------------------
 
 
-def encoder_only(encoder, config: Config, archive: Path, *, batch: int, repeats: int) -> list[float]:
-    """Images/s of the encoder on tensors decoded and preprocessed beforehand (one value per repeat)."""
+def encoder_only(encoder, config: Config, archive: Path, *, batch: int, repeats: int) -> tuple[list[float], float]:
+    """Images/s of the encoder on tensors decoded and preprocessed beforehand (one value per repeat),
+    and the core-seconds it spends per image (all its threads)."""
     found = scan(sorted(p for p in archive.rglob("*.dcm"))[:200])
     images = []
     for case in found.cases[:40]:
@@ -135,11 +136,12 @@ def encoder_only(encoder, config: Config, archive: Path, *, batch: int, repeats:
     tensor = np.ascontiguousarray(np.resize(pool, (batch, *pool.shape[1:])), dtype=np.float32)
     encoder.embed(tensor)  # warm up
     rates = []
+    cpu_before = _cpu_seconds()["this_process"]
     for _ in range(repeats):
         started = time.perf_counter()
         encoder.embed(tensor)
         rates.append(batch / (time.perf_counter() - started))
-    return rates
+    return rates, (_cpu_seconds()["this_process"] - cpu_before) / (batch * repeats)
 
 
 def naive_loop(encoder, config: Config, archive: Path, n_files: int) -> dict[str, float]:
@@ -217,6 +219,33 @@ def _cpu_seconds() -> dict[str, float]:
     return out
 
 
+def _bound(report: dict, cpu: dict[str, float], encoder_images_per_s: float, encoder_core_s: float) -> dict | None:
+    """The best ratio this machine allows for this archive, whatever the pipeline's scheduling.
+
+    All cores busy, the encoder costing what it costs alone, and the files costing the pipeline what
+    they cost it in this run: the run can take no less than the larger of (a) its images at the
+    encoder's own rate and (b) all that CPU work spread over the cores. The workers' cost is the
+    machine's busy time less this process's, so it holds only on an otherwise idle machine.
+    """
+    if "machine_busy" not in cpu or not report["files_found"] or not os.cpu_count():
+        return None
+    cores = os.cpu_count() or 1
+    images, files = report["images_encoded"], report["files_found"]
+    workers_core_s = max(0.0, cpu["machine_busy"] - cpu["this_process"])
+    encode_core_s = images * encoder_core_s
+    other_here = max(0.0, cpu["this_process"] - encode_core_s)  # encoder threads' extra cost, bookkeeping
+    fastest = max(images / encoder_images_per_s, (encode_core_s + workers_core_s) / cores)
+    return {
+        "cores": cores,
+        "worker_core_ms_per_file": round(1e3 * workers_core_s / files, 2),
+        "encoder_core_s_at_its_own_cost": round(encode_core_s, 1),
+        "this_process_core_s_beyond_that": round(other_here, 1),
+        "fastest_possible_seconds": round(fastest, 1),
+        "best_possible_ratio": round(encoder_images_per_s / (files / fastest), 3),
+        "note": "no lower ratio is possible on this machine without less CPU per file; valid on an otherwise idle machine",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=5000, help="archive size in files (default 5000)")
@@ -250,7 +279,7 @@ def main() -> None:
 
         encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
         result["encoder_runtime"] = f"{encoder.runtime} on {encoder.device.type}"
-        before = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
+        before, core_s_before = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
         print(f"encoder alone: {statistics.median(before):.1f} images/s", file=sys.stderr)
 
         naive = naive_loop(encoder, config, archive, args.naive_files or min(n_files, 400))
@@ -274,11 +303,14 @@ def main() -> None:
                               # whole machine (so the workers and the fork server are the difference)
                               "cpu_seconds": cpu}
 
-        after = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
+        after, core_s_after = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
         reference = statistics.median(before + after)
+        encoder_core_s = (core_s_before + core_s_after) / 2
         result["encoder_only"] = {"images_per_s_before": [round(r, 2) for r in before],
                                   "images_per_s_after": [round(r, 2) for r in after],
-                                  "images_per_s_median": round(reference, 2)}
+                                  "images_per_s_median": round(reference, 2),
+                                  "core_ms_per_image": round(1e3 * encoder_core_s, 2)}
+        result["bound"] = _bound(report, cpu, reference, encoder_core_s)
 
         timed = {}
         for cached in (True, False):
