@@ -36,7 +36,8 @@ Two modes:
   and shift, contrast (gamma), intensity scaling and shift, gaussian noise. There are no flips:
   laterality carries meaning in medical images (``flips=True`` allows horizontal ones).
   Two safeguards keep SimCLR from first tearing down the ImageNet features it starts from
-  (measured: without them, every BreastMNIST run ended below the frozen encoder, docs/benchmarks.md):
+  (measured, docs/benchmarks.md: without them the runs ended level with or below the frozen encoder
+  on most figures; with them, PneumoniaMNIST beats it on every figure):
   the first epoch trains only the new projection head, on the fixed encoder (``head_epochs``),
   so that the encoder's first gradients come through a head that already means something; and
   BatchNorm keeps its ImageNet statistics (``freeze_norm``) instead of re-estimating them on
