@@ -7,6 +7,8 @@ a service pays that once. Endpoints:
   or ``application/octet-stream``) or as a ``multipart/form-data`` upload (the first file part).
   Returns the JSON of ``medsearch query --json``:
   ``{"query", "distance", "results": [{"rank", "case_id", "distance", "metadata"}]}``.
+  ``where`` (repeatable, URL-encoded) keeps only the cases whose metadata match, as
+  ``medsearch query --where``: ``/query?k=5&where=modality%3DCT&where=age%3E%3D60``.
 * ``GET /health``: ``{"status": "ok"}`` once the index and encoder are loaded.
 * ``GET /info``: what the index holds (as ``medsearch info --json``) and how the encoder runs.
 
@@ -33,12 +35,12 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePath
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -47,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsearch.config import Config
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
+from medsearch.filters import Filter, parse_filters
 from medsearch.search import Searcher, index_info
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app", "serve"]
@@ -142,15 +145,20 @@ def create_app(
         return _json(details)
 
     @app.post("/query")
-    async def query(request: Request, k: int = 10) -> Response:
+    async def query(request: Request, k: int = 10, where: Annotated[list[str] | None, Query()] = None) -> Response:
         if not 1 <= k <= _MAX_K:
             return _error(422, f"k must be between 1 and {_MAX_K}, got {k}")
+        try:  # a bad filter fails before the upload is read
+            filters = parse_filters(where)
+            searcher.store.matching(filters)
+        except MedsearchError as e:
+            return _error(422, str(e))
         fd, name = tempfile.mkstemp(prefix="medsearch-upload-", suffix=".dcm")
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as sink:
                 filename = await _receive(request, sink, limit)
-            result = await run_in_threadpool(_search, searcher, busy, path, k)
+            result = await run_in_threadpool(_search, searcher, busy, path, k, filters)
         except _UploadError as e:
             return _error(e.status, str(e))
         except InvalidStudyError as e:
@@ -196,9 +204,9 @@ def serve(
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _search(searcher: Searcher, busy: threading.Lock, path: Path, k: int) -> Any:
+def _search(searcher: Searcher, busy: threading.Lock, path: Path, k: int, filters: Sequence[Filter]) -> Any:
     with busy:
-        return searcher.search(path, k=k)
+        return searcher.search(path, k=k, where=filters)
 
 
 async def _receive(request: Request, sink: Any, limit: int) -> str:

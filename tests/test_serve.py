@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from medsearch.cli import app as cli_app
 from medsearch.search import Searcher
 from medsearch.serve import create_app
+from medsearch.store import IndexStore
 
 from conftest import SAMPLE
 
@@ -116,6 +117,21 @@ def test_bad_uploads_get_a_4xx_and_the_service_keeps_serving(client, uploads, na
 def test_bad_k(client, uploads, query, message):
     response = client.post(f"/query?{query}", content=QUERY.read_bytes(), headers={"Content-Type": "application/dicom"})
     assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_where_keeps_matching_cases_and_a_bad_filter_is_a_422(client, sample_index, uploads):
+    headers = {"Content-Type": "application/dicom"}
+    response = client.post("/query", params={"k": 10, "where": ["sex=F", "modality=CT"]}, content=QUERY.read_bytes(), headers=headers)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    women = sum(1 for s in IndexStore.open(sample_index).cases["sex"] if s == "F")
+    assert 0 < len(data["results"]) == min(10, women)
+    assert all(r["metadata"]["sex"] == "F" for r in data["results"])
+    assert data["query"]["where"] == ["sex=F", "modality=CT"]
+
+    bad = client.post("/query", params={"where": "colour=red"}, content=QUERY.read_bytes(), headers=headers)
+    assert bad.status_code == 422 and "colour" in bad.json()["error"]
+    assert client.get("/health").status_code == 200
 
 
 def test_unknown_route_is_a_json_error(client):
