@@ -227,7 +227,7 @@ def _bound(report: dict, cpu: dict[str, float], encoder_images_per_s: float, enc
     encoder's own rate and (b) all that CPU work spread over the cores. The workers' cost is the
     machine's busy time less this process's, so it holds only on an otherwise idle machine.
     """
-    if "machine_busy" not in cpu or not report["files_found"] or not os.cpu_count():
+    if "machine_busy" not in cpu or not report["files_found"]:
         return None
     cores = os.cpu_count() or 1
     images, files = report["images_encoded"], report["files_found"]

@@ -149,8 +149,7 @@ def create_app(
         if not 1 <= k <= _MAX_K:
             return _error(422, f"k must be between 1 and {_MAX_K}, got {k}")
         try:  # a bad filter fails before the upload is read
-            filters = parse_filters(where)
-            searcher.store.matching(filters)
+            filters = await run_in_threadpool(_filters, searcher, busy, where)
         except MedsearchError as e:
             return _error(422, str(e))
         fd, name = tempfile.mkstemp(prefix="medsearch-upload-", suffix=".dcm")
@@ -202,6 +201,14 @@ def serve(
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def _filters(searcher: Searcher, busy: threading.Lock, where: list[str] | None) -> tuple[Filter, ...]:
+    """``where`` parsed and checked against the index (under the lock: the store caches masks)."""
+    filters = parse_filters(where)
+    with busy:
+        searcher.store.matching(filters)
+    return filters
 
 
 def _search(searcher: Searcher, busy: threading.Lock, path: Path, k: int, filters: Sequence[Filter]) -> Any:
