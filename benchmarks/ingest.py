@@ -3,8 +3,8 @@
 Builds a synthetic archive of real-looking DICOMs derived from real samples, with new UIDs and a
 little noise added to the pixels:
 
-* CT series of 8 slices (positions 2.5 mm apart), from the TCGA-LUAD slices shipped in
-  ``medsearch/data/sample/tcga-luad-ct`` (512 x 512) and pydicom's ``CT_small.dcm``;
+* CT series of ``--series-length`` slices (default 8; positions 2.5 mm apart), from the TCGA-LUAD
+  slices shipped in ``medsearch/data/sample/tcga-luad-ct`` (512 x 512) and pydicom's ``CT_small.dcm``;
 * computed radiographs, from pydicom-data's ``RG1_UNCI.dcm`` and ``RG3_UNCI.dcm`` (CR, MONOCHROME1),
   halved to about 900 x 900 to keep the archive small (pixel spacing doubled to match).
 
@@ -102,23 +102,24 @@ def _write(ds: pydicom.Dataset, path: Path, rng: np.random.Generator, *, study: 
     ds.save_as(path, enforce_file_format=True)
 
 
-def build_archive(root: Path, n_files: int, *, xray_fraction: float = XRAY_FRACTION, seed: int = 0) -> dict[str, int]:
-    """Write about ``n_files`` files under ``root``: CT series of 8 slices and single radiographs."""
+def build_archive(root: Path, n_files: int, *, xray_fraction: float = XRAY_FRACTION,
+                  series_length: int = SLICES_PER_SERIES, seed: int = 0) -> dict[str, int]:
+    """Write about ``n_files`` files under ``root``: CT series of ``series_length`` slices and single radiographs."""
     rng = np.random.default_rng(seed)
     ct, xray = _sources()
     n_xray = round(n_files * xray_fraction) if xray else 0
-    n_series = max(1, (n_files - n_xray) // SLICES_PER_SERIES)
+    n_series = max(1, (n_files - n_xray) // series_length)
     for s in range(n_series):
         src = ct[s % len(ct)]
         study, series = generate_uid(), generate_uid()
-        for z in range(SLICES_PER_SERIES):
+        for z in range(series_length):
             ds = copy.deepcopy(src)
             ds.ImagePositionPatient = [0.0, 0.0, -100.0 + 2.5 * z]
             ds.InstanceNumber = z + 1
-            _write(ds, root / f"ct{s:05d}" / f"slice{z:02d}.dcm", rng, study=study, series=series)
+            _write(ds, root / f"ct{s:05d}" / f"slice{z:03d}.dcm", rng, study=study, series=series)
     for i in range(n_xray):
         _write(xray[i % len(xray)], root / "xray" / f"cr{i:05d}.dcm", rng, study=generate_uid(), series=generate_uid())
-    return {"ct_series": n_series, "ct_files": n_series * SLICES_PER_SERIES, "xray_files": n_xray}
+    return {"ct_series": n_series, "ct_files": n_series * series_length, "xray_files": n_xray}
 
 
 # -- measurements -------------------------------------------------------------------------------------
@@ -252,6 +253,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers(), help="pipeline worker processes")
     parser.add_argument("--batch-images", type=int, default=32, help="images per encoder call")
     parser.add_argument("--xray-fraction", type=float, default=XRAY_FRACTION, help="share of radiographs among the files")
+    parser.add_argument("--series-length", type=int, default=SLICES_PER_SERIES,
+                        help=f"slices per CT series (default {SLICES_PER_SERIES}; clinical series have 100s)")
     parser.add_argument("--naive-files", type=int, default=None, help="files timed in the naive loop (default: min(files, 400))")
     parser.add_argument("--repeats", type=int, default=5, help="encoder-alone repeats, before and after the pipeline")
     parser.add_argument("--archive", type=Path, default=None, help="keep (or reuse) the synthetic archive here")
@@ -266,13 +269,14 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"files": args.files, "workers": args.workers, "batch_images": args.batch_images,
-                     "xray_fraction": args.xray_fraction,
+                     "xray_fraction": args.xray_fraction, "series_length": args.series_length,
                      "preprocess": config.to_dict()["preprocess"], "encoder": config.encoder.name},
     }
     try:
         started = time.perf_counter()
         if not archive.exists() or not any(archive.rglob("*.dcm")):
-            result["archive"] = build_archive(archive, args.files, xray_fraction=args.xray_fraction)
+            result["archive"] = build_archive(archive, args.files, xray_fraction=args.xray_fraction,
+                                              series_length=args.series_length)
         n_files = sum(1 for _ in archive.rglob("*.dcm"))
         result["archive_files"] = n_files
         print(f"archive: {n_files} files in {archive} ({time.perf_counter() - started:.0f} s to write)", file=sys.stderr)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -63,6 +64,7 @@ from medsearch.io import (
     LoadFailure,
     SkippedFile,
     SkipReason,
+    SliceGeometry,
     Volume,
     group_headers,
     load_volume,
@@ -255,11 +257,12 @@ class _Setup:
 def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
     """Decode one case and make its encoder input, thumbnail and metadata row; never raises.
 
-    With the default loader, a 2D encoder and axial slices, every file is read but only the slices
-    the encoder sees and the thumbnail's middle slice are decoded, chosen from the header geometry
-    (see :func:`~medsearch.io.load_volume`): the same slices as a full decode would give, unless a
-    file that was not selected has pixel data that would not decode, which is then not noticed
-    (and the file counts as part of its case).
+    With the default loader, a 2D encoder and axial slices, only the slices the encoder sees and the
+    thumbnail's middle slice are read and decoded, chosen from the slice geometry the header scan
+    recorded (see :func:`~medsearch.io.load_volume`): the same slices as a full decode would give,
+    unless a file that was not selected has pixel data that would not decode, which is then not
+    noticed (and the file counts as part of its case; the scan has already checked that its header
+    reads, its pixel data is all there and its transfer syntax has a decoder).
     """
     started = time.perf_counter()
     files = job.case.files
@@ -612,6 +615,16 @@ class _WorkerPool:
 # -- the file-state cache ------------------------------------------------------------------------------
 
 
+def _geometry(text: str | None) -> SliceGeometry | None:
+    """A cached slice geometry; None when absent or unreadable (the case is then read the long way)."""
+    if not text:
+        return None
+    try:
+        return SliceGeometry.from_list(json.loads(text))
+    except (ValueError, TypeError):
+        return None
+
+
 @dataclass(frozen=True)
 class _FileState:
     key: str  # absolute path
@@ -644,7 +657,7 @@ class _Tokens:
 
     def summary(self, item: HeaderSummary) -> HeaderSummary:
         return HeaderSummary(item.path, self.token(item.study_uid), self.token(item.series_uid),
-                             self.token(item.sop_uid), item.frames)
+                             self.token(item.sop_uid), item.frames, item.geometry)
 
 
 class FileStateCache:
@@ -652,8 +665,8 @@ class FileStateCache:
 
     An SQLite file in the index directory (:data:`FILE_STATE`), keyed by a file's absolute path, size
     and modification time. For each file it holds its header summary, with the Study, Series and SOP
-    Instance UIDs replaced by keyed pseudonyms (enough to group files into cases and find duplicates),
-    the case id it was last part of, or why the file was skipped; and which files of a decoded case
+    Instance UIDs replaced by keyed pseudonyms (enough to group files into cases and find duplicates)
+    and its slice geometry (so that a case is ordered without reading its files again), the case id it was last part of, or why the file was skipped; and which files of a decoded case
     were left out. It holds file paths, so it is local to this machine: it is created owner-only and
     :func:`medsearch.sharing.export_index` leaves it behind. Deleting it only makes the next run read
     every header again.
@@ -664,7 +677,7 @@ class FileStateCache:
         The cache file; created when missing, and recreated when damaged.
     """
 
-    _VERSION = "2"
+    _VERSION = "3"  # 3: headers.geometry
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -692,7 +705,7 @@ class FileStateCache:
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS headers (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
                     "study TEXT, series TEXT, sop TEXT, frames INTEGER, reason TEXT, detail TEXT, "
-                    "case_id TEXT, part TEXT)"
+                    "case_id TEXT, part TEXT, geometry TEXT)"
                 )
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS decoded (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
@@ -711,9 +724,9 @@ class FileStateCache:
         by_key = {s.key: (path, s) for path, s in states.items()}
         out: dict[Path, _Cached] = {}
         rows = self._db.execute(
-            "SELECT path, size, mtime_ns, study, series, sop, frames, reason, detail, case_id, part FROM headers"
+            "SELECT path, size, mtime_ns, study, series, sop, frames, reason, detail, case_id, part, geometry FROM headers"
         )
-        for key, size, mtime, study, series, sop, frames, reason, detail, cid, part in rows:
+        for key, size, mtime, study, series, sop, frames, reason, detail, cid, part, geometry in rows:
             hit = by_key.get(key)
             if hit is None or hit[1].size != size or hit[1].mtime_ns != mtime:
                 continue
@@ -722,7 +735,7 @@ class FileStateCache:
             if reason:
                 item = SkippedFile(path, SkipReason(reason), detail or "")
             else:
-                item = HeaderSummary(path, study or "", series or "", sop or "", int(frames))
+                item = HeaderSummary(path, study or "", series or "", sop or "", int(frames), _geometry(geometry))
             out[path] = _Cached(item, cid or "", part or "")
         return out
 
@@ -746,12 +759,13 @@ class FileStateCache:
             if isinstance(item, SkippedFile):
                 if item.reason in _CACHED_HEADER_SKIPS:
                     rows.append((state.key, state.size, state.mtime_ns, None, None, None, None,
-                                 item.reason.value, item.detail, None, None))
+                                 item.reason.value, item.detail, None, None, None))
             else:
+                geometry = None if item.geometry is None else json.dumps(item.geometry.to_list())
                 rows.append((state.key, state.size, state.mtime_ns, item.study_uid, item.series_uid, item.sop_uid,
-                             item.frames, None, None, None, None))
+                             item.frames, None, None, None, None, geometry))
         with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def put_case_ids(self, items: Iterable[tuple[_FileState, str, str]]) -> None:
         """Record the case (id and part) each file belongs to."""
@@ -1175,7 +1189,7 @@ def _real_case(group: CaseFiles, tokens: _Tokens) -> CaseFiles | SkippedFile:
             return SkippedFile(group.files[0], SkipReason.UNREADABLE, "the file changed while it was being indexed; run again")
     # (SOP Instance UIDs of files not read in this run stay tokens: nothing downstream uses them)
     instances = tuple(tokens.real.get(u, u) for u in group.instance_uids)
-    return CaseFiles(study, series, group.files, instances, group.part)
+    return CaseFiles(study, series, group.files, instances, group.part, group.geometry)
 
 
 def _link(table: LinkTable, cid: str, case: CaseFiles) -> None:

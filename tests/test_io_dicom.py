@@ -7,7 +7,10 @@ DICOMs in tmp_path only for what no real file shows.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
+import math
 import shutil
 import warnings
 from collections import Counter
@@ -813,6 +816,11 @@ def _same_used_slices(case: CaseRef) -> tuple:
     used = part.decoded if part.decoded is not None else range(full.pixels.shape[0])
     for i in used:
         np.testing.assert_array_equal(part.pixels[i], full.pixels[i])
+    # without the geometry the scan recorded (a case from an older file-state cache): every file
+    # is read again, and the result is the same
+    again, again_skipped = load_volume(dataclasses.replace(case, geometry=()), select=_axial_and_middle)
+    assert again_skipped == part_skipped and again.decoded == part.decoded and again.spacing == part.spacing
+    np.testing.assert_array_equal(again.pixels, part.pixels)
     return part, part_skipped
 
 
@@ -906,6 +914,56 @@ def test_a_broken_slice_that_is_used_makes_the_whole_case_decode(tmp_path: Path)
     part, skipped = _same_used_slices(case)
     assert [s.path for s in skipped] == [used] and skipped[0].reason in (SkipReason.DECODE_ERROR, SkipReason.TRUNCATED)
     assert part.decoded is None and part.pixels.shape[0] == 7
+
+
+def _count_full_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    from medsearch.io import dicom
+
+    read: list[Path] = []
+    real = dicom._read_full
+
+    def counting(path: Path):
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(dicom, "_read_full", counting)
+    return read
+
+
+def test_select_reads_only_the_selected_files_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _sample_series(tmp_path / "series", [5, 0, 7, 2, 6, 1, 4, 3])  # file name order is not stack order
+    (case,) = scan(root).cases
+    assert len(case.geometry) == 8 and all(g is not None and (g.rows, g.columns) == (512, 512) for g in case.geometry)
+    read = _count_full_reads(monkeypatch)
+    part, skipped = load_volume(case, select=_axial_and_middle)
+    assert skipped == [] and part.decoded == (0, 2, 4, 5, 7)
+    # the files at stack positions 0, 2, 4, 5 and 7, and no other
+    by_position = {z: root / f"f{name:02d}.dcm" for name, z in enumerate([5, 0, 7, 2, 6, 1, 4, 3])}
+    assert sorted(read) == sorted(by_position[z] for z in (0, 2, 4, 5, 7))
+    read.clear()
+    load_volume(dataclasses.replace(case, geometry=()), select=_axial_and_middle)
+    assert len(read) == 8  # without recorded geometry, every file
+
+
+def test_a_selected_file_that_moved_since_the_scan_makes_the_case_read_again(tmp_path: Path) -> None:
+    root = _sample_series(tmp_path / "series", list(range(8)))
+    (case,) = scan(root).cases
+    moved = root / "f02.dcm"  # stack position 2, selected
+    ds = pydicom.dcmread(moved)
+    ds.ImagePositionPatient = [0.0, 0.0, 500.0]  # now the top of the stack
+    _write(ds, moved)
+    part, skipped = load_volume(case, select=_axial_and_middle)
+    fresh, fresh_skipped = load_volume(scan(root).cases[0], select=_axial_and_middle)
+    assert skipped == fresh_skipped == [] and part.decoded == fresh.decoded
+    np.testing.assert_array_equal(part.pixels, fresh.pixels)  # the stack as the files now are
+
+
+def test_slice_geometry_survives_its_list_form() -> None:
+    from medsearch.io import SliceGeometry
+
+    for g in (SliceGeometry(512, 512, (0.0, -1.5, 2.25), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), 3.0, math.inf),
+              SliceGeometry(10, 20, None, None, math.inf, 7.0)):
+        assert SliceGeometry.from_list(json.loads(json.dumps(g.to_list()))) == g
 
 
 def test_select_indices_out_of_range_raise(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -352,6 +353,25 @@ def test_the_file_state_cache_is_local_owner_only_and_holds_no_uid(serial_index,
     assert shareability_problems(index) == []
     exported = export_index(index, tmp_path / "shared")
     assert FILE_STATE in exported.left_out and not (tmp_path / "shared" / FILE_STATE).exists()
+
+
+def test_the_file_state_cache_keeps_slice_geometry(tmp_path):
+    from medsearch.io import HeaderSummary, SliceGeometry
+    from medsearch.pipeline import FileStateCache, _file_states
+
+    files = [tmp_path / "a.dcm", tmp_path / "b.dcm"]
+    for f in files:
+        f.write_bytes(b"x")
+    states = _file_states(files)
+    geometry = SliceGeometry(512, 512, (0.0, -1.5, 2.25), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), 3.0, math.inf)
+    items = [HeaderSummary(files[0], "st", "se", "sop1", 1, geometry), HeaderSummary(files[1], "st", "se", "sop2", 4)]
+    cache = FileStateCache(tmp_path / FILE_STATE)
+    cache.put_headers([(states[i.path], i) for i in items])
+    cache.close()
+    cache = FileStateCache(tmp_path / FILE_STATE)
+    found = cache.lookup(states)
+    cache.close()
+    assert [found[f].item for f in files] == items
 
 
 def test_rerun_reads_only_what_changed_and_remembers_failed_cases(mixed_archive, sample_key, tmp_path, monkeypatch):

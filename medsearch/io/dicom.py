@@ -23,7 +23,7 @@ import math
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -81,6 +81,9 @@ class CaseRef:
     part: str = (
         ""  # set when one series is split into several cases (e.g. several multi-frame objects)
     )
+    # The slice geometry of each file, from the scan (see SliceGeometry); () when not known.
+    geometry: tuple[SliceGeometry | None, ...] = field(default=(), repr=False)
+    header_index: int = 0  # which of ``files`` ``header`` was read from
 
 
 @dataclass
@@ -477,11 +480,45 @@ def find_files(root: Path | str) -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
+class SliceGeometry:
+    """Where a file's one grayscale image lies, as its header says: enough to order a series.
+
+    :func:`load_volume` orders a series by these, then reads only the slices it was asked for,
+    so a file the encoder does not see is read once, at the scan, and never again.
+    """
+
+    rows: int
+    columns: int
+    position: tuple[float, float, float] | None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6)
+    instance: float  # InstanceNumber; inf when missing
+    acquisition: float  # AcquisitionNumber; inf when missing
+
+    def to_list(self) -> list[Any]:
+        """A JSON-ready form (``inf`` as None), for :meth:`from_list`."""
+        ranks = [None if math.isinf(v) else v for v in (self.instance, self.acquisition)]
+        return [self.rows, self.columns, self.position and list(self.position),
+                self.orientation and list(self.orientation), *ranks]
+
+    @classmethod
+    def from_list(cls, values: Sequence[Any]) -> SliceGeometry:
+        rows, columns, position, orientation, instance, acquisition = values
+        return cls(
+            int(rows), int(columns),
+            None if position is None else tuple(float(v) for v in position),  # type: ignore[arg-type]
+            None if orientation is None else tuple(float(v) for v in orientation),
+            math.inf if instance is None else float(instance),
+            math.inf if acquisition is None else float(acquisition),
+        )
+
+
+@dataclass(frozen=True)
 class HeaderSummary:
     """The facts :func:`group_headers` needs from one file's header, and nothing else.
 
     Small and picklable, so that an archive of any size can keep one per file and worker processes
     can send them back; the UIDs identify a study, so a summary stays on the machine that read it.
+    ``geometry`` is set for a file holding one grayscale image (see :class:`SliceGeometry`).
     """
 
     path: Path
@@ -489,6 +526,7 @@ class HeaderSummary:
     series_uid: str
     sop_uid: str
     frames: int
+    geometry: SliceGeometry | None = None
 
 
 @dataclass(frozen=True)
@@ -500,6 +538,7 @@ class CaseFiles:
     files: tuple[Path, ...]
     instance_uids: tuple[str, ...]
     part: str = ""
+    geometry: tuple[SliceGeometry | None, ...] = field(default=(), repr=False)  # per file, or ()
 
     def open(self) -> CaseRef:
         """This case as a :class:`CaseRef`, with the header of its first file read now (no pixels).
@@ -512,7 +551,7 @@ class CaseFiles:
             No file of the case has a readable header any more (changed since it was scanned).
         """
         skipped = []
-        for path in self.files:
+        for index, path in enumerate(self.files):
             try:
                 ds = _read_header(path).ds
             except _Skip as skip:
@@ -528,6 +567,8 @@ class CaseFiles:
                 instance_uids=self.instance_uids,
                 header=ds,
                 part=self.part,
+                geometry=self.geometry,
+                header_index=index,
             )
         first = skipped[0]
         raise LoadFailure(
@@ -650,6 +691,7 @@ def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
             instance_uids=g.instance_uids,
             header=headers[g.files[0]],
             part=g.part,
+            geometry=g.geometry,
         )
         for g in groups
     ]
@@ -695,6 +737,25 @@ def _summary(path: Path, ds: Dataset) -> HeaderSummary:
         series_uid=_str(ds, "SeriesInstanceUID"),
         sop_uid=_str(ds, "SOPInstanceUID"),
         frames=_int(_get(ds, "NumberOfFrames"), 1),
+        geometry=_geometry(ds),
+    )
+
+
+def _geometry(ds: Dataset) -> SliceGeometry | None:
+    """The slice geometry of a file of one grayscale image, as :func:`_images` reads it; else None."""
+    try:
+        if not _plain_gray(ds):
+            return None
+        (image,) = _images(ds, None, 0)
+    except Exception:  # noqa: BLE001 - an odd header: the case is then read and ordered the long way
+        return None
+    return SliceGeometry(
+        rows=_int(_get(ds, "Rows"), 0),
+        columns=_int(_get(ds, "Columns"), 0),
+        position=None if image.position is None else tuple(float(v) for v in image.position),  # type: ignore[arg-type]
+        orientation=None if image.orientation is None else tuple(float(v) for v in image.orientation),
+        instance=image.order[0],
+        acquisition=image.order[1],
     )
 
 
@@ -718,6 +779,7 @@ def _split(key: tuple[str, str], entries: list[HeaderSummary]) -> list[CaseFiles
             files=tuple(e.path for e in members),
             instance_uids=tuple(e.sop_uid for e in members),
             part=part,
+            geometry=tuple(e.geometry for e in members),
         )
 
     multi = [e for e in entries if e.frames > 1]
@@ -1010,11 +1072,13 @@ def load_volume(
         A case from :func:`scan`.
     select : callable, optional
         Given the depth of the stack, the indices of the slices that will be used (a 2D encoder
-        sees a few of a CT series). Every file is still read, and the stack is ordered from the
-        headers, but only those slices are decoded; the volume lists them in ``decoded``. This
-        applies to series of single-frame grayscale files; other cases are decoded whole, as is a
-        case where a selected slice fails to decode (so that the skip report names that file and
-        the stack is the one a full decode gives).
+        sees a few of a CT series). The stack is ordered from the headers, and only those slices
+        are decoded; the volume lists them in ``decoded``. When the case carries the slice
+        geometry its scan recorded (``case.geometry``), only the selected files are read again;
+        otherwise every file is read. This applies to series of single-frame grayscale files;
+        other cases are decoded whole, as is a case where a selected slice fails to decode or its
+        file changed since the scan (so that the skip report names that file and the stack is the
+        one a full decode gives).
 
     Returns
     -------
@@ -1031,6 +1095,10 @@ def load_volume(
     LoadFailure
         If no file of the case decodes.
     """
+    if select is not None:
+        fast = _load_by_geometry(case, select)
+        if fast is not None:
+            return fast
     failed: list[tuple[int, SkippedFile]] = []
     read: list[tuple[int, Path, Dataset]] = []
     for index, path in enumerate(case.files):
@@ -1106,27 +1174,50 @@ def _plain_gray(ds: Dataset) -> bool:
 def _load_selected(
     case: CaseRef, read: list[tuple[int, Path, Dataset]], select: Callable[[int], Iterable[int]]
 ) -> tuple[Volume, list[SkippedFile]] | None:
-    """The volume of single-frame grayscale files, with only the selected slices decoded.
+    """The volume of single-frame grayscale files read in full, with only the selected slices decoded.
 
     The stack is built as :func:`load_volume` builds it from decoded files, from the same headers
     (shape from Rows and Columns). Returns None where a full decode must decide: geometry that does
     not parse, or a selected slice that does not decode to its header's shape.
     """
-    shapes = Counter((_int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0)) for _, _, ds in read)
+    geometry = {index: _geometry(ds) for index, _, ds in read}
+    known = {index: g for index, g in geometry.items() if g is not None}
+    if len(known) < len(geometry):
+        return None
+    return _selected_volume(case, known, select, {index: ds for index, _, ds in read})
+
+
+def _load_by_geometry(case: CaseRef, select: Callable[[int], Iterable[int]]) -> tuple[Volume, list[SkippedFile]] | None:
+    """As :func:`_load_selected`, from the geometry the scan recorded: only the selected files are read."""
+    if len(case.geometry) != len(case.files) or any(g is None for g in case.geometry):
+        return None
+    return _selected_volume(case, dict(enumerate(case.geometry)), select, {})  # type: ignore[arg-type]
+
+
+def _selected_volume(
+    case: CaseRef,
+    geometry: dict[int, SliceGeometry],
+    select: Callable[[int], Iterable[int]],
+    read: dict[int, Dataset],
+) -> tuple[Volume, list[SkippedFile]] | None:
+    """Order files by ``geometry`` (file index -> geometry), then read and decode the selected slices.
+
+    ``read`` holds the datasets already read in full, by file index; a file not in it is read now,
+    and must still have the geometry it was scanned with. None: a full decode must decide.
+    """
+    shapes = Counter((g.rows, g.columns) for g in geometry.values())
     majority = shapes.most_common(1)[0][0]
     inconsistent: list[SkippedFile] = []
     images: list[_Image] = []
-    kept: dict[int, Dataset] = {}
-    try:
-        for index, path, ds in read:
-            shape = (_int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0))
-            if shape != majority:
-                inconsistent.append(_inconsistent(path, shape, majority))
-                continue
-            images.extend(_images(ds, None, index))
-            kept[index] = ds
-    except Exception:  # noqa: BLE001 - an odd header: the full decode skips its file with the reason
-        return None
+    kept: list[int] = []
+    for index, g in geometry.items():
+        if (g.rows, g.columns) != majority:
+            inconsistent.append(_inconsistent(case.files[index], (g.rows, g.columns), majority))
+            continue
+        position = None if g.position is None else np.array(g.position, dtype=np.float64)
+        orientation = None if g.orientation is None else np.array(g.orientation, dtype=np.float64)
+        images.append(_Image(None, position, orientation, (g.instance, g.acquisition, index, 0)))
+        kept.append(index)
     stacked, gap = _stack(images)
     depth = len(stacked)
     wanted = sorted({int(i) for i in select(depth)})
@@ -1134,15 +1225,29 @@ def _load_selected(
         raise ValueError(f"select gave slice indices {wanted} for a stack of {depth}")
     pixels = np.zeros((depth, *majority), dtype=np.float32)  # untouched pages cost no memory
     for i in wanted:
-        ds = kept[stacked[i].order[2]]
+        index = stacked[i].order[2]
         try:
+            ds = read.get(index)
+            if ds is None:
+                ds = _read_full(case.files[index])
+                if _geometry(ds) != geometry[index]:  # the file changed since it was scanned
+                    return None
+                read[index] = ds
             decoded = _decode(ds)
         except Exception:  # noqa: BLE001 - decode everything: the full path skips the file with the reason
             return None
         if decoded.shape != (1, *majority):
             return None
         pixels[i] = decoded[0]
-    volume = _volume(case, pixels, next(iter(kept.values())), gap, decoded=tuple(wanted))
+    ref = read.get(kept[0])
+    if ref is None and kept[0] == case.header_index:
+        ref = case.header
+    if ref is None:
+        try:
+            ref = _read_header(case.files[kept[0]]).ds
+        except Exception:  # noqa: BLE001 - as above
+            return None
+    volume = _volume(case, pixels, ref, gap, decoded=tuple(wanted))
     return volume, inconsistent
 
 
