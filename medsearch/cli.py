@@ -419,8 +419,9 @@ def serve(
     """Keep an index and its encoder loaded and answer queries over HTTP, as JSON.
 
     POST /query?k=10 with a DICOM file (raw body or multipart form) returns what 'query --json'
-    prints; GET /health and GET /info. There is no authentication: keep the default --host unless a
-    gateway of yours stands in front.
+    prints; GET /health and GET /info. Cases that 'medsearch index' adds while it runs are served from
+    the next request on. There is no authentication: keep the default --host unless a gateway of
+    yours stands in front.
     """
     from medsearch.serve import serve as run_service
 

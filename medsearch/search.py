@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -32,7 +33,7 @@ from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, SkippedFile, Volume, find_files, load_study
 from medsearch.pipeline import FILE_STATE, Chunk, IndexReport, encoder_input, index_files, pool_slices, write_atomic
 from medsearch.sharing import LinkTable
-from medsearch.store import IndexStore, read_manifest
+from medsearch.store import MANIFEST, IndexStore, read_manifest
 
 __all__ = [
     "IndexReport",
@@ -296,16 +297,57 @@ def query(
     return Searcher(index_dir, config=config).search(study, k=k, where=where, volume=volume)
 
 
+def _manifest_stamp(index_dir: Path) -> tuple[int, int, int] | None:
+    """What changes when a commit replaces the manifest (it is written anew, then renamed over)."""
+    try:
+        st = os.stat(index_dir / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class Searcher:
     """An open index with its encoder, for many queries in a row (a notebook, a service)."""
 
     def __init__(self, index_dir: str | Path, *, config: Config | str | Path | None = None) -> None:
+        self.index_dir = Path(index_dir)
+        self._own_config = config is not None
+        self._seen = _manifest_stamp(self.index_dir)
         self.store = IndexStore.open(index_dir)
         self.config = _index_config(self.store.manifest) if config is None else _as_config(config)
         self.encoder = load_encoder(self.config.encoder, input_size=self.config.preprocess.size)
-        self.store.check_compatible(self.encoder.info.to_dict(), self.config.to_dict()["preprocess"])
-        if config is not None:  # a config's search knobs apply to this searcher (not written to the index)
-            self.store.configure(ef_search=self.config.index.ef_search, nprobe=self.config.index.nprobe)
+        self._adopt(self.store)
+
+    def _adopt(self, store: IndexStore) -> None:
+        store.check_compatible(self.encoder.info.to_dict(), self.config.to_dict()["preprocess"])
+        if self._own_config:  # a config's search knobs apply to this searcher (not written to the index)
+            store.configure(ef_search=self.config.index.ef_search, nprobe=self.config.index.nprobe)
+        self.store = store
+
+    def refresh(self) -> bool:
+        """Load the index again if ``medsearch index`` has committed to it since; True when it did.
+
+        A long-lived searcher (``medsearch serve``, a notebook) calls this between queries: it costs
+        one ``stat`` when nothing changed. Each commit is a consistent snapshot, so a query sees the
+        index before or after a commit, never a mix.
+
+        Raises
+        ------
+        IndexNotFoundError, IndexCorruptError, EncoderMismatchError
+            The index on disk can no longer be opened with this searcher's encoder and settings; the
+            searcher keeps the index it had, and the next call tries again.
+        """
+        stamp = _manifest_stamp(self.index_dir)
+        if stamp == self._seen:
+            return False
+        generation = self.store.manifest.get("generation")
+        store = IndexStore.open(self.index_dir)
+        if store.manifest.get("generation") == generation:
+            self._seen = stamp
+            return False
+        self._adopt(store)
+        self._seen = stamp
+        return True
 
     def search(
         self,

@@ -17,6 +17,11 @@ A body larger than ``max_upload_mb`` is refused from its ``Content-Length`` befo
 while it streams otherwise. Uploads go to a temporary file that is removed after the query, whatever
 happens. Neither the log nor an error message carries a value read from an upload.
 
+The index may grow while the service runs: each request first checks whether ``medsearch index``
+has committed since (one ``stat``) and, if so, loads the new snapshot before answering. A new index
+that cannot be loaded (damaged, or built with another encoder) is logged once, and the service
+keeps answering from the one it has.
+
 It binds to 127.0.0.1 by default and has no authentication: put it behind your own gateway before
 binding it to another address.
 
@@ -136,12 +141,35 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "query") or "request"
         return _error(422, f"bad value for {where}: {first.get('msg', 'invalid')}")
 
+    problem = [""]  # the last reload failure, logged once
+
+    def refresh() -> None:
+        """Pick up a commit of ``medsearch index`` (called under ``busy``)."""
+        try:
+            if searcher.refresh():
+                details.update(index_info(searcher.index_dir))
+                log.info("reloaded index %s: %d cases", searcher.index_dir, details["cases"])
+            problem[0] = ""
+        except MedsearchError as e:  # a broken or incompatible new index: keep serving the one loaded
+            if str(e) != problem[0]:
+                log.warning("still serving the index loaded before: %s", e)
+            problem[0] = str(e)
+
+    def refresh_if_idle() -> None:
+        if busy.acquire(blocking=False):  # never make a health check wait for a running query
+            try:
+                refresh()
+            finally:
+                busy.release()
+
     @app.get("/health")
     async def health() -> Response:
+        await run_in_threadpool(refresh_if_idle)
         return _json({"status": "ok", "cases": details["cases"]})
 
     @app.get("/info")
     async def info() -> Response:
+        await run_in_threadpool(refresh_if_idle)
         return _json(details)
 
     @app.post("/query")
@@ -149,7 +177,7 @@ def create_app(
         if not 1 <= k <= _MAX_K:
             return _error(422, f"k must be between 1 and {_MAX_K}, got {k}")
         try:  # a bad filter fails before the upload is read
-            filters = await run_in_threadpool(_filters, searcher, busy, where)
+            filters = await run_in_threadpool(_filters, searcher, busy, where, refresh)
         except MedsearchError as e:
             return _error(422, str(e))
         fd, name = tempfile.mkstemp(prefix="medsearch-upload-", suffix=".dcm")
@@ -157,7 +185,7 @@ def create_app(
         try:
             with os.fdopen(fd, "wb") as sink:
                 filename = await _receive(request, sink, limit)
-            result = await run_in_threadpool(_search, searcher, busy, path, k, filters)
+            result = await run_in_threadpool(_search, searcher, busy, path, k, filters, refresh)
         except _UploadError as e:
             return _error(e.status, str(e))
         except InvalidStudyError as e:
@@ -203,16 +231,22 @@ def serve(
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _filters(searcher: Searcher, busy: threading.Lock, where: list[str] | None) -> tuple[Filter, ...]:
+def _filters(
+    searcher: Searcher, busy: threading.Lock, where: list[str] | None, refresh: Callable[[], None]
+) -> tuple[Filter, ...]:
     """``where`` parsed and checked against the index (under the lock: the store caches masks)."""
     filters = parse_filters(where)
     with busy:
+        refresh()
         searcher.store.matching(filters)
     return filters
 
 
-def _search(searcher: Searcher, busy: threading.Lock, path: Path, k: int, filters: Sequence[Filter]) -> Any:
+def _search(
+    searcher: Searcher, busy: threading.Lock, path: Path, k: int, filters: Sequence[Filter], refresh: Callable[[], None]
+) -> Any:
     with busy:
+        refresh()
         return searcher.search(path, k=k, where=filters)
 
 

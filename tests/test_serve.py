@@ -163,3 +163,33 @@ def test_serve_command_help():
     for option in ("--host", "--port", "--max-upload-mb"):
         assert option in result.output
     assert "127.0.0.1" in result.output
+
+
+def test_the_service_picks_up_new_commits_and_survives_a_broken_one(sample_index, sample_key, tmp_path, uploads, caplog):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from medsearch.search import build_index
+
+    index = tmp_path / "index"
+    shutil.copytree(sample_index, index)
+    client = TestClient(create_app(index, max_upload_mb=LIMIT_MB, warm_up=False))
+    assert client.get("/health").json()["cases"] == 12
+
+    # `medsearch index` adds a case while the service runs: the next request sees it
+    build_index(get_testdata_file("CT_small.dcm"), index, key=sample_key)
+    assert client.get("/health").json()["cases"] == 13
+    assert client.get("/info").json()["cases"] == 13
+    response = client.post("/query?k=20", content=QUERY.read_bytes(), headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 200 and len(response.json()["results"]) == 13
+
+    # a manifest that no longer reads: logged once, and the loaded index keeps answering
+    (index / "manifest.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="medsearch.serve"):
+        for _ in range(3):
+            assert client.get("/health").json()["cases"] == 13
+        response = client.post("/query?k=3", content=QUERY.read_bytes(), headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 200 and len(response.json()["results"]) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "still serving the index loaded before" in warnings[0] and "manifest.json" in warnings[0]
