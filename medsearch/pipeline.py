@@ -666,8 +666,9 @@ class FileStateCache:
     An SQLite file in the index directory (:data:`FILE_STATE`), keyed by a file's absolute path, size
     and modification time. For each file it holds its header summary, with the Study, Series and SOP
     Instance UIDs replaced by keyed pseudonyms (enough to group files into cases and find duplicates)
-    and its slice geometry (so that a case is ordered without reading its files again), the case id it was last part of, or why the file was skipped; and which files of a decoded case
-    were left out. It holds file paths, so it is local to this machine: it is created owner-only and
+    and its slice geometry (so that a case is ordered without reading its files again), the case id
+    it was last part of, or why the file was skipped; and which files of a decoded case were left
+    out. It holds file paths, so it is local to this machine: it is created owner-only and
     :func:`medsearch.sharing.export_index` leaves it behind. Deleting it only makes the next run read
     every header again.
 

@@ -340,9 +340,8 @@ class Searcher:
         stamp = _manifest_stamp(self.index_dir)
         if stamp == self._seen:
             return False
-        generation = self.store.manifest.get("generation")
         store = IndexStore.open(self.index_dir)
-        if store.manifest.get("generation") == generation:
+        if store.manifest.get("files") == self.store.manifest.get("files"):  # names and checksums
             self._seen = stamp
             return False
         self._adopt(store)
