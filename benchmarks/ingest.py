@@ -26,7 +26,8 @@ Usage::
 
     nice -n 10 .venv/bin/python benchmarks/ingest.py [--files 5000] [--workers N] [--json FILE]
 
-Compare figures only within one run; on a shared machine, compare the ratios.
+Compare figures only within one run; on a shared machine, compare the ratios. The JSON goes to stdout
+(and ``--json``); a summary in a few lines ends stderr.
 """
 
 from __future__ import annotations
@@ -358,6 +359,40 @@ def main() -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if "ratios" in result:
+        print("\n".join(summary_lines(result)), file=sys.stderr)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The run in a few lines, for a person (the JSON on stdout has everything)."""
+    machine, pipe, enc, naive = result["machine"], result["pipeline"], result["encoder_only"], result["naive_loop"]
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in pipe["stage_seconds"].items())
+    lines = [
+        (f"machine: {machine['cpus']} cores; load average {machine['load_average_at_start'][0]} at the start, "
+         f"{machine['load_average_at_end'][0]} at the end"),
+        f"archive: {pipe['files_found']} files, {pipe['cases_found']} cases, {pipe['images_encoded']} encoder images",
+        (f"encoder alone (img/s): before {enc['images_per_s_before']}, after {enc['images_per_s_after']}; "
+         f"median {enc['images_per_s_median']}; {enc['core_ms_per_image']} core-ms per image"),
+        f"naive loop: {naive['files']} files, {naive['files_per_s']} files/s",
+        (f"pipeline: {pipe['seconds']:.2f} s, {pipe['files_per_second']} files/s; stages: {stages}; "
+         f"encoder busy {pipe['encoder_busy_fraction']:.0%}"),
+        (f"cpu_seconds: this process {pipe['cpu_seconds']['this_process']}, machine busy "
+         f"{pipe['cpu_seconds'].get('machine_busy', '?')}"),
+    ]
+    ratios = result["ratios"]
+    lines.append(f"ratios: {ratios['encoder_images_per_s_over_pipeline_files_per_s']} (target <= 1.3); "
+                 f"{ratios['same_after_worker_startup']} after worker start-up; "
+                 f"pipeline over naive {ratios['pipeline_over_naive_files_per_s']}")
+    bound = result.get("bound")
+    if bound:
+        lines.append(f"bound: cores {bound['cores']}, fastest possible {bound['fastest_possible_seconds']} s, "
+                     f"best possible ratio {bound['best_possible_ratio']}; workers {bound['worker_core_ms_per_file']} "
+                     "core-ms per file")
+    rerun = result["rerun_unchanged_archive"]
+    lines.append(f"rerun of the unchanged archive: {rerun['with_file_cache']['seconds']} s with the file-state "
+                 f"cache, {rerun['without_file_cache']['seconds']} s without; every file accounted for: "
+                 f"{pipe['files_accounted']}")
+    return lines
 
 
 if __name__ == "__main__":
