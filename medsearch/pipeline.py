@@ -615,7 +615,7 @@ class _WorkerPool:
 # -- the file-state cache ------------------------------------------------------------------------------
 
 
-def _geometry(text: str | None) -> SliceGeometry | None:
+def _cached_geometry(text: str | None) -> SliceGeometry | None:
     """A cached slice geometry; None when absent or unreadable (the case is then read the long way)."""
     if not text:
         return None
@@ -736,7 +736,7 @@ class FileStateCache:
             if reason:
                 item = SkippedFile(path, SkipReason(reason), detail or "")
             else:
-                item = HeaderSummary(path, study or "", series or "", sop or "", int(frames), _geometry(geometry))
+                item = HeaderSummary(path, study or "", series or "", sop or "", int(frames), _cached_geometry(geometry))
             out[path] = _Cached(item, cid or "", part or "")
         return out
 

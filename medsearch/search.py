@@ -348,6 +348,10 @@ class Searcher:
         self._seen = stamp
         return True
 
+    def info(self) -> dict[str, Any]:
+        """What the loaded index holds, as :func:`index_info` says (without opening it again)."""
+        return _store_info(self.store, self.index_dir)
+
     def search(
         self,
         study: str | Path,
@@ -425,7 +429,10 @@ def index_info(index_dir: str | Path, *, verify: bool = False) -> dict[str, Any]
     IndexCorruptError
         A data file is missing, truncated or does not match its checksum (the message names it).
     """
-    store = IndexStore.open(index_dir, verify=verify)
+    return _store_info(IndexStore.open(index_dir, verify=verify), index_dir, verify=verify)
+
+
+def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = False) -> dict[str, Any]:
     m = store.manifest
     cases = store.cases
     tallies = {

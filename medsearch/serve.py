@@ -55,7 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medsearch.config import Config
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.filters import Filter, parse_filters
-from medsearch.search import Searcher, index_info
+from medsearch.search import Searcher
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app", "serve"]
 
@@ -119,7 +119,7 @@ def create_app(
         searcher.encoder.embed(np.zeros(shape, dtype=np.float32))
     limit = int(max_upload_mb * 1_000_000)
     details = {
-        **index_info(index_dir),
+        **searcher.info(),
         "encoder_runtime": searcher.encoder.runtime,
         "encoder_device": searcher.encoder.device.type,
         "max_upload_bytes": limit,
@@ -141,19 +141,20 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "query") or "request"
         return _error(422, f"bad value for {where}: {first.get('msg', 'invalid')}")
 
-    problem = [""]  # the last reload failure, logged once
+    problem = ""  # the last reload failure, logged once
 
     def refresh() -> None:
         """Pick up a commit of ``medsearch index`` (called under ``busy``)."""
+        nonlocal problem
         try:
             if searcher.refresh():
-                details.update(index_info(searcher.index_dir))
+                details.update(searcher.info())
                 log.info("reloaded index %s: %d cases", searcher.index_dir, details["cases"])
-            problem[0] = ""
+            problem = ""
         except MedsearchError as e:  # a broken or incompatible new index: keep serving the one loaded
-            if str(e) != problem[0]:
+            if str(e) != problem:
                 log.warning("still serving the index loaded before: %s", e)
-            problem[0] = str(e)
+            problem = str(e)
 
     def refresh_if_idle() -> None:
         if busy.acquire(blocking=False):  # never make a health check wait for a running query

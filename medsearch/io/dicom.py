@@ -1111,7 +1111,7 @@ def load_volume(
             detail = _one_line(exc)
             logger.info("skip %s: %s (%s)", path, SkipReason.DECODE_ERROR.value, detail)
             failed.append((index, SkippedFile(path, SkipReason.DECODE_ERROR, detail)))
-    if select is not None and read and all(_plain_gray(ds) for _, _, ds in read):
+    if select is not None and read:
         # A file whose header reads but whose pixels would not decode is found only if its slice
         # is selected (then everything is decoded, below). Otherwise it stays part of the case,
         # as it is part of the series and its geometry was used to order the stack; its pixels,
@@ -1177,8 +1177,9 @@ def _load_selected(
     """The volume of single-frame grayscale files read in full, with only the selected slices decoded.
 
     The stack is built as :func:`load_volume` builds it from decoded files, from the same headers
-    (shape from Rows and Columns). Returns None where a full decode must decide: geometry that does
-    not parse, or a selected slice that does not decode to its header's shape.
+    (shape from Rows and Columns). Returns None where a full decode must decide: a file that is not
+    one grayscale image, geometry that does not parse, or a selected slice that does not decode to
+    its header's shape.
     """
     geometry = {index: _geometry(ds) for index, _, ds in read}
     known = {index: g for index, g in geometry.items() if g is not None}
