@@ -9,12 +9,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from medsearch._json import json_default
 from medsearch.errors import ConfigError
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "SliceMode",
     "config_from_dict",
     "load_config",
+    "parse_enum",
     "preset_names",
 ]
 
@@ -75,7 +78,7 @@ class PreprocessConfig:
     pool: str = "mean"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "slice_mode", _enum(SliceMode, self.slice_mode, "preprocess.slice_mode"))
+        object.__setattr__(self, "slice_mode", parse_enum(SliceMode, self.slice_mode, "preprocess.slice_mode"))
         object.__setattr__(self, "ct_window", _pair(self.ct_window, "preprocess.ct_window"))
         object.__setattr__(self, "percentiles", _pair(self.percentiles, "preprocess.percentiles"))
         if not 16 <= int(self.size) <= 2048:
@@ -140,8 +143,8 @@ class IndexConfig:
     nprobe: int = 32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "metric", _enum(Metric, self.metric, "index.metric"))
-        object.__setattr__(self, "index_type", _enum(IndexType, self.index_type, "index.index_type"))
+        object.__setattr__(self, "metric", parse_enum(Metric, self.metric, "index.metric"))
+        object.__setattr__(self, "index_type", parse_enum(IndexType, self.index_type, "index.index_type"))
         for name in ("memory_budget_mb", "ef_search", "nprobe"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -158,7 +161,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (enums as strings, tuples as lists)."""
-        return json.loads(json.dumps(asdict(self), default=_jsonable))
+        return json.loads(json.dumps(asdict(self), default=json_default))
 
     def preprocess_hash(self) -> str:
         """A short hash of the preprocessing settings, recorded in an index manifest."""
@@ -236,11 +239,12 @@ def config_from_dict(data: dict[str, Any], *, source: str = "dict") -> Config:
     return Config(**parts)
 
 
-def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
+def parse_enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
+    """``cls(value)``, or a :class:`ConfigError` that names the setting and lists its choices."""
     try:
         return cls(value)
     except ValueError:
-        choices = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+        choices = ", ".join(repr(m.value) for m in cls)
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}") from None
 
 
@@ -250,9 +254,3 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
         return float(a), float(b)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be two numbers, got {value!r}") from None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    raise TypeError(f"cannot serialize {type(value).__name__}")

@@ -15,6 +15,8 @@ __all__ = [
     "InvalidStudyError",
     "KeyFileError",
     "MedsearchError",
+    "WriteError",
+    "first_line",
 ]
 
 
@@ -48,3 +50,14 @@ class EncoderMismatchError(MedsearchError, ValueError):
 
 class KeyFileError(MedsearchError, OSError):
     """The site key (for pseudonyms) is missing, unreadable, or not the one the index was built with."""
+
+
+class WriteError(MedsearchError, OSError):
+    """A file medsearch writes (a cache, a sheet, a report, a trained encoder) cannot be written."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none: what a one-line
+    report or skip reason shows of a library's error."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

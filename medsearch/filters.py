@@ -22,11 +22,12 @@ must all hold. How values compare:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -71,7 +72,7 @@ class Filter:
     field: str
     op: FilterOp
     value: str
-    number: float | None = field(default=None, init=False, compare=False, repr=False)
+    number: float | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:

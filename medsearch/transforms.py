@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
-import scipy.sparse  # type: ignore[import-untyped]
+import scipy.sparse
 import torch
 from monai.data import MetaTensor
 from monai.networks.layers.convutils import gaussian_1d

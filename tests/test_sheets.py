@@ -230,7 +230,7 @@ def test_cli_query_writes_sheet_and_html(runner, tmp_path, sample_index):
 
 
 def test_cli_query_with_sheet_decodes_the_query_once(runner, tmp_path, sample_index, monkeypatch):
-    from medsearch.io import dicom
+    from medsearch.io.dicom import study as dicom
 
     calls = []
     real = dicom.load_volume

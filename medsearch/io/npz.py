@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsearch.errors import InvalidStudyError
+from medsearch.errors import InvalidStudyError, first_line
 from medsearch.io.dicom import Volume
 
 __all__ = ["NPZ_SPLITS", "NpzLayout", "NpzSplit", "load_npz_split", "npz_splits"]
@@ -162,7 +162,7 @@ def load_npz_split(path: str | Path, split: str, *, layout: NpzLayout | str | No
             images = np.asarray(data[f"{split}_images"])
             labels = np.asarray(data[f"{split}_labels"])
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise InvalidStudyError(f"cannot read split {split!r} of {path}: {_first_line(e)}") from e
+        raise InvalidStudyError(f"cannot read split {split!r} of {path}: {first_line(e)}") from e
     layout = _layout(images, layout, path, split)
     labels = _flat_labels(labels, path, split)
     if labels.shape[0] != images.shape[0]:
@@ -181,7 +181,7 @@ def _keys(path: Path) -> set[str]:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise InvalidStudyError(f"{path} is not a readable .npz file ({_first_line(e)}); give a MedMNIST-format .npz file") from e
+        raise InvalidStudyError(f"{path} is not a readable .npz file ({first_line(e)}); give a MedMNIST-format .npz file") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InvalidStudyError(f"{path} holds a single array, not an .npz archive; give a MedMNIST-format .npz file")
     with data:
@@ -234,8 +234,3 @@ def _flat_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
             return labels.astype(np.int64)
         raise InvalidStudyError(f"{path}: {split}_labels holds {labels.dtype} values; labels must be integers")
     return labels.astype(np.int64)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -18,7 +18,7 @@ from medsearch.io import npz as npz_module
 def medmnist_dir() -> Path:
     """``shared/data/medmnist`` beside the repository (or under $MEDSEARCH_SHARED_DATA); skip if absent."""
     env = os.environ.get("MEDSEARCH_SHARED_DATA")
-    root = (Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data") / "medmnist"
+    root = (Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data") / "medmnist"
     if not root.is_dir():
         pytest.skip(f"MedMNIST files not found at {root}; set MEDSEARCH_SHARED_DATA to the shared/data folder")
     return root
