@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["fsync_dir", "sha256_file", "sha256_stream", "write_bytes", "write_file_with", "write_text", "write_with"]
+__all__ = ["fsync_dir", "public_mode", "sha256_file", "sha256_stream", "write_bytes", "write_file_with", "write_text", "write_with"]
 
 _BLOCK = 1 << 20
 
@@ -124,3 +124,11 @@ def fsync_dir(folder: str | Path) -> None:
     finally:
         os.close(fd)
 
+
+
+def public_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file here (0o666 less the umask): for outputs
+    a user shares, such as reports and figures, rather than index or key files."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask

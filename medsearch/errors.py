@@ -15,6 +15,7 @@ __all__ = [
     "InvalidStudyError",
     "KeyFileError",
     "MedsearchError",
+    "ShapeError",
     "WriteError",
     "first_line",
 ]
@@ -50,6 +51,10 @@ class EncoderMismatchError(MedsearchError, ValueError):
 
 class KeyFileError(MedsearchError, OSError):
     """The site key (for pseudonyms) is missing, unreadable, or not the one the index was built with."""
+
+
+class ShapeError(MedsearchError, ValueError):
+    """Arrays handed to a function do not fit together: a wrong shape or length, or labels of mixed kinds."""
 
 
 class WriteError(MedsearchError, OSError):

@@ -1,30 +1,40 @@
 """Retrieval metrics computed from the labels of ranked results.
 
-Every metric is a pure function of three label-level arrays, so this module knows nothing of the
-index, the encoder or torch:
+Every metric is a pure function of label-level arrays, so this module knows nothing of the index,
+the encoder or torch. The parameters mean the same in every function:
 
 ``retrieved``
     ``(Q, K)`` array of labels (int or str) of the top-K gallery items of each query, best first.
     The caller has already removed the query itself and, for leave-one-out, same-patient items.
     Every row must hold ``K`` real results; padding is not supported.
 ``query_labels``
-    ``(Q,)`` label of each query.
+    ``(Q,)`` label of each query, of the same kind as ``retrieved`` (both strings or both numbers).
 ``n_relevant``
     ``(Q,)`` number of items in the *whole gallery searched* that share the query's label. It is
     the denominator of recall, AP and MAP@R; counting it from the top-K alone would give wrong
     values, and a count smaller than the hits already retrieved raises ``ValueError``.
+``k``
+    The cut-off (for a vote, the number of voters): an integer with ``1 <= k <= K``. A larger ``k``
+    raises ``ValueError`` instead of silently scoring a shorter list: ask the search for at least
+    ``k`` results.
+``n_resamples``, ``alpha``, ``seed``
+    Of the bootstrap and the permutation test: resamples of the queries (an integer >= 1),
+    1 - confidence level (0.05 gives the 2.5th and 97.5th percentiles), and the seed of the
+    random generator, so that intervals and p-values are reproducible.
 
 Each metric returns the per-query values (``float64``, shape ``(Q,)``), so means, macro averages,
 bootstrap intervals and paired tests all build on the same arrays.
 
+Every function raises ``ValueError``, with a message that says what to pass instead, on wrong
+shapes, lengths that differ between arguments, labels of different kinds, a ``k`` outside
+``[1, K]``, an ``n_relevant`` that is negative, fractional or smaller than the hits retrieved, and
+per-query values that are empty or not finite.
+
 Conventions (the same in every function):
 
-- ``k`` must satisfy ``1 <= k <= K``; a larger ``k`` raises ``ValueError`` instead of silently
-  scoring a shorter list. Ask the search for at least ``k`` results.
-- precision@k divides by ``k``. The documented rule is ``k_eff = min(k, gallery size)``; since
-  every row holds ``K >= k`` real results, the gallery searched has at least ``k`` items whenever
-  a call is accepted, so ``k_eff == k``. A gallery smaller than ``k`` shows up as ``k > K`` and
-  raises.
+- precision@k divides by ``k_eff = min(k, gallery size)``, which is ``k``: every row holds
+  ``K >= k`` real results, so an accepted call searched at least ``k`` items; a gallery smaller
+  than ``k`` shows up as ``k > K`` and raises.
 - A query with no relevant item in the gallery (``n_relevant == 0``) scores 0 for every metric
   (recall, AP, nDCG, MAP@R, R-precision included), not NaN, so means stay defined.
 - ``map@k`` is standard AP@k: the sum of precision at each hit rank within ``k``, divided by
@@ -103,10 +113,7 @@ def _check_labels(retrieved: ArrayLike, query_labels: ArrayLike) -> tuple[np.nda
         )
     # numpy compares a str array with an int array as all-False instead of failing: catch it here.
     text = {"U", "S"}
-    if (ret.dtype.kind in text) != (q.dtype.kind in text) and "O" not in (
-        ret.dtype.kind,
-        q.dtype.kind,
-    ):
+    if (ret.dtype.kind in text) != (q.dtype.kind in text) and "O" not in (ret.dtype.kind, q.dtype.kind):
         raise ValueError(
             f"retrieved holds {ret.dtype} labels but query_labels holds {q.dtype}; "
             "labels must be of the same kind (both strings or both numbers)"
@@ -120,9 +127,7 @@ def _check_k(k: int, n_columns: int) -> int:
     if k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k}")
     if k > n_columns:
-        raise ValueError(
-            f"retrieved has {n_columns} columns but k={k}; ask the search for at least {k} results"
-        )
+        raise ValueError(f"retrieved has {n_columns} columns but k={k}; ask the search for at least {k} results")
     return int(k)
 
 
@@ -140,9 +145,7 @@ def _check_n_relevant(n_relevant: ArrayLike, rel: NDArray[np.bool_]) -> NDArray[
             "pass one count per query, in the same order"
         )
     if n.dtype.kind not in "iuf" or (n.dtype.kind == "f" and not np.all(n == np.round(n))):
-        raise ValueError(
-            f"n_relevant must hold whole numbers (counts of relevant gallery items), got {n.dtype}"
-        )
+        raise ValueError(f"n_relevant must hold whole numbers (counts of relevant gallery items), got {n.dtype}")
     n = n.astype(np.int64)
     if np.any(n < 0):
         raise ValueError(f"n_relevant must be >= 0, got {int(n.min())}")
@@ -158,9 +161,7 @@ def _check_n_relevant(n_relevant: ArrayLike, rel: NDArray[np.bool_]) -> NDArray[
     return n
 
 
-def _prepare(
-    retrieved: ArrayLike, query_labels: ArrayLike, k: int | None
-) -> tuple[NDArray[np.bool_], int]:
+def _prepare(retrieved: ArrayLike, query_labels: ArrayLike, k: int | None) -> tuple[NDArray[np.bool_], int]:
     """Validate, and return the relevance matrix and the cut-off (all columns when k is None)."""
     ret, q = _check_labels(retrieved, query_labels)
     k = ret.shape[1] if k is None else _check_k(k, ret.shape[1])
@@ -192,27 +193,6 @@ def hit_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -> FloatArra
 
     This is ``ACC@k`` of Mahbod et al. (2024).
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    k : int
-        Cut-off, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-        1.0 or 0.0 per query.
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
     >>> hit_at_k([["a", "b"], ["b", "b"]], ["b", "a"], k=2)
     array([1., 0.])
     """
@@ -223,31 +203,6 @@ def hit_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -> FloatArra
 def precision_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -> FloatArray:
     """Fraction of the top ``k`` results that share the query's label (JSON ``precision@k``).
 
-    The denominator is ``k_eff = min(k, gallery size)``. Because ``k`` may not exceed the number of
-    retrieved columns ``K`` (which raises), and every row holds ``K`` real results, an accepted
-    call always has ``k_eff == k``: a gallery smaller than ``k`` must be handled by the caller with
-    a smaller ``k``.
-
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    k : int
-        Cut-off, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
     >>> precision_at_k([[1, 2, 1, 1]], [1], k=4)
     array([0.75])
     """
@@ -255,36 +210,9 @@ def precision_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -> Flo
     return np.asarray(rel[:, :k].sum(axis=1) / k, dtype=np.float64)
 
 
-def recall_at_k(
-    retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike, k: int
-) -> FloatArray:
-    """Hits in the top ``k`` divided by ``n_relevant`` (JSON ``recall@k``).
+def recall_at_k(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike, k: int) -> FloatArray:
+    """Hits in the top ``k`` divided by ``n_relevant`` (JSON ``recall@k``); 0 where ``n_relevant == 0``.
 
-    A query with ``n_relevant == 0`` scores 0 (not NaN).
-
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    n_relevant : array_like of int, shape (Q,)
-        Items of the query's label in the whole gallery searched.
-    k : int
-        Cut-off, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, ``k`` outside ``[1, K]``, or an ``n_relevant`` that
-        is negative or smaller than the hits already retrieved.
-
-    Examples
-    --------
     >>> recall_at_k([[1, 2, 1], [2, 2, 2]], [1, 1], [4, 0], k=3)
     array([0.5, 0. ])
     """
@@ -293,37 +221,12 @@ def recall_at_k(
     return _safe_divide(rel[:, :k].sum(axis=1), n)
 
 
-def average_precision_at_k(
-    retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike, k: int
-) -> FloatArray:
+def average_precision_at_k(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike, k: int) -> FloatArray:
     """Standard AP@k (JSON ``map@k``).
 
     ``AP@k = sum_{i <= k, rel_i} P@i / min(k, n_relevant)``, 0 where ``n_relevant == 0``. Compare
-    :func:`hits_precision_at_k`, which divides by the number of hits instead.
-
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    n_relevant : array_like of int, shape (Q,)
-        Items of the query's label in the whole gallery searched.
-    k : int
-        Cut-off, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        As :func:`recall_at_k`.
-
-    Examples
-    --------
-    Hits at ranks 1 and 3 of 5, four relevant items: ``(1 + 2/3) / min(5, 4) = 5/12``.
+    :func:`hits_precision_at_k`, which divides by the number of hits instead. Hits at ranks 1 and 3
+    of 5, four relevant items: ``(1 + 2/3) / min(5, 4) = 5/12``.
 
     >>> average_precision_at_k([["a", "b", "a", "b", "b"]], ["a"], [4], k=5).round(4)
     array([0.4167])
@@ -339,29 +242,7 @@ def hits_precision_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -
     The ``mAP@k`` of Mahbod et al. (2024): ``sum_{i <= k, rel_i} P@i / hits@k``, 0 where no hit.
     It ignores relevant items that were not retrieved, so it is never lower than standard AP@k
     (:func:`average_precision_at_k`). torchmetrics' ``RetrievalMAP(top_k=k)`` uses the same
-    denominator.
-
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    k : int
-        Cut-off, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
-    Hits at ranks 1 and 3 of 5: ``(1 + 2/3) / 2 = 5/6``.
+    denominator. Hits at ranks 1 and 3 of 5: ``(1 + 2/3) / 2 = 5/6``.
 
     >>> hits_precision_at_k([["a", "b", "a", "b", "b"]], ["a"], k=5).round(4)
     array([0.8333])
@@ -374,11 +255,9 @@ def hits_precision_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -
 def _vote(
     retrieved: ArrayLike, query_labels: ArrayLike | None, k: int
 ) -> tuple[np.ndarray, NDArray[np.bool_], NDArray[np.intp], NDArray[np.intp]]:
-    """Count the labels of the top ``k``.
-
-    Returns the sorted label vocabulary, a ``(Q, C)`` mask of the labels tied for the most votes,
-    the code of the strict (best-ranked tied) winner, and the query codes (empty without labels).
-    """
+    """Count the labels of the top ``k``: return the sorted label vocabulary, a ``(Q, C)`` mask of the
+    labels tied for the most votes, the code of the strict (best-ranked tied) winner, and the query
+    codes (empty without labels)."""
     if query_labels is None:
         ret = _check_retrieved(retrieved)
         q = ret[:0, 0]
@@ -412,26 +291,6 @@ def majority_vote_lenient_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k:
     1 where the query's label has the most votes among the top ``k``, a tie included: a tie counts
     as correct when any tied label is the query's (``mMV@k`` of Mahbod et al., 2024).
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    k : int
-        Number of voters, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
     >>> majority_vote_lenient_at_k([["b", "a", "a", "b"]], ["a"], k=4)  # 2-2 tie: correct
     array([1.])
     """
@@ -440,30 +299,12 @@ def majority_vote_lenient_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k:
 
 
 def knn_predict(retrieved: ArrayLike, k: int) -> np.ndarray:
-    """k-NN prediction: the majority label of the top ``k``.
+    """k-NN prediction: the majority label of the top ``k`` neighbours (MedMNIST+ uses ``k = 11``).
 
     A tie goes to the tied label whose best-ranked item comes first (the nearest neighbour among
-    the tied labels), as a k-NN classifier over the ranked list would decide.
+    the tied labels), as a k-NN classifier over the ranked list would decide. Returns the predicted
+    labels, shape ``(Q,)``, of the dtype of ``retrieved``.
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    k : int
-        Number of neighbours, ``1 <= k <= K`` (MedMNIST+ uses 11).
-
-    Returns
-    -------
-    numpy.ndarray, shape (Q,)
-        Predicted labels, of the dtype of ``retrieved``.
-
-    Raises
-    ------
-    ValueError
-        On a wrong shape or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
     >>> knn_predict([["b", "a", "a", "b"], ["b", "a", "a", "c"]], k=4).tolist()
     ['b', 'a']
     """
@@ -475,29 +316,8 @@ def knn_accuracy_at_k(retrieved: ArrayLike, query_labels: ArrayLike, k: int) -> 
     """1 where :func:`knn_predict` gives the query's label (JSON ``knn_acc@k``).
 
     Strict majority vote: a tie is broken by the best-ranked among the tied labels, never counted
-    correct just because the query's label is among them (compare
-    :func:`majority_vote_lenient_at_k`).
+    correct just because the query's label is among them (:func:`majority_vote_lenient_at_k` is).
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    k : int
-        Number of neighbours, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
     >>> knn_accuracy_at_k([["b", "a", "a", "b"]], ["a"], k=4)  # tie goes to "b", ranked first
     array([0.])
     """
@@ -520,31 +340,9 @@ def map_at_r(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLik
     """MAP@R of Musgrave et al. (2020) (JSON ``map@r``).
 
     With ``R = n_relevant`` of the query: ``MAP@R = sum_{i <= R, rel_i} P@i / R``, 0 where
-    ``R == 0``. It is AP@k with ``k = R`` per query.
-
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first; ``K`` must be at least
-        ``max(n_relevant)``.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    n_relevant : array_like of int, shape (Q,)
-        Items of the query's label in the whole gallery searched.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        As :func:`recall_at_k`, and when ``retrieved`` has fewer than ``max(n_relevant)`` columns
-        (the message says how many are needed).
-
-    Examples
-    --------
-    R = 3, hits at ranks 1 and 3: ``(1 + 2/3) / 3 = 5/9``.
+    ``R == 0``. It is AP@k with ``k = R`` per query, so ``retrieved`` needs at least
+    ``max(n_relevant)`` columns (fewer raise ``ValueError``, saying how many). R = 3, hits at ranks
+    1 and 3: ``(1 + 2/3) / 3 = 5/9``.
 
     >>> map_at_r([[1, 2, 1, 1, 2]], [1], [3]).round(4)
     array([0.5556])
@@ -557,27 +355,8 @@ def map_at_r(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLik
 def r_precision(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike) -> FloatArray:
     """Precision at rank ``R = n_relevant`` (JSON ``r_precision``), 0 where ``R == 0``.
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first; ``K`` must be at least
-        ``max(n_relevant)``.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    n_relevant : array_like of int, shape (Q,)
-        Items of the query's label in the whole gallery searched.
+    ``retrieved`` needs at least ``max(n_relevant)`` columns, as for :func:`map_at_r`.
 
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        As :func:`map_at_r`.
-
-    Examples
-    --------
     >>> r_precision([[1, 2, 1, 1, 2]], [1], [3]).round(4)
     array([0.6667])
     """
@@ -586,37 +365,11 @@ def r_precision(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: Array
     return _safe_divide(_r_columns(rel, n, "r_precision").sum(axis=1), n)
 
 
-def ndcg_at_k(
-    retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike, k: int
-) -> FloatArray:
+def ndcg_at_k(retrieved: ArrayLike, query_labels: ArrayLike, n_relevant: ArrayLike, k: int) -> FloatArray:
     """Normalised DCG at ``k`` with binary relevance (JSON ``ndcg@k``).
 
     ``DCG@k = sum_{i <= k} rel_i / log2(i + 1)``; the ideal DCG places ``min(k, n_relevant)`` hits
-    first. 0 where ``n_relevant == 0``.
-
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    n_relevant : array_like of int, shape (Q,)
-        Items of the query's label in the whole gallery searched.
-    k : int
-        Cut-off, ``1 <= k <= K``.
-
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        As :func:`recall_at_k`.
-
-    Examples
-    --------
-    One relevant item, found at rank 2: ``(1 / log2 3) / 1``.
+    first. 0 where ``n_relevant == 0``. One relevant item, found at rank 2: ``(1 / log2 3) / 1``.
 
     >>> ndcg_at_k([[2, 1, 2]], [1], [1], k=3).round(4)
     array([0.6309])
@@ -629,31 +382,11 @@ def ndcg_at_k(
     return _safe_divide(dcg, ideal_cumulative[np.minimum(k, n)])
 
 
-def reciprocal_rank(
-    retrieved: ArrayLike, query_labels: ArrayLike, k: int | None = None
-) -> FloatArray:
+def reciprocal_rank(retrieved: ArrayLike, query_labels: ArrayLike, k: int | None = None) -> FloatArray:
     """``1 / rank`` of the first hit (JSON ``mrr`` once averaged), 0 where none is retrieved.
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    k : int, optional
-        Look at the top ``k`` only; by default all ``K`` retrieved columns.
+    ``k`` is optional: the top ``k`` only, by default all ``K`` retrieved columns.
 
-    Returns
-    -------
-    numpy.ndarray of float64, shape (Q,)
-
-    Raises
-    ------
-    ValueError
-        On wrong shapes, mismatched lengths, or ``k`` outside ``[1, K]``.
-
-    Examples
-    --------
     >>> reciprocal_rank([[2, 2, 1], [2, 2, 2]], [1, 1])
     array([0.33333333, 0.        ])
     """
@@ -713,35 +446,13 @@ def compute_metrics(
     ks: Sequence[int] = (1, 5, 10),
     names: Iterable[str] | None = None,
 ) -> dict[str, FloatArray]:
-    """Per-query values of several metrics, keyed by JSON name.
+    """Per-query values of several metrics, keyed by JSON name, in :data:`METRICS` order.
 
-    Parameters
-    ----------
-    retrieved : array_like, shape (Q, K)
-        Labels of the ranked results of each query, best first.
-    query_labels : array_like, shape (Q,)
-        Label of each query.
-    n_relevant : array_like of int, shape (Q,)
-        Items of the query's label in the whole gallery searched.
-    ks : sequence of int, default (1, 5, 10)
-        Cut-offs for the ``@k`` patterns; each must be at most ``K``.
-    names : iterable of str, optional
-        Patterns from :data:`METRICS` (``"hit@k"``, ``"mrr"``) or concrete names (``"hit@3"``).
-        By default every metric; ``map@r`` and ``r_precision`` then need ``K >= max(n_relevant)``.
+    ``ks`` are the cut-offs of the ``@k`` patterns, each at most ``K``. ``names`` are patterns from
+    :data:`METRICS` (``"hit@k"``, ``"mrr"``) or concrete names (``"hit@3"``); by default every
+    metric, and ``map@r`` and ``r_precision`` then need ``K >= max(n_relevant)``. An unknown name
+    raises ``ValueError``.
 
-    Returns
-    -------
-    dict of str to numpy.ndarray
-        E.g. ``{"hit@1": ..., "precision@5": ..., "map@r": ..., "mrr": ...}``, in :data:`METRICS`
-        order, each of shape ``(Q,)``.
-
-    Raises
-    ------
-    ValueError
-        On an unknown name, or whatever the metrics raise.
-
-    Examples
-    --------
     >>> out = compute_metrics([[1, 2], [2, 2]], [1, 1], [1, 0], ks=(1,), names=["hit@k", "mrr"])
     >>> {key: value.tolist() for key, value in out.items()}
     {'hit@1': [1.0, 0.0], 'mrr': [1.0, 0.0]}
@@ -767,27 +478,12 @@ def _to_python(label: Any) -> Any:
 def summarize(per_query: Mapping[str, ArrayLike], query_labels: ArrayLike) -> dict[str, Any]:
     """Micro means, macro means and per-class means of per-query metric values.
 
-    Parameters
-    ----------
-    per_query : mapping of str to array_like
-        Output of :func:`compute_metrics` (or any per-query arrays of length Q).
-    query_labels : array_like, shape (Q,)
-        Label of each query.
+    ``per_query`` maps names to per-query arrays for the queries of ``query_labels`` (e.g. the
+    output of :func:`compute_metrics`). Returns ``metrics`` (``{name: mean over queries}``),
+    ``macro`` (``{name: mean of the per-class means}``), ``per_class`` (``{label: {name: mean over
+    that class's queries}}``) and ``support`` (``{label: number of queries}``); labels are plain
+    Python ints or strs, values floats.
 
-    Returns
-    -------
-    dict
-        ``metrics``: ``{name: mean over queries}``; ``macro``: ``{name: mean of the per-class
-        means}``; ``per_class``: ``{label: {name: mean over that class's queries}}``; ``support``:
-        ``{label: number of queries}``. Labels are plain Python ints or strs, values floats.
-
-    Raises
-    ------
-    ValueError
-        When an array's length differs from ``query_labels``, or there is no query.
-
-    Examples
-    --------
     >>> s = summarize({"hit@1": [1.0, 0.0, 0.0]}, ["a", "a", "b"])
     >>> s["metrics"]["hit@1"], s["macro"]["hit@1"], s["per_class"]["a"]["hit@1"]
     (0.3333333333333333, 0.25, 0.5)
@@ -829,21 +525,15 @@ _BLOCK_ELEMENTS = 4_000_000
 
 
 def _check_resampling(n_resamples: int, alpha: float) -> None:
-    if (
-        isinstance(n_resamples, bool)
-        or not isinstance(n_resamples, (int, np.integer))
-        or n_resamples < 1
-    ):
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
         raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be between 0 and 1 (0.05 gives a 95% interval), got {alpha}")
 
 
 def _bootstrap_means(values: FloatArray, n_resamples: int, seed: int) -> FloatArray:
-    """``(n_resamples, M)`` means of ``values`` (shape ``(M, n)``) over resampled queries.
-
-    All rows share the same resamples, so intervals of several metrics are paired.
-    """
+    """``(n_resamples, M)`` means of ``values`` (shape ``(M, n)``) over resampled queries; all rows
+    share the same resamples, so intervals of several metrics are paired."""
     n = values.shape[1]
     rng = np.random.default_rng(seed)
     block = max(1, _BLOCK_ELEMENTS // n)
@@ -853,9 +543,7 @@ def _bootstrap_means(values: FloatArray, n_resamples: int, seed: int) -> FloatAr
         size = stop - start
         drawn = rng.integers(0, n, size=(size, n))
         # How many times each query is drawn in each resample; one matmul then serves every metric.
-        weights = np.bincount(
-            (np.arange(size)[:, None] * n + drawn).ravel(), minlength=size * n
-        ).reshape(size, n)
+        weights = np.bincount((np.arange(size)[:, None] * n + drawn).ravel(), minlength=size * n).reshape(size, n)
         means[start:stop] = weights @ values.T / n
     return means
 
@@ -863,9 +551,7 @@ def _bootstrap_means(values: FloatArray, n_resamples: int, seed: int) -> FloatAr
 def _as_values(values: ArrayLike, name: str) -> FloatArray:
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.shape[0] == 0:
-        raise ValueError(
-            f"{name} must be a non-empty 1-D array of per-query values, got shape {v.shape}"
-        )
+        raise ValueError(f"{name} must be a non-empty 1-D array of per-query values, got shape {v.shape}")
     if not np.all(np.isfinite(v)):
         raise ValueError(f"{name} holds NaN or infinite values; pass finite per-query values")
     return v
@@ -874,38 +560,13 @@ def _as_values(values: ArrayLike, name: str) -> FloatArray:
 def bootstrap_ci(
     values: ArrayLike, *, n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-query values.
+    """Percentile bootstrap interval ``(low, high)`` of the mean of one metric's per-query values.
 
-    Parameters
-    ----------
-    values : array_like, shape (Q,)
-        Per-query values of one metric.
-    n_resamples : int, default 1000
-        Number of bootstrap resamples of the queries.
-    alpha : float, default 0.05
-        1 - confidence level; 0.05 gives the 2.5th and 97.5th percentiles.
-    seed : int, default 0
-        Seed of the random generator, for reproducible intervals.
-
-    Returns
-    -------
-    (float, float)
-        Lower and upper bound.
-
-    Raises
-    ------
-    ValueError
-        On empty or non-finite values, ``n_resamples < 1`` or ``alpha`` outside ``(0, 1)``.
-
-    Examples
-    --------
     >>> low, high = bootstrap_ci([0.0, 1.0] * 50, seed=0)
     >>> bool(0.35 < low < 0.5 < high < 0.65)
     True
     """
-    low, high = bootstrap_cis({"values": values}, n_resamples=n_resamples, alpha=alpha, seed=seed)[
-        "values"
-    ]
+    low, high = bootstrap_cis({"values": values}, n_resamples=n_resamples, alpha=alpha, seed=seed)["values"]
     return low, high
 
 
@@ -918,24 +579,9 @@ def bootstrap_cis(
 ) -> dict[str, tuple[float, float]]:
     """:func:`bootstrap_ci` for many metrics at once, on the same resamples of the queries.
 
-    ``bootstrap_cis({"m": v}, ...)["m"]`` equals ``bootstrap_ci(v, ...)`` for the same arguments
-    (up to floating-point rounding), and the intervals of all metrics come from the same resamples.
-
-    Parameters
-    ----------
-    per_query : mapping of str to array_like
-        Per-query values, all of the same length (e.g. the output of :func:`compute_metrics`).
-    n_resamples, alpha, seed
-        As :func:`bootstrap_ci`.
-
-    Returns
-    -------
-    dict of str to (float, float)
-
-    Raises
-    ------
-    ValueError
-        As :func:`bootstrap_ci`, or when the arrays differ in length.
+    ``per_query`` maps names to per-query arrays of one length (e.g. the output of
+    :func:`compute_metrics`); returns ``{name: (low, high)}``. ``bootstrap_cis({"m": v}, ...)["m"]``
+    equals ``bootstrap_ci(v, ...)`` for the same arguments (up to floating-point rounding).
     """
     _check_resampling(n_resamples, alpha)
     if not per_query:
@@ -943,10 +589,7 @@ def bootstrap_cis(
     arrays = {name: _as_values(v, f"per_query[{name!r}]") for name, v in per_query.items()}
     lengths = {v.shape[0] for v in arrays.values()}
     if len(lengths) > 1:
-        raise ValueError(
-            f"per-query arrays differ in length ({sorted(lengths)}); "
-            "pass values for the same queries"
-        )
+        raise ValueError(f"per-query arrays differ in length ({sorted(lengths)}); pass values for the same queries")
     means = _bootstrap_means(np.stack(list(arrays.values())), int(n_resamples), seed)
     bounds = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
     return {name: (float(bounds[0, i]), float(bounds[1, i])) for i, name in enumerate(arrays)}
@@ -956,12 +599,11 @@ def bootstrap_cis(
 _EXACT_SIGN_FLIP_MAX = 16
 
 
-def paired_test(
-    a: ArrayLike, b: ArrayLike, *, n_resamples: int = 10000, seed: int = 0
-) -> dict[str, Any]:
+def paired_test(a: ArrayLike, b: ArrayLike, *, n_resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
     """Compare two systems on the same queries (e.g. two encoders' per-query AP).
 
-    The p-value is from a two-sided sign-flip permutation test of the mean paired difference
+    ``a`` and ``b`` hold the per-query values of the two systems, for the same queries in the same
+    order. The p-value is from a two-sided sign-flip permutation test of the mean paired difference
     ``a - b``: under the null hypothesis each difference is as likely to have either sign. With at
     most 16 queries all ``2**Q`` sign patterns are enumerated (exact p); otherwise ``n_resamples``
     random patterns give ``p = (1 + #{|mean*| >= |mean|}) / (1 + n_resamples)``. The interval is a
@@ -969,28 +611,9 @@ def paired_test(
     installed, a Wilcoxon signed-rank p-value (``zero_method="wilcox"``: zero differences dropped)
     is reported as well; it is 1.0 when every difference is zero.
 
-    Parameters
-    ----------
-    a, b : array_like, shape (Q,)
-        Per-query values of the two systems, for the same queries in the same order.
-    n_resamples : int, default 10000
-        Random sign patterns and bootstrap resamples.
-    seed : int, default 0
-        Seed of the random generator.
+    Returns ``mean_diff`` (mean of ``a - b``), ``ci95`` (low, high), ``p_value`` (sign-flip test),
+    ``p_value_wilcoxon`` (None without scipy), ``n`` and ``method``.
 
-    Returns
-    -------
-    dict
-        ``mean_diff`` (mean of ``a - b``), ``ci95`` (low, high), ``p_value`` (sign-flip test),
-        ``p_value_wilcoxon`` (None without scipy), ``n`` and ``method``.
-
-    Raises
-    ------
-    ValueError
-        When ``a`` and ``b`` differ in length, are empty, or hold non-finite values.
-
-    Examples
-    --------
     >>> out = paired_test([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0])
     >>> out["mean_diff"], out["p_value"]  # exact: 2 of the 16 sign patterns are as extreme
     (1.0, 0.125)
@@ -998,10 +621,7 @@ def paired_test(
     x = _as_values(a, "a")
     y = _as_values(b, "b")
     if x.shape != y.shape:
-        raise ValueError(
-            f"a has {x.shape[0]} values but b has {y.shape[0]}; pass per-query values of the same "
-            "queries, in the same order"
-        )
+        raise ValueError(f"a has {x.shape[0]} values but b has {y.shape[0]}; pass per-query values of the same queries, in the same order")
     _check_resampling(n_resamples, 0.05)
     d = x - y
     n = d.shape[0]
@@ -1023,9 +643,7 @@ def paired_test(
             extreme += int(np.count_nonzero(np.abs(random_signs @ d) / n >= observed - tolerance))
         p_value = (1 + extreme) / (1 + n_resamples)
         method = "random sign-flip permutation test"
-    low, high = np.quantile(
-        _bootstrap_means(d[None, :], int(n_resamples), seed)[:, 0], [0.025, 0.975]
-    )
+    low, high = np.quantile(_bootstrap_means(d[None, :], int(n_resamples), seed)[:, 0], [0.025, 0.975])
     return {
         "mean_diff": float(d.mean()),
         "ci95": (float(low), float(high)),
@@ -1048,30 +666,11 @@ def _wilcoxon_p(d: FloatArray) -> float | None:
 
 
 def confusion_matrix(true: ArrayLike, pred: ArrayLike, labels: ArrayLike) -> NDArray[np.int64]:
-    """Count of queries per (true label, predicted label).
+    """Count of queries per (true label, predicted label): ``int64``, shape ``(C, C)``.
 
-    Parameters
-    ----------
-    true : array_like, shape (Q,)
-        True label of each query.
-    pred : array_like, shape (Q,)
-        Predicted label (e.g. from :func:`knn_predict`).
-    labels : array_like, shape (C,)
-        The labels, in the order of the rows and columns; must contain every value of ``true``
-        and ``pred``, each once.
+    Rows are true labels, columns predicted labels (e.g. from :func:`knn_predict`), both in the
+    order of ``labels``, which must hold every value of ``true`` and ``pred``, each once.
 
-    Returns
-    -------
-    numpy.ndarray of int64, shape (C, C)
-        Rows are true labels, columns predicted labels.
-
-    Raises
-    ------
-    ValueError
-        On mismatched lengths, repeated labels, or a value missing from ``labels``.
-
-    Examples
-    --------
     >>> confusion_matrix(["a", "a", "b"], ["a", "b", "b"], labels=["a", "b"])
     array([[1, 1],
            [0, 1]])
@@ -1080,9 +679,7 @@ def confusion_matrix(true: ArrayLike, pred: ArrayLike, labels: ArrayLike) -> NDA
     p = np.asarray(pred)
     vocabulary = np.asarray(labels)
     if t.ndim != 1 or p.shape != t.shape:
-        raise ValueError(
-            f"true and pred must be 1-D of the same length, got shapes {t.shape} and {p.shape}"
-        )
+        raise ValueError(f"true and pred must be 1-D of the same length, got shapes {t.shape} and {p.shape}")
     if vocabulary.ndim != 1 or vocabulary.shape[0] == 0:
         raise ValueError(f"labels must be a non-empty 1-D array, got shape {vocabulary.shape}")
     if np.unique(vocabulary).shape[0] != vocabulary.shape[0]:
@@ -1094,10 +691,7 @@ def confusion_matrix(true: ArrayLike, pred: ArrayLike, labels: ArrayLike) -> NDA
         position = np.clip(np.searchsorted(sorted_labels, array), 0, sorted_labels.shape[0] - 1)
         missing = sorted_labels[position] != array
         if np.any(missing):
-            raise ValueError(
-                f"{name} holds the label {_to_python(array[missing][0])!r}, which is not in "
-                "labels; add it to labels"
-            )
+            raise ValueError(f"{name} holds the label {_to_python(array[missing][0])!r}, which is not in labels; add it to labels")
         codes.append(order[position])
     n_classes = vocabulary.shape[0]
     return (

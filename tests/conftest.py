@@ -1,4 +1,5 @@
-"""Fixtures shared by the io tests: where the real DICOM sets of ../shared/data live."""
+"""Fixtures shared by every test folder: where the real DICOM and MedMNIST sets of ../shared/data live,
+and an index of the sample archive shipped with medsearch."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def shared_dicom() -> Path:
         pytest.skip(
             f"shared DICOM sets not found at {root}; set MEDSEARCH_SHARED_DATA to the shared/data folder"
         )
+    return root
+
+
+@pytest.fixture(scope="session")
+def medmnist_dir() -> Path:
+    """``shared/data/medmnist`` beside the repository (or under $MEDSEARCH_SHARED_DATA); skip if absent."""
+    root = _shared_data_root() / "medmnist"
+    if not root.is_dir():
+        pytest.skip(f"MedMNIST files not found at {root}; set MEDSEARCH_SHARED_DATA to the shared/data folder")
     return root
 
 

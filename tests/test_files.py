@@ -9,7 +9,16 @@ import stat
 import numpy as np
 import pytest
 
-from medsearch._files import fsync_dir, sha256_file, sha256_stream, write_bytes, write_file_with, write_text, write_with
+from medsearch._files import (
+    fsync_dir,
+    public_mode,
+    sha256_file,
+    sha256_stream,
+    write_bytes,
+    write_file_with,
+    write_text,
+    write_with,
+)
 
 PAYLOADS = [b"", b"abc", bytes(range(256)) * 4096]
 
@@ -74,3 +83,14 @@ def test_sha256_stream_reads_from_the_position_on():
 def test_fsync_dir_of_a_missing_folder_is_a_no_op(tmp_path):
     fsync_dir(tmp_path / "missing")
     fsync_dir(tmp_path)
+
+
+def test_public_mode_follows_the_umask(tmp_path):
+    import os
+
+    before = os.umask(0o027)
+    try:
+        write_text(tmp_path / "report.csv", "a,b\n", mode=public_mode())
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "report.csv").stat().st_mode) == 0o640

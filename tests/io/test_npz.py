@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,6 @@ import pytest
 from medsearch.errors import InvalidStudyError
 from medsearch.io import NpzLayout, Volume, load_npz_split, npz_splits
 from medsearch.io import npz as npz_module
-
-
-@pytest.fixture(scope="module")
-def medmnist_dir() -> Path:
-    """``shared/data/medmnist`` beside the repository (or under $MEDSEARCH_SHARED_DATA); skip if absent."""
-    env = os.environ.get("MEDSEARCH_SHARED_DATA")
-    root = (Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data") / "medmnist"
-    if not root.is_dir():
-        pytest.skip(f"MedMNIST files not found at {root}; set MEDSEARCH_SHARED_DATA to the shared/data folder")
-    return root
 
 
 def _write(path: Path, **arrays: np.ndarray) -> Path:
