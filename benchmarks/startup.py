@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     times.setdefault((runtime, name), []).append(seconds)
                 times.setdefault((runtime, "split_total"), []).append(wall)
         lib_times: dict[str, list[float]] = {}
-        for r in range(max(1, args.repeats // 2)):
+        for _ in range(max(1, args.repeats // 2)):
             for lib in ["pass", *LIBRARIES]:
                 code = "pass" if lib == "pass" else f"import {lib}"
                 wall, _ = _run([python, "-c", code], env)

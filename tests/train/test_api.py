@@ -1,5 +1,5 @@
-"""medsearch.train: a few steps on tiny synthetic sets, the checkpoint back through index/query,
-resume after an interruption, and one-line errors for bad input."""
+"""medsearch.train.api: a few steps on tiny synthetic sets, the checkpoint back through index/query,
+and one-line errors for bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE
+from train.tiny import FAST
 from typer.testing import CliRunner
 
 from medsearch.cli import app
@@ -16,41 +18,7 @@ from medsearch.deid import SiteKey
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError, MedsearchError
 from medsearch.search import build_index, query
-from medsearch.train import _Trainer, train_encoder
-
-SAMPLE = Path(__file__).resolve().parents[1] / "medsearch" / "data" / "sample"
-# Small and quick: 32 px input, 8 images a step, 3 steps an epoch.
-FAST = {"size": 32, "batch_size": 8, "steps_per_epoch": 3, "lr": 1e-3, "progress": False}
-
-
-def _shapes(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """28-px gray images: bright squares (label 0) and bright rings (label 1), with noise."""
-    yy, xx = np.mgrid[:28, :28]
-    images, labels = [], []
-    for i in range(n):
-        cy, cx = rng.integers(10, 18, size=2)
-        r = rng.integers(5, 8)
-        if i % 2 == 0:
-            img = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
-        else:
-            d = np.hypot(yy - cy, xx - cx)
-            img = (d < r) & (d > r - 2.5)
-        noisy = img * 200 + rng.normal(30, 12, size=img.shape)
-        images.append(np.clip(noisy, 0, 255).astype(np.uint8))
-        labels.append(i % 2)
-    return np.stack(images), np.asarray(labels)
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("npz") / "shapes.npz"
-    train_x, train_y = _shapes(24, rng)
-    val_x, val_y = _shapes(12, rng)
-    test_x, test_y = _shapes(6, rng)
-    np.savez(path, train_images=train_x, train_labels=train_y, val_images=val_x, val_labels=val_y,
-             test_images=test_x, test_labels=test_y)
-    return path
+from medsearch.train import train_encoder
 
 
 @pytest.mark.parametrize("mode", ["supervised", "selfsupervised"])
@@ -81,79 +49,6 @@ def test_loss_falls_and_checkpoint_loads(tiny_npz, tmp_path, mode):
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
     assert record["config"]["preprocess"]["size"] == 32
     assert any("evaluate" in c and str(report.config_path) in c for c in report.follow_up())
-
-
-def test_selfsupervised_head_learns_alone_first_and_norm_statistics_stay(tiny_npz, tmp_path, monkeypatch):
-    import torch
-
-    start = {k: v.clone() for k, v in load_encoder(EncoderConfig(device="cpu")).net.model.state_dict().items()}
-    after_epoch = []
-    real = _Trainer._validate
-
-    def spy(self, epoch):
-        after_epoch.append({k: v.detach().clone() for k, v in self.net.model.state_dict().items()})
-        return real(self, epoch)
-
-    monkeypatch.setattr(_Trainer, "_validate", spy)
-    report = train_encoder(tiny_npz, out=tmp_path / "ssl.pt", mode="selfsupervised", epochs=2, **FAST)
-    assert report.settings["head_epochs"] == 1 and report.settings["freeze_norm"] is True
-    first, second = after_epoch
-    # epoch 1 trained only the projection head: the encoder is exactly as loaded, statistics and all
-    assert all(torch.equal(first[k], start[k]) for k in start)
-    # epoch 2 trained the encoder, but BatchNorm kept its ImageNet statistics
-    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
-    weights = [k for k in start if k.endswith("weight") and start[k].is_floating_point()]
-    assert stats and all(torch.equal(second[k], start[k]) for k in stats)
-    assert any(not torch.equal(second[k], start[k]) for k in weights)
-
-    # a supervised run keeps training the statistics, from the first epoch
-    after_epoch.clear()
-    report = train_encoder(tiny_npz, out=tmp_path / "sup.pt", epochs=1, **FAST)
-    assert report.settings["head_epochs"] == 0 and report.settings["freeze_norm"] is False
-    assert any(not torch.equal(after_epoch[0][k], start[k]) for k in stats)
-
-
-def test_never_reads_the_test_split(tiny_npz, tmp_path, monkeypatch):
-    import medsearch.train as train_module
-
-    seen = []
-    real = train_module.load_npz_split
-
-    def spy(path, split, **kwargs):
-        seen.append(split)
-        return real(path, split, **kwargs)
-
-    monkeypatch.setattr(train_module, "load_npz_split", spy)
-    train_encoder(tiny_npz, out=tmp_path / "e.pt", epochs=1, **{**FAST, "steps_per_epoch": 1})
-    assert sorted(seen) == ["train", "val"]
-
-
-def test_resume_after_interruption_repeats_the_same_run(tiny_npz, tmp_path, monkeypatch):
-    whole = train_encoder(tiny_npz, out=tmp_path / "whole.pt", epochs=2, **FAST)
-
-    real = _Trainer._validate
-
-    def interrupt_in_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(_Trainer, "_validate", interrupt_in_second_epoch)
-    out = tmp_path / "cut.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train_encoder(tiny_npz, out=out, epochs=2, **FAST)
-    assert out.is_file() and (tmp_path / "cut.last.pt").is_file()
-    monkeypatch.setattr(_Trainer, "_validate", real)
-
-    resumed = train_encoder(tiny_npz, out=out, epochs=2, **FAST)
-    assert resumed.resumed_from_epoch == 1 and resumed.epochs_completed == 2
-    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-3)
-
-    # other settings must not resume silently
-    with pytest.raises(ConfigError, match="other settings.*--no-resume"):
-        train_encoder(tiny_npz, out=out, epochs=2, **{**FAST, "lr": 5e-4})
-    with pytest.raises(ConfigError, match="run of 2 epochs, not 3"):
-        train_encoder(tiny_npz, out=out, epochs=3, **FAST)
 
 
 def test_dicom_archive_checkpoint_serves_index_and_query(tmp_path):

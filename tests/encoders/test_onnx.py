@@ -6,14 +6,13 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import SAMPLE
 from torch import nn
 
 from medsearch.config import Config, EncoderConfig, PreprocessConfig
 from medsearch.encoders import EncoderInfo, OnnxEncoder, load_encoder, resolve_runtime
 from medsearch.errors import ConfigError
 from medsearch.transforms import preprocess_volume
-
-from conftest import SAMPLE
 
 QUERY = SAMPLE / "tcga-luad-ct" / "ID_0050_AGE_0074_CONTRAST_0_CT.dcm"
 
@@ -169,12 +168,12 @@ def test_a_failed_export_raises_or_falls_back_to_torch(tmp_path):
 
 
 def test_auto_picks_onnx_on_the_cpu_when_onnxruntime_is_installed(monkeypatch):
-    import medsearch.encoders as encoders
+    import medsearch.encoders.onnx as onnx_runtime
 
     assert resolve_runtime("auto", "cpu") == ("onnx", "cpu")
     assert resolve_runtime("torch", "cpu") == ("torch", "cpu")
     assert resolve_runtime("onnx", "auto") == ("onnx", "cpu")
-    monkeypatch.setattr(encoders, "_have_onnxruntime", lambda: False)
+    monkeypatch.setattr(onnx_runtime, "_have_onnxruntime", lambda: False)
     assert resolve_runtime("auto", "cpu") == ("torch", "cpu")
     with pytest.raises(ConfigError, match="onnxruntime is not installed; pip install onnxruntime"):
         resolve_runtime("onnx", "cpu")

@@ -1,3 +1,6 @@
+"""medsearch.encoders.registry: the default encoder's weights and features, MONAI networks with a user's
+checkpoint, and the errors of bad encoder settings."""
+
 from __future__ import annotations
 
 import numpy as np
