@@ -158,9 +158,9 @@ def run_size(n: int, dim: int, args: argparse.Namespace, emit) -> None:
             store.add(data, rows)
             build_s = time.perf_counter() - t
             if store.index_type is not kind:
-                print(f"[n={n}] {kind.value} fell back to {store.index_type.value}: {store.manifest['index']['note']}",
+                print(f"[n={n}] {kind.value} fell back to {store.index_type.value}: {store.manifest.index.note}",
                       file=sys.stderr, flush=True)
-            params = dict(store.manifest["index"]["params"])
+            params = dict(store.manifest.index.params)
             memory = index_bytes(store.index) / n
             print(f"[n={n} dim={dim}] {kind.value} built in {build_s:.1f} s {params}", file=sys.stderr, flush=True)
             for setting in settings_of(kind, args):

@@ -10,23 +10,25 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
-
+from medsearch._files import write_bytes
 from medsearch.deid import CASE_METADATA_KEYS
-from medsearch.errors import ConfigError, MedsearchError
-from medsearch.store import MANIFEST, VERIFIED_CACHE, IndexStore
+from medsearch.errors import ConfigError, MedsearchError, WriteError
+from medsearch.store import MANIFEST, VERIFIED_CACHE, IndexStore, Manifest, read_manifest
+from medsearch.store.files import write_manifest
 
-__all__ = ["LinkTable", "ExportReport", "NotShareableError", "export_index", "shareability_problems"]
+__all__ = ["ExportReport", "LinkTable", "NotShareableError", "export_index", "shareability_problems"]
 
 LINK_COLUMNS = ("case_id", "study_instance_uid", "series_instance_uid", "part", "files")
 # Columns medsearch itself writes into a case table besides the de-identified metadata.
@@ -85,23 +87,22 @@ class LinkTable:
         }
 
     def save(self) -> None:
-        """Write the table atomically with owner-only permissions (0600)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the table atomically with owner-only permissions (0600).
+
+        Raises
+        ------
+        WriteError
+            The table's folder cannot be created or written.
+        """
         buffer = StringIO()
         writer = csv.DictWriter(buffer, fieldnames=LINK_COLUMNS)
         writer.writeheader()
         writer.writerows(self.rows[k] for k in sorted(self.rows))
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(buffer.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(self.path, buffer.getvalue().encode("utf-8"), mode=0o600)
+        except OSError as e:
+            raise WriteError(f"cannot write link table {self.path}: {e.strerror or e}; check the folder and its permissions") from e
 
     def resolve(self, case_id: str) -> dict[str, Any] | None:
         """Where a case lives: ``{"files": [...], "study_instance_uid", "series_instance_uid"}``."""
@@ -151,7 +152,7 @@ def shareability_problems(index_dir: str | Path) -> list[str]:
     index_dir = Path(index_dir)
     store = IndexStore.open(index_dir)
     problems = []
-    labels = set(store.manifest.get("label_columns", []))
+    labels = set(store.manifest.label_columns)
     allowed = set(CASE_METADATA_KEYS) | _OWN_COLUMNS | labels
     unknown = [c for c in store.cases.columns if c not in allowed]
     if unknown:
@@ -159,7 +160,7 @@ def shareability_problems(index_dir: str | Path) -> list[str]:
     for column in sorted(labels & set(store.cases.columns)):
         values = store.cases[column].dropna().astype(str)
         for what, pattern in _SUSPECT_VALUES:
-            hits = int(values.map(lambda v: bool(pattern.search(v))).sum())
+            hits = sum(1 for v in values if pattern.search(v))
             if hits:
                 problems.append(f"label column {column!r} has {hits} value(s) that look like {what}")
     for path in index_dir.iterdir():
@@ -187,7 +188,7 @@ def export_index(
     ------
     NotShareableError
         :func:`shareability_problems` found something; nothing is copied.
-    ConfigError
+    WriteError
         ``destination`` exists and is not empty.
     """
     source, destination = Path(source), Path(destination)
@@ -195,26 +196,24 @@ def export_index(
     if problems:
         raise NotShareableError(f"refusing to export {source}: " + "; ".join(problems))
     if destination.exists() and any(destination.iterdir()):
-        raise ConfigError(f"{destination} exists and is not empty; give a new folder for the export")
-    manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
+        raise WriteError(f"{destination} exists and is not empty; give a new folder for the export")
+    manifest = read_manifest(source)
     report = ExportReport(source=source, destination=destination)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination.parent if destination.parent.exists() else None))
     try:
-        files = dict(manifest["files"])
+        files = dict(manifest.files)
         if "thumbnails" in files and not with_thumbnails:
-            report.left_out[files.pop("thumbnails")["name"]] = "thumbnails (use --with-thumbnails after checking for burned-in text)"
+            report.left_out[files.pop("thumbnails").name] = "thumbnails (use --with-thumbnails after checking for burned-in text)"
         for entry in files.values():
-            shutil.copy2(source / entry["name"], staging / entry["name"])
-            report.files.append(entry["name"])
+            shutil.copy2(source / entry.name, staging / entry.name)
+            report.files.append(entry.name)
         for path in source.iterdir():
             if path.name not in report.files and path.name != MANIFEST and path.name not in report.left_out and path.is_file():
                 report.left_out[path.name] = (
                     "local checksum cache (this machine's file ids)" if path.name == VERIFIED_CACHE
                     else "local report, cache or lock file"
                 )
-        manifest["files"] = files
-        manifest = _without_local_paths(manifest)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        write_manifest(staging, _without_local_paths(dataclasses.replace(manifest, files=files)))
         report.files.append(MANIFEST)
         IndexStore.open(staging, verify=True)  # the copy must load and match its checksums
         (staging / VERIFIED_CACHE).unlink(missing_ok=True)  # written by that check; local to this machine
@@ -228,16 +227,13 @@ def export_index(
     return report
 
 
-def _without_local_paths(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(manifest)
-    run = dict(out.get("last_run", {}))
+def _without_local_paths(manifest: Manifest) -> Manifest:
+    run = dict(manifest.last_run or {})
     run.pop("index_dir", None)
-    out["last_run"] = run
-    config = json.loads(json.dumps(out.get("config", {})))
+    config = json.loads(json.dumps(manifest.config or {}))  # a deep copy
     if config.get("encoder", {}).get("checkpoint"):
         config["encoder"]["checkpoint"] = Path(config["encoder"]["checkpoint"]).name
-    out["config"] = config
-    return out
+    return dataclasses.replace(manifest, last_run=run, config=config)
 
 
 def _is_link_table(path: Path) -> bool:

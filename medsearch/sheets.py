@@ -356,7 +356,7 @@ def _open_store(index: str | Path | IndexStore | Searcher) -> IndexStore:
 
 
 def _preprocess_config(store: IndexStore) -> PreprocessConfig:
-    data = store.manifest.get("config", {}).get("preprocess") or store.manifest.get("preprocess")
+    data = (store.manifest.config or {}).get("preprocess") or store.manifest.preprocess
     if not data:
         raise IndexCorruptError(f"index {store.path} records no preprocessing settings; rebuild the index")
     return config_from_dict({"preprocess": dict(data)}, source=f"index {store.path}").preprocess

@@ -6,15 +6,14 @@ import stat
 
 import pandas as pd
 import pytest
+from conftest import SAMPLE
 from typer.testing import CliRunner
 
 from medsearch.cli import app
-from medsearch.errors import ConfigError
+from medsearch.errors import ConfigError, WriteError
 from medsearch.search import build_index, query
 from medsearch.sharing import LinkTable, NotShareableError, export_index, shareability_problems
 from medsearch.store import VERIFIED_CACHE, IndexStore
-
-from conftest import SAMPLE
 
 ARCHIVE = SAMPLE / "tcga-luad-ct"
 QUERY = ARCHIVE / "ID_0063_AGE_0073_CONTRAST_0_CT.dcm"
@@ -120,3 +119,22 @@ def test_cli_export(linked_index, tmp_path):
     assert "manifest.json" in json.loads(ok.stdout)["files"]
     again = runner.invoke(app, ["export-index", str(linked_index / "index"), str(tmp_path / "copy")])
     assert again.exit_code == 2 and "exists and is not empty" in again.stderr
+
+
+def test_export_manifest_is_the_source_manifest_without_local_paths(linked_index, tmp_path):
+    export_index(linked_index / "index", tmp_path / "copy")
+    source = json.loads((linked_index / "index" / "manifest.json").read_text())
+    copy = json.loads((tmp_path / "copy" / "manifest.json").read_text())
+    source["files"].pop("thumbnails")
+    source["last_run"].pop("index_dir")
+    assert copy == source
+    with pytest.raises(WriteError, match="exists and is not empty; give a new folder for the export"):
+        export_index(linked_index / "index", tmp_path / "copy")
+
+
+def test_a_link_table_that_cannot_be_written_says_where(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    table = LinkTable(tmp_path / "a-file" / "links.csv")
+    table.add("c-1", study_uid="1.2.3", series_uid="1.2.4", part="", files=[])
+    with pytest.raises(WriteError, match=r"cannot write link table .*links\.csv: .*check the folder and its permissions"):
+        table.save()

@@ -93,7 +93,7 @@ def test_query_picture_is_windowed_like_the_index(sheet, searcher, sample_index)
     np.testing.assert_array_equal(sheet.query.image, store.thumbnails[row])
     # and it is the index's CT window, not a percentile stretch
     _, volume = load_study(QUERY)
-    preprocess = config_from_dict({"preprocess": store.manifest["config"]["preprocess"]}).preprocess
+    preprocess = config_from_dict({"preprocess": store.manifest.config["preprocess"]}).preprocess
     expected = make_thumbnail(volume.pixels, config=preprocess, modality="CT", rgb=False,
                               spacing=volume.spacing, size=store.thumbnails.shape[1])
     np.testing.assert_array_equal(sheet.query.image, expected)

@@ -1,105 +1,18 @@
+"""The on-disk format: the manifest, generations of data files, checksums and the verified-files cache."""
+
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
-import faiss
-import numpy as np
-import pandas as pd
 import pytest
-from faiss.contrib.evaluation import check_ref_knn_with_draws
+from store.small_stores import _rows, _store, _vectors
 
-from medsearch.errors import EncoderMismatchError, IndexCorruptError, IndexNotFoundError
-from medsearch.store import MANIFEST, VERIFIED_CACHE, IndexStore
-
-ENCODER = {"name": "test-encoder", "dim": 16, "weights_sha256": "ab" * 32}
-PREPROCESS = {"size": 224, "slices": 5}
-
-
-def _vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
-
-
-def _rows(n: int, start: int = 0) -> pd.DataFrame:
-    return pd.DataFrame({"case_id": [f"c-{i:04d}" for i in range(start, start + n)], "modality": ["CT"] * n})
-
-
-def _store(path, metric="cosine", n=50) -> IndexStore:
-    store = IndexStore.create(path, dim=16, metric=metric, encoder=ENCODER, preprocess=PREPROCESS)
-    store.add(_vectors(n), _rows(n))
-    return store
-
-
-@pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_search_matches_exact_faiss_and_survives_save_load(tmp_path, metric):
-    data = _vectors(50)
-    store = _store(tmp_path / "ix", metric, n=50)
-    store.commit()
-    loaded = IndexStore.open(tmp_path / "ix")
-    queries = _vectors(7, seed=1)
-    hits = loaded.search(queries, 10)
-
-    # the exact reference, built independently
-    if metric == "cosine":
-        ref = faiss.IndexFlatIP(16)
-        unit = data / np.linalg.norm(data, axis=1, keepdims=True)
-        ref.add(unit)
-        sims, ref_ids = ref.search(queries / np.linalg.norm(queries, axis=1, keepdims=True), 10)
-        ref_dist = 1 - sims
-    else:
-        ref = faiss.IndexFlatL2(16)
-        ref.add(data)
-        sq, ref_ids = ref.search(queries, 10)
-        ref_dist = np.sqrt(sq)
-    check_ref_knn_with_draws(ref_dist, ref_ids, hits.distances, hits.ids)
-    np.testing.assert_allclose(hits.distances, ref_dist, atol=1e-5)
-    # before and after the round trip: identical
-    np.testing.assert_array_equal(store.search(queries, 10).ids, hits.ids)
-    pd.testing.assert_frame_equal(loaded.cases, store.cases)
-
-
-def test_a_stored_vector_is_its_own_nearest_at_distance_zero(tmp_path):
-    store = _store(tmp_path / "ix")
-    hits = store.search(_vectors(50)[:5], 3)
-    assert hits.ids[:, 0].tolist() == [0, 1, 2, 3, 4]
-    np.testing.assert_allclose(hits.distances[:, 0], 0.0, atol=1e-5)
-    assert (np.diff(hits.distances, axis=1) >= 0).all()
-
-
-def test_k_larger_than_the_index_returns_what_there_is(tmp_path):
-    store = _store(tmp_path / "ix", n=3)
-    assert store.search(_vectors(1), 10).ids.shape == (1, 3)
-
-
-def test_adding_the_same_case_twice_keeps_one(tmp_path):
-    store = _store(tmp_path / "ix", n=5)
-    store.add(_vectors(5), _rows(5))
-    store.add(_vectors(2, seed=3), _rows(2, start=5).assign(case_id=["c-0009", "c-0009"]))
-    assert len(store) == 6 and len(store.cases) == 6
-
-
-def test_commit_is_atomic_when_interrupted(tmp_path, monkeypatch):
-    path = tmp_path / "ix"
-    store = _store(path, n=5)
-    store.commit()
-    before = (path / MANIFEST).read_bytes()
-    store.add(_vectors(3, seed=5), _rows(3, start=100))
-
-    import medsearch.store as store_module
-
-    real_write = store_module._write_file
-
-    def crash_on_manifest(folder, name, data):
-        if name == MANIFEST:
-            raise KeyboardInterrupt("killed while writing")
-        return real_write(folder, name, data)
-
-    monkeypatch.setattr(store_module, "_write_file", crash_on_manifest)
-    with pytest.raises(KeyboardInterrupt):
-        store.commit()
-    monkeypatch.undo()
-    assert (path / MANIFEST).read_bytes() == before
-    assert len(IndexStore.open(path)) == 5
+from medsearch.config import IndexType, Metric
+from medsearch.errors import IndexCorruptError, IndexNotFoundError
+from medsearch.store import MANIFEST, VERIFIED_CACHE, FileEntry, IndexSection, IndexStore, Manifest, read_manifest
+from medsearch.store.files import generation_file
 
 
 def test_old_generations_are_cleaned_up(tmp_path):
@@ -148,26 +61,6 @@ def test_a_directory_that_is_not_an_index(tmp_path, name, manifest, error, messa
         IndexStore.open(path)
 
 
-def test_another_encoder_or_preprocessing_is_refused(tmp_path):
-    store = _store(tmp_path / "ix")
-    store.check_compatible(ENCODER, PREPROCESS)
-    with pytest.raises(EncoderMismatchError, match="built with encoder test-encoder"):
-        store.check_compatible({**ENCODER, "weights_sha256": "cd" * 32}, PREPROCESS)
-    with pytest.raises(EncoderMismatchError, match="slices differ"):
-        store.check_compatible(ENCODER, {**PREPROCESS, "slices": 9})
-
-
-def test_bad_shapes_are_refused(tmp_path):
-    store = _store(tmp_path / "ix", n=2)
-    with pytest.raises(ValueError, match=r"\(n, 16\)"):
-        store.add(np.zeros((2, 8), np.float32), _rows(2, start=9))
-    with pytest.raises(ValueError, match="dimension 16"):
-        store.search(np.zeros((1, 8), np.float32))
-    with pytest.raises(FileExistsError):
-        store.commit()
-        IndexStore.create(tmp_path / "ix", dim=16, encoder=ENCODER, preprocess=PREPROCESS)
-
-
 # -- checksums at open: sizes always, SHA-256 unless this machine verified the file as it is ------------------
 
 def _age(path, seconds=3600):
@@ -182,16 +75,16 @@ def _age(path, seconds=3600):
 @pytest.fixture
 def hashed(monkeypatch):
     """The names of the data files hashed from disk or memory during a test."""
-    import medsearch.store as store_module
+    from medsearch.store import files as files_module
 
     names: list[str] = []
-    real_check = store_module._check_digest
+    real_check = files_module._check_digest
 
     def spy(path, entry, digest):
         names.append(path.name)
         return real_check(path, entry, digest)
 
-    monkeypatch.setattr(store_module, "_check_digest", spy)
+    monkeypatch.setattr(files_module, "_check_digest", spy)
     return names
 
 
@@ -209,12 +102,12 @@ def test_an_unchanged_index_is_hashed_once(tmp_path, hashed):
 
 
 def test_a_file_checked_soon_after_its_last_write_is_hashed_again(tmp_path, hashed, monkeypatch):
-    import medsearch.store as store_module
+    from medsearch.store import files as files_module
 
     path = tmp_path / "ix"
     _store(path).commit()
     _age(path, seconds=3600)
-    monkeypatch.setattr(store_module, "_RACY_NS", 7200 * 10**9)  # as if written a clock tick before the check
+    monkeypatch.setattr(files_module, "_RACY_NS", 7200 * 10**9)  # as if written a clock tick before the check
     IndexStore.open(path)
     IndexStore.open(path)
     assert len(hashed) == 4  # vectors and cases, twice: a write in the same tick could keep the time
@@ -286,3 +179,95 @@ def test_a_damaged_cache_is_ignored(tmp_path, hashed, content):
     assert len(IndexStore.open(path)) == 50
     assert len(hashed) == 2
     assert json.loads((path / VERIFIED_CACHE).read_text())["format"] == "medsearch-verified-files"
+
+
+# -- the manifest as a typed object: the same JSON in and out ------------------------------------------------
+
+
+def test_a_committed_manifest_reads_and_writes_back_byte_for_byte(tmp_path):
+    path = tmp_path / "ix"
+    store = _store(path)
+    store.manifest.config = {"encoder": {"name": "test-encoder", "checkpoint": ""}}
+    store.commit(info={"last_run": {"index_dir": str(path), "n_files": 50}, "site_note": [1, "two"]})
+    text = (path / MANIFEST).read_text()
+    manifest = read_manifest(path)
+    assert manifest.to_json() == text
+    assert Manifest.from_dict(json.loads(text)).to_dict() == json.loads(text)
+    assert manifest.generation == 1 and manifest.dim == 16 and manifest.metric is Metric.COSINE
+    data = (path / "vectors-000001.faiss").read_bytes()
+    assert manifest.files["vectors"] == FileEntry(name="vectors-000001.faiss", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert manifest.last_run == {"index_dir": str(path), "n_files": 50} and manifest.extra == {"site_note": [1, "two"]}
+    assert manifest.index == IndexSection(requested=IndexType.FLAT, kind=IndexType.FLAT)  # flat from the start: never rebuilt
+
+
+def test_the_sample_index_manifest_round_trips(sample_index):
+    text = (sample_index / MANIFEST).read_text()
+    manifest = read_manifest(sample_index)
+    assert manifest.to_json() == text
+    assert manifest.config and manifest.last_run and manifest.label_columns
+
+
+REQUIRED = ["dim", "metric", "distance", "encoder", "preprocess", "key_check", "generation", "counts", "label_columns", "files"]
+
+
+@pytest.mark.parametrize("field", REQUIRED)
+def test_a_manifest_missing_a_field_says_to_rebuild(tmp_path, field):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    data = json.loads((path / MANIFEST).read_text())
+    del data[field]
+    (path / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IndexCorruptError, match=rf"manifest\.json lacks the field\(s\) {field}; .*rebuild the index"):
+        read_manifest(path)
+    with pytest.raises(IndexCorruptError, match="rebuild the index"):
+        IndexStore.open(path)
+
+
+MALFORMED = [
+    ({"format": "medsearch-annotations"}, "is not a medsearch manifest; rebuild the index"),
+    ({"format_version": 2}, "has format version 2, this medsearch reads 1; rebuild the index with this version"),
+    ({"dim": "16"}, r"malformed 'dim' field \(str, not int\); rebuild the index"),
+    ({"generation": True}, r"malformed 'generation' field \(bool, not int\); rebuild the index"),
+    ({"metric": "manhattan"}, "names an unknown metric 'manhattan'; rebuild the index"),
+    ({"files": {"vectors": {"name": "vectors-000001.faiss", "bytes": 10}}}, "malformed 'files' field; rebuild the index"),
+    ({"files": {"vectors": {"name": "v", "bytes": "10", "sha256": "ab"}}}, "malformed 'files' field; rebuild the index"),
+    ({"index": {"type": "annoy"}}, "names an unknown index type; rebuild the index"),
+    ({"index": {"type": "flat", "built_for": "many"}}, "malformed 'index' field; rebuild the index"),
+    ({"last_run": "yesterday"}, r"malformed 'last_run' field \(str, not dict\); rebuild the index"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), MALFORMED)
+def test_a_malformed_manifest_says_what_is_wrong(tmp_path, change, message):
+    path = tmp_path / "ix"
+    _store(path).commit()
+    data = {**json.loads((path / MANIFEST).read_text()), **change}
+    with pytest.raises(IndexCorruptError, match=message):
+        Manifest.from_dict(data, source=path / MANIFEST)
+    (path / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IndexCorruptError, match=message):
+        IndexStore.open(path)
+
+
+def test_a_manifest_without_an_index_section_is_a_flat_index(tmp_path):
+    # manifests written before index types had no "index" section: such an index is flat
+    path = tmp_path / "ix"
+    _store(path).commit()
+    data = json.loads((path / MANIFEST).read_text())
+    del data["index"]
+    (path / MANIFEST).write_text(json.dumps(data))
+    store = IndexStore.open(path)
+    assert store.index_type is IndexType.FLAT and len(store) == 50
+
+
+def test_info_may_not_replace_what_the_store_records(tmp_path):
+    store = _store(tmp_path / "ix")
+    with pytest.raises(ValueError, match="info may not replace the manifest's own field"):
+        store.commit(info={"files": {}})
+    assert not (tmp_path / "ix").exists()  # refused before anything is written
+
+
+def test_generation_file_names():
+    assert [generation_file(role, 3) for role in ("vectors", "cases", "thumbnails", "raw")] == [
+        "vectors-000003.faiss", "cases-000003.csv", "thumbs-000003.npy", "raw-000003.npy"
+    ]

@@ -9,17 +9,17 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SAMPLE
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 from typer.testing import CliRunner
 
-from medsearch import store as store_module
 from medsearch.cli import app
 from medsearch.config import IndexConfig, IndexType
 from medsearch.errors import ConfigError, FilterError, IndexCorruptError
 from medsearch.filters import Filter, FilterOp, filter_mask, parse_filters
 from medsearch.store import MANIFEST, IndexStore, choose_index_type
-
-from conftest import SAMPLE
+from medsearch.store import faiss_index as faiss_module
+from medsearch.store import files as files_module
 
 DIM = 16
 N = 12_000  # enough to train ivfpq (IVFPQ_MIN_VECTORS)
@@ -77,7 +77,7 @@ def queries() -> np.ndarray:
 def quick_opq():
     """Fewer OPQ rounds: the same code path, a fraction of the training time."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module, "_OPQ_ROUNDS", 3)
+        patch.setattr(faiss_module, "_OPQ_ROUNDS", 3)
         yield
 
 
@@ -279,10 +279,10 @@ def test_a_filtered_query_returns_k_whenever_k_cases_match(stores, queries, kind
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
 def test_a_filter_over_many_cases_goes_through_the_faiss_selector(stores, queries, kind, monkeypatch):
     store = stores[kind]
-    monkeypatch.setattr(store_module, "_EXACT_FILTER_MAX", 10)
+    monkeypatch.setattr(faiss_module, "_EXACT_FILTER_MAX", 10)
     calls = []
-    original = store_module.IndexStore._exact_search
-    monkeypatch.setattr(store_module.IndexStore, "_exact_search", lambda *a: calls.append(a) or original(*a))
+    original = faiss_module.exact_search
+    monkeypatch.setattr(faiss_module, "exact_search", lambda *a, **kw: calls.append(a) or original(*a, **kw))
     hits = store.search(queries, 10, where=["modality=MR"])
     assert store.matching("modality=MR")[hits.ids].all() and (hits.ids >= 0).all()
     assert not calls  # found by the index itself, not by the exact fallback
@@ -300,7 +300,7 @@ def test_save_then_load_gives_identical_results(stores, queries, kind):
     store = stores[kind]
     loaded = IndexStore.open(store.path)
     assert loaded.index_type is IndexType(kind)
-    assert loaded.manifest["index"]["type"] == kind and loaded.manifest["index"]["params"] == store.manifest["index"]["params"]
+    assert loaded.manifest.index.kind.value == kind and loaded.manifest.index.params == store.manifest.index.params
     for where in (None, ["modality=CT", "age>=60"]):
         a, b = store.search(queries, 10, where=where), loaded.search(queries, 10, where=where)
         np.testing.assert_array_equal(a.ids, b.ids)
@@ -310,30 +310,30 @@ def test_save_then_load_gives_identical_results(stores, queries, kind):
 
 def test_ivfpq_keeps_the_exact_vectors_beside_its_codes(stores):
     store = stores["ivfpq"]
-    files = store.manifest["files"]
-    assert files["raw"]["name"].startswith("raw-") and files["raw"]["bytes"] > N * DIM * 4
-    assert files["vectors"]["bytes"] < files["raw"]["bytes"] / 2
+    files = store.manifest.files
+    assert files["raw"].name.startswith("raw-") and files["raw"].size > N * DIM * 4
+    assert files["vectors"].size < files["raw"].size / 2
 
 
 def test_too_few_vectors_for_ivfpq_fall_back_to_flat_then_convert(tmp_path, data, queries):
     store = IndexStore.create(tmp_path / "ix", dim=DIM, encoder={}, preprocess={}, index_type="ivfpq")
     store.add(data[:500], _table(500))
     assert store.index_type is IndexType.FLAT
-    assert "ivfpq needs at least 10000 vectors to train and the index holds 500" in store.manifest["index"]["note"]
+    assert "ivfpq needs at least 10000 vectors to train and the index holds 500" in store.manifest.index.note
     store.commit()
     hits = IndexStore.open(tmp_path / "ix").search(queries, 5)
     check_ref_knn_with_draws(*_exact(data[:500], queries, 5), hits.distances, hits.ids)
     # the collection grows past the minimum: the next addition trains ivfpq from the stored vectors
     table = _table(N)
     store.add(data[500:], table.iloc[500:])
-    assert store.index_type is IndexType.IVFPQ and store.manifest["index"]["note"] == ""
-    assert store.manifest["index"]["built_for"] == N
+    assert store.index_type is IndexType.IVFPQ and store.manifest.index.note == ""
+    assert store.manifest.index.built_for == N
     _, ref_ids = _exact(data, queries, 10)
     assert _recall(store.search(queries, 10).ids, ref_ids) >= 0.9
 
 
 def test_auto_converts_when_the_collection_crosses_the_flat_threshold(tmp_path, data, queries, monkeypatch):
-    monkeypatch.setattr(store_module, "FLAT_MAX_MB", 0.53)  # about 8,680 16-d vectors
+    monkeypatch.setattr(faiss_module, "FLAT_MAX_MB", 0.53)  # about 8,680 16-d vectors
     store = IndexStore.create(tmp_path / "ix", dim=DIM, encoder={}, preprocess={}, index_type="auto")
     store.add(data[:8000], _table(8000))
     assert store.index_type is IndexType.FLAT
@@ -342,7 +342,7 @@ def test_auto_converts_when_the_collection_crosses_the_flat_threshold(tmp_path, 
     _, ref_ids = _exact(data[:9000], queries, 10)
     assert _recall(store.search(queries, 10).ids, ref_ids) >= 0.95
     store.commit()
-    assert IndexStore.open(tmp_path / "ix").manifest["index"]["requested"] == "auto"
+    assert IndexStore.open(tmp_path / "ix").manifest.index.requested.value == "auto"
 
 
 def test_configure_converts_an_existing_index_at_commit(tmp_path, data, queries):
@@ -429,7 +429,7 @@ def test_raw_vectors_verified_once_are_not_hashed_at_every_open(stores, tmp_path
     assert not IndexStore.open(copy)._raw_checked  # unknown here: hashed when first read whole
     IndexStore.open(copy).vectors()
     hashed = []
-    monkeypatch.setattr(store_module, "_check_digest", lambda path, entry, digest: hashed.append(path.name))
+    monkeypatch.setattr(files_module, "_check_digest", lambda path, entry, digest: hashed.append(path.name))
     store = IndexStore.open(copy)
     assert store._raw_checked and raw.name not in hashed
     IndexStore.open(copy, verify=True)
