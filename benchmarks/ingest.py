@@ -53,10 +53,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medsearch.config import Config
 from medsearch.deid import SiteKey
+from medsearch.embedding import embed_volume, encoder_input
 from medsearch.encoders import load_encoder
+from medsearch.indexing import build_index, default_workers
 from medsearch.io import load_volume, scan
-from medsearch.pipeline import default_workers, encoder_input
-from medsearch.search import build_index, embed_volume
 from medsearch.store import IndexStore
 from medsearch.transforms import make_thumbnail
 

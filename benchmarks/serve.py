@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from medsearch.deid import SiteKey
-    from medsearch.search import Searcher, build_index
+    from medsearch.indexing import build_index
+    from medsearch.search import Searcher
 
     with tempfile.TemporaryDirectory() as tmp:
         index = args.index

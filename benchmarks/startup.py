@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         from medsearch.config import Config
         from medsearch.deid import SiteKey
-        from medsearch.search import Searcher, build_index
+        from medsearch.indexing import build_index
+        from medsearch.search import Searcher
 
         index = args.index
         if index is None:

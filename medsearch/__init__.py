@@ -39,11 +39,11 @@ _WHERE = {
     "SiteKey": "medsearch.deid",
     "InvalidStudyError": "medsearch.errors",
     "MedsearchError": "medsearch.errors",
-    "IndexReport": "medsearch.search",
+    "IndexReport": "medsearch.indexing",
     "QueryResult": "medsearch.search",
     "Searcher": "medsearch.search",
-    "build_index": "medsearch.search",
-    "embed_volume": "medsearch.search",
+    "build_index": "medsearch.indexing",
+    "embed_volume": "medsearch.embedding",
     "index_info": "medsearch.search",
     "query": "medsearch.search",
     "render_sheet": "medsearch.sheets",
@@ -63,6 +63,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from medsearch.config import Config, load_config
     from medsearch.deid import SiteKey
+    from medsearch.embedding import embed_volume
     from medsearch.errors import InvalidStudyError, MedsearchError
-    from medsearch.search import IndexReport, QueryResult, Searcher, build_index, embed_volume, index_info, query
+    from medsearch.indexing import IndexReport, build_index
+    from medsearch.search import QueryResult, Searcher, index_info, query
     from medsearch.sheets import render_sheet

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -47,29 +47,15 @@ def _user_errors(func: F) -> F:
             _err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
             raise typer.Exit(code=2) from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr).")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _silence_pydicom()
+    from medsearch.io.quiet import silence_pydicom
 
-
-def _silence_pydicom() -> None:
-    """Keep pydicom's own warnings and log lines off the terminal, even with --verbose.
-
-    pydicom quotes header values when it warns about an odd element (an invalid UID, a bad date...),
-    and those values may identify a patient. What matters to the user is already in the skip report
-    and in our one-line errors. (pydicom sets its logger's level when imported, so import it first.)
-    """
-    import warnings
-
-    import pydicom
-
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    silence_pydicom()
 
 
 @app.command()
@@ -77,14 +63,14 @@ def _silence_pydicom() -> None:
 def index(
     archive: Path = typer.Argument(..., help="A DICOM file or a folder of studies, at any depth."),
     index_dir: Path = typer.Option(..., "--index", "-i", help="Index directory (created when missing)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file or preset name (default, chest-ct)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of labels per file or series."),
-    label_key: Optional[str] = typer.Option(None, "--label-key", help="Column of --labels naming the file or SeriesInstanceUID."),
-    label_columns: Optional[str] = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all)."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
-    links: Optional[Path] = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
-    index_type: Optional[str] = typer.Option(None, "--index-type", help="auto, flat, hnsw or ivfpq (default: the config's, auto); converts an existing index."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Processes that read and decode (default: min(4, CPU count); 0: none)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="TOML config file or preset name (default, chest-ct)."),
+    labels: Path | None = typer.Option(None, "--labels", help="CSV of labels per file or series."),
+    label_key: str | None = typer.Option(None, "--label-key", help="Column of --labels naming the file or SeriesInstanceUID."),
+    label_columns: str | None = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all)."),
+    key: Path | None = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
+    links: Path | None = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
+    index_type: str | None = typer.Option(None, "--index-type", help="auto, flat, hnsw or ivfpq (default: the config's, auto); converts an existing index."),
+    workers: int | None = typer.Option(None, "--workers", "-w", min=0, help="Processes that read and decode (default: min(4, CPU count); 0: none)."),
     commit_every: int = typer.Option(64, "--commit-every", min=1, help="Save progress every N new cases (or every minute)."),
     case_timeout: float = typer.Option(600.0, "--case-timeout", min=1.0, help="Seconds one case may take to decode before it is skipped."),
     retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Decode again the cases an earlier run skipped entirely."),
@@ -98,7 +84,7 @@ def index(
     a reason in INDEX/skipped.csv. Running it again on the same archive adds nothing twice, and an
     interrupted run (even kill -9) picks up where its last saved chunk ended.
     """
-    from medsearch.search import build_index
+    from medsearch.indexing import build_index
 
     report = build_index(
         archive,
@@ -151,12 +137,12 @@ def query(
     study: Path = typer.Argument(..., help="A DICOM file or a folder holding one series."),
     index_dir: Path = typer.Option(..., "--index", "-i", help="Index directory built by 'medsearch index'."),
     k: int = typer.Option(10, "-k", "--top", min=1, help="How many similar cases to return."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
     as_json: bool = typer.Option(False, "--json", help="Print {query, results: [{rank, case_id, distance, metadata}]} as JSON."),
-    resolve: Optional[Path] = typer.Option(None, "--resolve", help="Link table from 'index --links': show where each result's files are."),
-    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
-    sheet_html: Optional[Path] = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
-    where: Optional[list[str]] = typer.Option(None, "--where", help="Keep cases whose metadata match, e.g. --where modality=CT --where age>=60 (= != >= <= > < ~); repeatable."),
+    resolve: Path | None = typer.Option(None, "--resolve", help="Link table from 'index --links': show where each result's files are."),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
+    sheet_html: Path | None = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
+    where: list[str] | None = typer.Option(None, "--where", help="Keep cases whose metadata match, e.g. --where modality=CT --where age>=60 (= != >= <= > < ~); repeatable."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first."""
     from medsearch.io import load_study
@@ -249,8 +235,8 @@ def demo(
     out: Path = typer.Option(Path("medsearch-demo"), "--out", help="Folder for the demo index and its site key."),
     k: int = typer.Option(5, "-k", "--top", min=1, help="How many similar cases to show."),
     as_json: bool = typer.Option(False, "--json", help="Print the query result as JSON."),
-    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
-    sheet_html: Optional[Path] = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
+    sheet_html: Path | None = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
 ) -> None:
     """Index the chest CT sample shipped with medsearch and query one of its slices (offline).
 
@@ -275,28 +261,28 @@ def demo(
 @app.command()
 @_user_errors
 def evaluate(
-    data: Optional[Path] = typer.Argument(None, help="A MedMNIST-format .npz file (train/val/test images and labels)."),
-    index_dir: Optional[Path] = typer.Option(None, "--index", "-i", help="An index built with --labels: leave-one-out, or the gallery for --queries."),
-    label: Optional[str] = typer.Option(None, "--label", help="Label column of the index (needed when it has several)."),
+    data: Path | None = typer.Argument(None, help="A MedMNIST-format .npz file (train/val/test images and labels)."),
+    index_dir: Path | None = typer.Option(None, "--index", "-i", help="An index built with --labels: leave-one-out, or the gallery for --queries."),
+    label: str | None = typer.Option(None, "--label", help="Label column of the index (needed when it has several)."),
     exclude_same_patient: bool = typer.Option(False, "--exclude-same-patient", help="Leave out every case of the query's patient pseudonym, not only the query."),
-    queries: Optional[Path] = typer.Option(None, "--queries", help="Folder of query studies, scored against --index with --labels."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of labels per file or series of the --queries studies."),
-    label_key: Optional[str] = typer.Option(None, "--label-key", help="Column of --labels naming the file or SeriesInstanceUID."),
-    key: Optional[Path] = typer.Option(None, "--key", help="The index's site key, to recognize queries that are in the index (default: MEDSEARCH_KEY_FILE)."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", "-p", help="mahbod2024 (test vs train, k = 5) or medmnistplus (k-NN, k = 11); npz only."),
-    ks: Optional[list[str]] = typer.Option(None, "-k", "--ks", help="Cut-offs, e.g. -k 1,5,10 (added to the protocol's)."),
-    gallery_split: Optional[str] = typer.Option(None, "--gallery-split", help="npz split searched (default train)."),
-    query_split: Optional[str] = typer.Option(None, "--query-split", help="npz split of the queries (default test; the gallery's split gives leave-one-out)."),
-    encoders: Optional[list[str]] = typer.Option(None, "--encoder", "-e", help="NAME or NAME:CHECKPOINT; repeat to compare encoders on the same split (npz only)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file or preset name (npz only; an index uses its own)."),
+    queries: Path | None = typer.Option(None, "--queries", help="Folder of query studies, scored against --index with --labels."),
+    labels: Path | None = typer.Option(None, "--labels", help="CSV of labels per file or series of the --queries studies."),
+    label_key: str | None = typer.Option(None, "--label-key", help="Column of --labels naming the file or SeriesInstanceUID."),
+    key: Path | None = typer.Option(None, "--key", help="The index's site key, to recognize queries that are in the index (default: MEDSEARCH_KEY_FILE)."),
+    protocol: str | None = typer.Option(None, "--protocol", "-p", help="mahbod2024 (test vs train, k = 5) or medmnistplus (k-NN, k = 11); npz only."),
+    ks: list[str] | None = typer.Option(None, "-k", "--ks", help="Cut-offs, e.g. -k 1,5,10 (added to the protocol's)."),
+    gallery_split: str | None = typer.Option(None, "--gallery-split", help="npz split searched (default train)."),
+    query_split: str | None = typer.Option(None, "--query-split", help="npz split of the queries (default test; the gallery's split gives leave-one-out)."),
+    encoders: list[str] | None = typer.Option(None, "--encoder", "-e", help="NAME or NAME:CHECKPOINT; repeat to compare encoders on the same split (npz only)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="TOML config file or preset name (npz only; an index uses its own)."),
     modality: str = typer.Option("OT", "--modality", help="Modality the npz preprocessing assumes (OT: percentile scaling)."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write {dataset, protocol, encoder, n_gallery, n_queries, metrics, per_class, ci95, ...} here."),
-    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one row per metric and scope (all, macro, class=...) here."),
-    figure: Optional[Path] = typer.Option(None, "--figure", help="Write a PNG: precision@k per class and the confusion matrix of the vote."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score a seeded random subset of this many queries (a quick run)."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write {dataset, protocol, encoder, n_gallery, n_queries, metrics, per_class, ci95, ...} here."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Write one row per metric and scope (all, macro, class=...) here."),
+    figure: Path | None = typer.Option(None, "--figure", help="Write a PNG: precision@k per class and the confusion matrix of the vote."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score a seeded random subset of this many queries (a quick run)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --limit and of the bootstrap."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoder call (npz; the embeddings do not depend on it)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Keep npz embeddings in this folder (keyed by data, encoder and preprocessing)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Keep npz embeddings in this folder (keyed by data, encoder and preprocessing)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Measure retrieval against labels: hit@k, precision@k, recall@k, mAP, majority votes, MAP@R, nDCG, MRR.
@@ -343,7 +329,7 @@ def evaluate(
             _err.print(f"wrote {path}", highlight=False)
 
 
-def _evaluate_ks(values: Optional[list[str]]) -> Optional[list[int]]:
+def _evaluate_ks(values: list[str] | None) -> list[int] | None:
     """``-k 1,5 -k 10`` -> [1, 5, 10]."""
     from medsearch.errors import ConfigError
 
@@ -413,7 +399,7 @@ def serve(
     index_dir: Path = typer.Argument(..., help="Index directory built by 'medsearch index'."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default answers this machine only."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
     max_upload_mb: int = typer.Option(512, "--max-upload-mb", min=1, help="Largest DICOM upload accepted, in MB."),
 ) -> None:
     """Keep an index and its encoder loaded and answer queries over HTTP, as JSON.
@@ -435,19 +421,19 @@ def serve(
 def train(
     data: Path = typer.Argument(..., help="A MedMNIST-format .npz (train trains, val selects; test is never read) or a DICOM archive folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pt); its .toml config, .json record and .last.pt resume state go beside it."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of labels per file or series (DICOM archive only)."),
-    label: Optional[str] = typer.Option(None, "--label", help="Label column of --labels to learn (needed when it has several)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file or preset name: the preprocessing to train with."),
-    size: Optional[int] = typer.Option(None, "--size", help="Encoder input in pixels (overrides preprocess.size; 32-64 keeps a CPU run to minutes)."),
+    labels: Path | None = typer.Option(None, "--labels", help="CSV of labels per file or series (DICOM archive only)."),
+    label: str | None = typer.Option(None, "--label", help="Label column of --labels to learn (needed when it has several)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="TOML config file or preset name: the preprocessing to train with."),
+    size: int | None = typer.Option(None, "--size", help="Encoder input in pixels (overrides preprocess.size; 32-64 keeps a CPU run to minutes)."),
     mode: str = typer.Option("auto", "--mode", help="supervised, selfsupervised, or auto (supervised when labels are at hand)."),
     loss: str = typer.Option("multisimilarity", "--loss", help="Supervised loss: multisimilarity, supcon or classifier."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the training images (at most; see --patience)."),
     batch_size: int = typer.Option(64, "--batch-size", min=4, help="Images per step."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
-    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: every training image once)."),
+    steps_per_epoch: int | None = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: every training image once)."),
     patience: int = typer.Option(10, "--patience", min=0, help="Stop after this many epochs without a better validation score (0: never)."),
-    head_epochs: Optional[int] = typer.Option(None, "--head-epochs", min=0, help="First epochs that train only the new head on the fixed encoder (default: 1 self-supervised, 0 supervised)."),
-    freeze_norm: Optional[bool] = typer.Option(None, "--freeze-norm/--train-norm", help="Keep BatchNorm's ImageNet statistics (default: frozen self-supervised, trained supervised)."),
+    head_epochs: int | None = typer.Option(None, "--head-epochs", min=0, help="First epochs that train only the new head on the fixed encoder (default: 1 self-supervised, 0 supervised)."),
+    freeze_norm: bool | None = typer.Option(None, "--freeze-norm/--train-norm", help="Keep BatchNorm's ImageNet statistics (default: frozen self-supervised, trained supervised)."),
     val_split: float = typer.Option(0.15, "--val-split", help="Fraction held out for validation (by patient) when there is no val split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, augmentations and heads."),
     flips: bool = typer.Option(False, "--flips", help="Allow horizontal flips (not where laterality matters)."),
@@ -515,7 +501,7 @@ def _print_results(result: Any) -> None:
         _out.print(f"distance = {result.distance}", highlight=False)
 
 
-def _write_sheet(result: Any, index_dir: Path, png: Optional[Path], page: Optional[Path], study: Any) -> None:
+def _write_sheet(result: Any, index_dir: Path, png: Path | None, page: Path | None, study: Any) -> None:
     """Write the result sheet (PNG and/or HTML) and say where, on stderr."""
     from medsearch.sheets import render_sheet
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,8 @@ from medsearch.errors import ConfigError
 
 __all__ = [
     "Config",
+    "as_config",
+    "config_for_index",
     "EncoderConfig",
     "IndexConfig",
     "IndexType",
@@ -237,6 +240,27 @@ def config_from_dict(data: dict[str, Any], *, source: str = "dict") -> Config:
         except TypeError as e:
             raise ConfigError(f"config {source}: bad value in [{name}]: {e}") from e
     return Config(**parts)
+
+
+def as_config(config: Config | str | Path | None) -> Config:
+    """A config object, a preset name or TOML path (:func:`load_config`), or None for the default."""
+    return config if isinstance(config, Config) else load_config(config)
+
+
+def config_for_index(recorded: Mapping[str, Any] | None) -> Config:
+    """The config an index recorded in its manifest, to query or extend it with the same settings.
+
+    Raises
+    ------
+    ConfigError
+        The manifest records no config (an index from an older medsearch).
+    """
+    data = dict(recorded or {})
+    if not data:
+        raise ConfigError("the index manifest records no config; rebuild the index with this medsearch version")
+    # Where and how the network runs is this machine's choice; neither changes the embeddings.
+    data["encoder"] = {**data["encoder"], "device": "auto", "runtime": "auto"}
+    return config_from_dict(data, source="index manifest")
 
 
 def parse_enum(cls: type[enum.Enum], value: Any, name: str) -> Any:

@@ -10,7 +10,8 @@ from importlib import resources
 from pathlib import Path
 
 from medsearch.deid import SiteKey
-from medsearch.search import IndexReport, QueryResult, build_index, query
+from medsearch.indexing import IndexReport, build_index
+from medsearch.search import QueryResult, query
 
 __all__ = ["run_demo", "sample_archive"]
 

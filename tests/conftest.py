@@ -51,7 +51,7 @@ def sample_key(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_index(tmp_path_factory, sample_key) -> Path:
     """The shipped sample archive, indexed with its labels (read-only for tests: copy to change it)."""
-    from medsearch.search import build_index
+    from medsearch.indexing import build_index
 
     path = tmp_path_factory.mktemp("sample") / "index"
     build_index(SAMPLE / "tcga-luad-ct", path, labels=SAMPLE / "labels.csv", key=sample_key)

@@ -5,12 +5,11 @@ import shutil
 
 import pydicom
 import pytest
+from conftest import SAMPLE
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from medsearch.cli import app
-
-from conftest import SAMPLE
 
 ARCHIVE = SAMPLE / "tcga-luad-ct"
 QUERY = ARCHIVE / "ID_0050_AGE_0074_CONTRAST_0_CT.dcm"

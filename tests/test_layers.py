@@ -44,6 +44,9 @@ RANK = {
     "__init__": 14,
     "__main__": 14,
 }
+# Upward imports kept on purpose: an old public name loaded from its new home on first use
+# (medsearch.search.build_index and .IndexReport live in medsearch.indexing).
+COMPAT = {("search", "indexing")}
 # Third-party libraries a unit must not touch.
 FORBIDDEN = {
     "errors": {"torch", "monai", "faiss", "pydicom", "pandas", "numpy"},
@@ -109,6 +112,8 @@ def test_imports_flow_one_way(path):
         if target == unit:
             continue
         assert target in RANK, f"{path.relative_to(PACKAGE)} imports {name}, which belongs to no layer"
+        if (unit, target) in COMPAT:
+            continue
         assert RANK[target] < RANK[unit], (
             f"{unit} (rank {RANK[unit]}) imports {name} (rank {RANK[target]}): only lower layers may be imported"
         )

@@ -9,6 +9,7 @@ import tempfile
 
 import pydicom
 import pytest
+from conftest import SAMPLE
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -16,8 +17,6 @@ from medsearch.cli import app as cli_app
 from medsearch.search import Searcher
 from medsearch.serve import create_app
 from medsearch.store import IndexStore
-
-from conftest import SAMPLE
 
 QUERY = SAMPLE / "tcga-luad-ct" / "ID_0050_AGE_0074_CONTRAST_0_CT.dcm"
 LIMIT_MB = 1.0  # the sample slices are about 0.5 MB
@@ -170,7 +169,7 @@ def test_the_service_picks_up_new_commits_and_survives_a_broken_one(sample_index
 
     from pydicom.data import get_testdata_file
 
-    from medsearch.search import build_index
+    from medsearch.indexing import build_index
 
     index = tmp_path / "index"
     shutil.copytree(sample_index, index)

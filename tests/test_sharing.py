@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from medsearch.cli import app
 from medsearch.errors import ConfigError, WriteError
-from medsearch.search import build_index, query
+from medsearch.indexing import build_index
+from medsearch.search import query
 from medsearch.sharing import LinkTable, NotShareableError, export_index, shareability_problems
 from medsearch.store import VERIFIED_CACHE, IndexStore
 

@@ -9,7 +9,7 @@ from conftest import SAMPLE
 
 from medsearch.config import Config
 from medsearch.deid import SiteKey
-from medsearch.search import build_index
+from medsearch.indexing import build_index
 
 # The exact encoder input does not matter for these tests: small images keep them quick.
 SMALL = Config().replace(preprocess={"size": 32})

@@ -17,7 +17,8 @@ from medsearch.config import EncoderConfig, load_config
 from medsearch.deid import SiteKey
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError, MedsearchError
-from medsearch.search import build_index, query
+from medsearch.indexing import build_index
+from medsearch.search import query
 from medsearch.train import train_encoder
 
 

@@ -1,0 +1,325 @@
+"""Building an index: :func:`build_index` opens (or creates) an index folder and runs the engine on an archive.
+
+It checks the folder, takes the index's lock, opens the index with its settings (or creates it
+with the given ones), reads the optional label CSV, and hands one :class:`IndexOptions` to
+:func:`~medsearch.indexing.index_files`. The engine calls back into this module to describe each
+case (``_case_row``: de-identified metadata and labels, in the worker processes) and to commit each
+chunk of cases with the skip report (``_flush``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from medsearch._files import write_bytes
+from medsearch.config import Config, IndexType, as_config, config_for_index
+from medsearch.deid import DeidOptions, SiteKey, case_metadata
+from medsearch.encoders import load_encoder
+from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError, MedsearchError
+from medsearch.indexing.engine import Chunk, index_files
+from medsearch.indexing.filecache import FILE_STATE
+from medsearch.indexing.options import IndexOptions
+from medsearch.indexing.report import IndexReport
+from medsearch.io import CaseRef, SkippedFile, Volume, find_files
+from medsearch.io.labels import labels_for_case, read_labels
+from medsearch.sharing import LinkTable
+from medsearch.store import IndexStore, read_manifest
+
+__all__ = ["SKIP_REPORT", "build_index"]
+
+log = logging.getLogger(__name__)
+
+SKIP_REPORT = "skipped.csv"
+# Files an index directory may hold before its first commit (or that are local to this machine).
+_INDEX_LOCAL_FILES = frozenset({".lock", SKIP_REPORT, FILE_STATE, f"{FILE_STATE}-journal"})
+
+
+def build_index(
+    archive: str | Path,
+    index_dir: str | Path,
+    *,
+    config: Config | str | Path | None = None,
+    labels: str | Path | None = None,
+    label_key: str | None = None,
+    label_columns: Sequence[str] | None = None,
+    key: SiteKey | str | Path | None = None,
+    deid: DeidOptions | None = None,
+    links: str | Path | None = None,
+    index_type: IndexType | str | None = None,
+    progress: bool = False,
+    workers: int | None = None,
+    commit_every: int = 64,
+    commit_seconds: float = 60.0,
+    case_timeout: float | None = 600.0,
+    batch_images: int = 32,
+    file_cache: bool = True,
+    retry_skipped: bool = False,
+    lock_timeout: float = 10.0,
+) -> IndexReport:
+    """Index every case of an archive folder (or add a new folder to an existing index).
+
+    Headers are read first (in parallel); cases already in the index are not decoded again, and files
+    unchanged since an earlier run (same size and modification time) are not even read again. The
+    other cases are decoded and preprocessed in ``workers`` processes and encoded here, several per
+    encoder call (see :mod:`medsearch.indexing.engine`); the vectors are those
+    :func:`~medsearch.embedding.embed_volume` gives.
+    Progress is committed in chunks, so an interrupted (even ``kill -9``) run loses at most one
+    chunk, the index on disk is always a complete earlier state, and the same call finishes the job.
+
+    Parameters
+    ----------
+    archive
+        A DICOM file or a folder at any depth.
+    index_dir
+        The index directory; created when missing.
+    config
+        A :class:`Config`, a TOML file or a preset name; for an existing index it must match the
+        settings the index was built with (default: those settings).
+    labels, label_key, label_columns
+        Optional sidecar CSV of labels per file or series. ``label_key`` is its column that names the
+        file (path relative to the archive, or file name) or the SeriesInstanceUID; by default the first
+        of ``path, file, filename, file_name, dicom_name, SeriesInstanceUID, StudyInstanceUID``.
+        ``label_columns`` picks the columns to keep (default: all others).
+    key
+        The site key for pseudonyms (a :class:`SiteKey` or a key file path). By default the key from
+        ``MEDSEARCH_SITE_KEY``/``MEDSEARCH_KEY_FILE`` or ``~/.config/medsearch/site.key``, created
+        on the first run.
+    links
+        Optional link table (CSV, owner-only, outside the index directory) mapping each case id to
+        its source files and UIDs, for users allowed to go back to the source.
+    index_type
+        ``auto``, ``flat``, ``hnsw`` or ``ivfpq`` (default: the config's ``index.index_type`` for a new
+        index, the index's own for an existing one, which this converts when given another type).
+    progress
+        Show a live bar on stderr (files/s, cases/s, ETA, files skipped).
+    workers
+        Processes that read, decode and preprocess (default ``min(4, os.cpu_count())``; 0: all in
+        this process).
+    commit_every, commit_seconds
+        Commit once this many new cases wait, or this many seconds after the last commit; commits of a
+        large index are spaced out so that they take at most about a tenth of the run.
+    case_timeout
+        Seconds one case may take to decode before its worker is stopped and its files are skipped
+        with ``decode_error`` (None: no limit). A case whose decoding crashes its worker is skipped too.
+    batch_images
+        Images (selected slices) per encoder call.
+    file_cache
+        Keep ``INDEX/local-file-state.sqlite`` (file paths, UIDs only as keyed pseudonyms: local to this
+        machine, never exported) so that unchanged files are not read again.
+    retry_skipped
+        Decode again the cases whose files were all skipped by an earlier run (by default they are
+        skipped again, with the same reasons, until a file changes).
+    lock_timeout
+        Seconds to wait for another process writing to the same index.
+
+    Raises
+    ------
+    InvalidStudyError
+        The archive path does not exist.
+    ConfigError, EncoderMismatchError, KeyFileError
+        Bad settings, or settings or key other than those of the existing index.
+    MedsearchError
+        Another process is writing to the index; worker processes cannot start.
+    """
+    started = time.perf_counter()
+    archive, index_dir = Path(archive), Path(index_dir)
+    site_key = key if isinstance(key, SiteKey) else SiteKey.load(key, create=True)
+    deid = deid or DeidOptions()
+    options = IndexOptions(
+        workers=workers,
+        case_timeout=case_timeout,
+        batch_images=batch_images,
+        commit_every=commit_every,
+        commit_seconds=commit_seconds,
+        file_cache=file_cache,
+        retry_skipped=retry_skipped,
+        progress=progress,
+    )
+    files = list(find_files(archive))
+    discovered = time.perf_counter() - started
+    link_table = LinkTable.for_index(links, index_dir) if links is not None else None
+    _check_index_dir(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(index_dir / ".lock"))
+    try:
+        lock.acquire(timeout=lock_timeout)
+    except Timeout:
+        raise MedsearchError(
+            f"another medsearch process is writing to {index_dir}; wait for it to finish, then run again"
+        ) from None
+    try:
+        store, config = _open_for_writing(index_dir, config, site_key, index_type=index_type)
+        encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
+        store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
+        label_table = read_labels(labels, label_key, label_columns) if labels else None
+        labels_before = list(store.manifest.label_columns)
+        if label_table is not None:
+            store.manifest.label_columns = sorted(set(labels_before) | set(label_table.columns))
+        # A new index is written even when it stays empty; an existing one only when something changes.
+        must_commit = store.manifest.generation == 0 or store.manifest.label_columns != labels_before
+
+        created = site_key.path if site_key.created and not isinstance(key, SiteKey) else None
+        report = IndexReport(index_dir=index_dir, n_files=len(files), key_created=created)
+        report.stage_seconds["discover"] = discovered
+        index_files(
+            files,
+            root=archive,
+            store=store,
+            encoder=encoder,
+            config=config,
+            key=site_key,
+            # runs in the worker processes: a partial of a module-level function pickles
+            describe=functools.partial(_case_row, key=site_key, deid=deid, labels=label_table, archive=archive),
+            commit=functools.partial(_flush, store, report=report, archive=archive, link_table=link_table),
+            report=report,
+            links=link_table,
+            must_commit=must_commit,
+            options=options,
+        )
+        report.n_cases_total = len(store)
+        report.seconds = time.perf_counter() - started
+        if not report.accounted:
+            log.warning(
+                "file counts do not add up: %d found, %d in added cases, %d already indexed, %d skipped",
+                report.n_files, report.n_files_added, report.n_files_already_indexed, len(report.skipped),
+            )
+        return report
+    finally:
+        lock.release()
+
+
+def _check_index_dir(index_dir: Path) -> None:
+    """Refuse a file, or a folder of other files (an archive given by mistake), as an index folder."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise ConfigError(f"--index {index_dir} is a file; give a folder for the index")
+    if not index_dir.is_dir() or (index_dir / "manifest.json").exists():
+        return
+    others = sorted(p.name for p in index_dir.iterdir() if p.name not in _INDEX_LOCAL_FILES)
+    if others:
+        raise ConfigError(
+            f"{index_dir} is not a medsearch index and holds other files ({', '.join(others[:3])}...); "
+            "give a new or empty folder for --index"
+        )
+
+
+def _open_for_writing(
+    index_dir: Path,
+    config: Config | str | Path | None,
+    key: SiteKey,
+    *,
+    index_type: IndexType | str | None = None,
+) -> tuple[IndexStore, Config]:
+    try:
+        manifest = read_manifest(index_dir)
+    except IndexNotFoundError:
+        manifest = None
+    if manifest is None:
+        _check_index_dir(index_dir)
+        cfg = as_config(config)
+        if index_type is not None:
+            cfg = cfg.replace(index={"index_type": index_type})
+        encoder = load_encoder(cfg.encoder)
+        store = IndexStore.create(
+            index_dir,
+            dim=encoder.dim,
+            metric=cfg.index.metric,
+            encoder=encoder.info.to_dict(),
+            preprocess=cfg.to_dict()["preprocess"],
+            key_check=key.check_value(),
+            index_type=cfg.index.index_type,
+            memory_budget_mb=cfg.index.memory_budget_mb,
+            ef_search=cfg.index.ef_search,
+            nprobe=cfg.index.nprobe,
+        )
+        store.manifest.config = cfg.to_dict()
+        return store, cfg
+    store = IndexStore.open(index_dir)
+    if store.manifest.key_check != key.check_value():
+        raise KeyFileError(
+            f"index {index_dir} was built with another site key than {key}; use the key file it was built "
+            "with (--key or MEDSEARCH_KEY_FILE), or build a new index"
+        )
+    cfg = config_for_index(store.manifest.config) if config is None else as_config(config)
+    if index_type is not None:
+        cfg = cfg.replace(index={"index_type": index_type})
+        if store.manifest.index.requested is not cfg.index.index_type:
+            # another type for an existing index: convert it now, from the exact vectors it keeps
+            store.configure(index_type=cfg.index.index_type)
+            store.manifest.config = {**(store.manifest.config or {}), "index": cfg.to_dict()["index"]}
+            store.commit()
+    return store, cfg
+
+
+def _flush(
+    store: IndexStore,
+    chunk: Chunk,
+    force: bool = False,
+    *,
+    report: IndexReport,
+    archive: Path,
+    link_table: LinkTable | None,
+) -> bool:
+    """Add a chunk of new cases to the store and commit it; return whether the index was written.
+
+    Without new cases (and without ``force``) the index is left as it is and only the skip report
+    is rewritten, so that re-running on an unchanged archive rewrites nothing.
+    """
+    if chunk.vectors:
+        store.add(np.stack(chunk.vectors), pd.DataFrame(chunk.rows), np.stack(chunk.thumbnails) if chunk.thumbnails else None)
+    report.n_cases_total = len(store)
+    # the link table first: a case in the index always has its way back
+    if link_table is not None:
+        link_table.save()
+    skip_report = _skip_csv(report.skipped, archive)
+    if not chunk.vectors and not force:
+        write_bytes(store.path / SKIP_REPORT, skip_report)
+        return False
+    store.commit(extra={SKIP_REPORT: skip_report}, info={"last_run": report.to_dict()})
+    return True
+
+
+def _case_row(
+    cid: str,
+    case: CaseRef,
+    volume: Volume,
+    key: SiteKey,
+    deid: DeidOptions,
+    labels: pd.DataFrame | None,
+    archive: Path,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"case_id": cid}
+    header = case.header
+    if not str(header.get("PatientID", "") or "") and not str(header.get("StudyInstanceUID", "") or ""):
+        # No patient or study identity at all: the case is its own "patient", under the stand-in
+        # study key the loader gave it (stable for the same path).
+        header = copy.copy(header)
+        header.StudyInstanceUID = case.study_uid
+    row.update(case_metadata(header, key=key, options=deid))
+    row["n_files"] = len(case.files)
+    row["n_slices"] = int(volume.pixels.shape[0])
+    row["rows"], row["columns"] = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+    row["spacing_mm"] = "x".join(f"{s:.3g}" for s in volume.spacing)
+    if labels is not None:
+        row.update(labels_for_case(case, labels, archive))
+    return row
+
+
+def _skip_csv(skipped: list[SkippedFile], archive: Path) -> bytes:
+    rows = []
+    for s in skipped:
+        try:
+            shown = s.path.resolve().relative_to(archive.resolve()).as_posix()
+        except ValueError:
+            shown = s.path.name
+        rows.append({"path": shown, "reason": s.reason.value, "detail": s.detail})
+    return pd.DataFrame(rows, columns=["path", "reason", "detail"]).to_csv(index=False).encode("utf-8")

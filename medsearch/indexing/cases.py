@@ -1,0 +1,171 @@
+"""The work done for each case, in a worker process (or in this one with ``workers=0``).
+
+:func:`prepare_case` turns one case's files into what the encoder sees (its preprocessed slices, or
+its resampled volume for a 3D encoder), a thumbnail and a metadata row, and never raises: a case
+that cannot be decoded or preprocessed comes back as a :class:`FailedCase` whose files carry the
+reason. ``_scan_files`` reads the header summaries of a chunk of files, with pydicom kept quiet.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsearch.config import Config, SliceMode
+from medsearch.embedding import encoder_input
+from medsearch.encoders import EncoderInfo
+from medsearch.indexing.options import IndexOptions
+from medsearch.io import (
+    CaseFiles,
+    CaseRef,
+    HeaderSummary,
+    LoadFailure,
+    SkippedFile,
+    SkipReason,
+    Volume,
+    load_volume,
+    summarize_file,
+)
+from medsearch.io.quiet import pydicom_silenced
+from medsearch.transforms import axial_indices, make_thumbnail
+
+__all__ = ["CaseJob", "FailedCase", "PreparedCase", "prepare_case"]
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """One case to decode: its position in the run, its pseudonymous id and its files."""
+
+    seq: int
+    case_id: str
+    case: CaseFiles
+
+
+@dataclass
+class PreparedCase:
+    """A decoded case, ready for the encoder: ``images`` is the encoder input as float32."""
+
+    case_id: str
+    images: np.ndarray
+    thumbnail: np.ndarray | None
+    row: dict[str, Any]
+    skipped: list[SkippedFile]
+    n_files: int  # files of the case that went into the volume
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+
+
+@dataclass
+class FailedCase:
+    """A case none of whose files could be used; ``transient``: a timeout or a crashed worker."""
+
+    case_id: str
+    skipped: list[SkippedFile]
+    transient: bool = False
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a worker needs to turn a case into encoder input (sent once, when it starts): the
+    settings, the encoder's input format, the row maker and the run's options (its decoder)."""
+
+    config: Config
+    encoder: EncoderInfo
+    describe: Callable[[str, CaseRef, Volume], dict[str, Any]] | None
+    options: IndexOptions = field(default_factory=IndexOptions)
+    log_level: int = logging.WARNING
+
+
+def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
+    """Decode one case and make its encoder input, thumbnail and metadata row; never raises.
+
+    With the default loader, a 2D encoder and axial slices, only the slices the encoder sees and the
+    thumbnail's middle slice are read and decoded, chosen from the slice geometry the header scan
+    recorded (see :func:`~medsearch.io.load_volume`): the same slices as a full decode would give,
+    unless a file that was not selected has pixel data that would not decode, which is then not
+    noticed (and the file counts as part of its case; the scan has already checked that its header
+    reads, its pixel data is all there and its transfer syntax has a decoder).
+    """
+    started = time.perf_counter()
+    files = job.case.files
+    try:
+        case = job.case.open()
+        if setup.options.load is load_volume:
+            volume, bad = load_volume(case, select=_used_slices(setup.config, setup.encoder))
+        else:
+            volume, bad = setup.options.load(case)
+    except LoadFailure as e:
+        return FailedCase(job.case_id, _cover(files, list(e.skipped)), decode_s=time.perf_counter() - started)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a decoder bug (or a Rust panic) must cost one case, not the run
+        detail = f"decoding the case failed: {_one_line(exc)}"
+        return FailedCase(job.case_id, _cover(files, [], detail), decode_s=time.perf_counter() - started)
+    decoded = time.perf_counter()
+    try:
+        images = encoder_input(volume, setup.encoder, setup.config).numpy()
+        size = setup.config.index.thumbnail_size
+        thumb = None
+        if size:
+            thumb = make_thumbnail(volume.pixels, config=setup.config.preprocess, modality=volume.modality,
+                                   rgb=volume.rgb, spacing=volume.spacing, size=size)
+        row = setup.describe(job.case_id, case, volume) if setup.describe is not None else {"case_id": job.case_id}
+    except Exception as exc:  # noqa: BLE001 - as above: an odd volume is skipped with the reason
+        detail = f"preprocessing the case failed: {_one_line(exc)}"
+        return FailedCase(job.case_id, _cover(files, list(bad), detail), decode_s=decoded - started)
+    return PreparedCase(
+        case_id=job.case_id,
+        images=np.ascontiguousarray(images, dtype=np.float32),
+        thumbnail=thumb,
+        row=row,
+        skipped=list(bad),
+        n_files=len(files) - len(bad),
+        decode_s=decoded - started,
+        preprocess_s=time.perf_counter() - decoded,
+    )
+
+
+def _used_slices(config: Config, info: EncoderInfo) -> Callable[[int], list[int]] | None:
+    """Which slices of a stack of a given depth a case's preprocessing reads; None: all of them."""
+    if info.spatial_dims != 2 or config.preprocess.slice_mode is not SliceMode.AXIAL:
+        return None  # tri-planar images and 3D encoders see the whole volume
+    return functools.partial(_axial_and_middle, count=config.preprocess.slices, middle=bool(config.index.thumbnail_size))
+
+
+def _axial_and_middle(depth: int, *, count: int, middle: bool) -> list[int]:
+    """The axial slices an encoder sees, and the middle one the thumbnail shows."""
+    indices = axial_indices(depth, count=count)
+    return sorted({*indices, depth // 2}) if middle else indices
+
+
+def _cover(files: Sequence[Path], skipped: list[SkippedFile], detail: str = "") -> list[SkippedFile]:
+    """``skipped`` plus a DECODE_ERROR for each file of the case it does not name."""
+    named = {s.path for s in skipped}
+    reason = detail or "not decoded: no other file of its case could be decoded"
+    return skipped + [SkippedFile(p, SkipReason.DECODE_ERROR, reason) for p in files if p not in named]
+
+
+def _scan_files(paths: list[Path], setup: _Setup) -> tuple[list[HeaderSummary | SkippedFile], float]:
+    """The header summaries of ``paths`` and the seconds they took (a worker task, as is :func:`prepare_case`)."""
+    started = time.perf_counter()
+    with pydicom_silenced():
+        found = [summarize_file(p) for p in paths]
+    return found, time.perf_counter() - started
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's whole message squashed onto one line, cut at 200 characters (its type's name when empty).
+
+    Unlike :func:`medsearch.errors.first_line`, which keeps the first line only, this keeps every
+    line of the message, joined by single spaces: what a skip reason or a lost task's detail shows.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

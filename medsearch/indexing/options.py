@@ -1,0 +1,55 @@
+"""How an indexing run goes: :class:`IndexOptions`, the settings handed down through one run.
+
+:func:`~medsearch.indexing.build_index` takes these settings as keyword arguments (as the CLI and
+the notebooks call it) and builds one :class:`IndexOptions`; :func:`~medsearch.indexing.index_files`,
+its worker pool and the setup each worker process receives read them from that one object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medsearch.io import CaseRef, SkippedFile, Volume, load_volume
+
+__all__ = ["IndexOptions"]
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """The settings of one indexing run (what the index holds is the :class:`~medsearch.config.Config`'s).
+
+    Attributes
+    ----------
+    workers
+        Worker processes that read, decode and preprocess (None:
+        :func:`~medsearch.indexing.default_workers`; 0: everything in this process).
+    case_timeout
+        Seconds a worker may spend on one case (or one chunk of headers) before it is stopped and the
+        case skipped with DECODE_ERROR; None: no limit.
+    batch_images
+        Images per encoder call (the cases' selected slices, several cases per call).
+    commit_every, commit_seconds
+        Commit once this many new cases are waiting, or this many seconds after the last commit,
+        whichever comes first (throttled so that commits take at most ~1/10 of a run).
+    file_cache
+        Keep and use the file-state cache (unchanged files are not read again).
+    retry_skipped
+        Decode again the cases whose files were all left out by an earlier run.
+    progress
+        Show the live bar on stderr.
+    load
+        The decoder (default :func:`~medsearch.io.load_volume`, which then decodes only the slices
+        the encoder and the thumbnail use, see :func:`~medsearch.indexing.prepare_case`); it runs in
+        the worker processes, so it must be picklable (a module-level function).
+    """
+
+    workers: int | None = None
+    case_timeout: float | None = 600.0
+    batch_images: int = 32
+    commit_every: int = 64
+    commit_seconds: float = 60.0
+    file_cache: bool = True
+    retry_skipped: bool = False
+    progress: bool = False
+    load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] = load_volume

@@ -1,0 +1,112 @@
+"""The per-case work (medsearch.indexing.cases): decoding only the slices that are used gives the same
+encoder input; which slices those are; headers read in this process let no pydicom log line out."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from indexing.archives import CT, FAST, _derive
+from pydicom.uid import generate_uid
+
+from medsearch import Config
+from medsearch.deid import DeidOptions
+from medsearch.encoders import load_encoder
+from medsearch.indexing import IndexOptions, build, cases
+from medsearch.io import find_files, group_headers, load_volume, summarize_file
+
+# -- only the slices that are used get decoded, and they are the same ------------------------------------
+
+
+def _load_whole(case):
+    """The loader without slice selection (a different function, so prepare_case decodes everything)."""
+    return load_volume(case)
+
+
+def _series_from_sample(root: Path, n: int) -> Path:
+    study, series = generate_uid(entropy_srcs=["used", "study"]), generate_uid(entropy_srcs=["used", "series"])
+    for i in range(n):
+        _derive(CT[i % len(CT)], root / f"slice{i:02d}.dcm", seed=f"used-{i}", study=study, series=series, z=float(3 * i))
+    return root
+
+
+def _prepared_both_ways(folder: Path, config: Config, encoder, key, limit: int = 4) -> list[tuple]:
+    """prepare_case on the first ``limit`` series of several files, with the default loader and whole."""
+    groups, _ = group_headers(summarize_file(p) for p in find_files(folder))
+    groups = [g for g in groups if len(g.files) > 1][:limit]
+    assert groups, f"no series of several files under {folder}"
+    describe = functools.partial(build._case_row, key=key, deid=DeidOptions(), labels=None, archive=folder)
+    out = []
+    for i, group in enumerate(groups):
+        job = cases.CaseJob(i, f"case-{i}", group)
+        used = cases.prepare_case(job, cases._Setup(config=config, encoder=encoder.info, describe=describe))
+        whole = cases.prepare_case(job, cases._Setup(config=config, encoder=encoder.info, describe=describe,
+                                                     options=IndexOptions(load=_load_whole)))
+        out.append((used, whole))
+    return out
+
+
+def _check_same(pairs, encoder) -> None:
+    for used, whole in pairs:
+        assert isinstance(used, cases.PreparedCase) and isinstance(whole, cases.PreparedCase)
+        np.testing.assert_array_equal(used.images, whole.images)
+        np.testing.assert_array_equal(used.thumbnail, whole.thumbnail)
+        assert used.row == whole.row and used.skipped == whole.skipped and used.n_files == whole.n_files
+        np.testing.assert_array_equal(encoder.embed(used.images), encoder.embed(whole.images))
+
+
+@pytest.mark.parametrize("slices", [5, 3])
+def test_decoding_only_the_used_slices_gives_the_same_vectors_on_a_sample_series(tmp_path, sample_key, slices):
+    config = Config().replace(preprocess={"slices": slices})
+    encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
+    _check_same(_prepared_both_ways(_series_from_sample(tmp_path / "series", 11), config, encoder, sample_key), encoder)
+
+
+def test_decoding_only_the_used_slices_gives_the_same_vectors_on_a_real_series(shared_dicom, sample_key):
+    config = Config()
+    encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
+    for folder in ("ct-head-ge-gantry-tilt", "mr-philips-fmri"):
+        _check_same(_prepared_both_ways(shared_dicom / folder, config, encoder, sample_key, limit=2), encoder)
+
+
+@pytest.mark.parametrize(("preprocess", "spatial_dims", "expected"), [
+    ({"slices": 5}, 2, [0, 2, 4, 5, 7]),
+    ({"slices": 3}, 2, [1, 4, 6]),  # 4: the thumbnail's middle slice
+    ({"slice_mode": "triplanar"}, 2, None),
+    ({"slices": 5}, 3, None),
+])
+def test_used_slices_follow_the_preprocessing(preprocess, spatial_dims, expected):
+    config = Config().replace(preprocess=preprocess)
+    info = load_encoder(FAST.encoder, input_size=64).info
+    info = type(info)(**{**info.__dict__, "spatial_dims": spatial_dims})
+    select = cases._used_slices(config, info)
+    assert (select(8) if select is not None else None) == expected
+
+
+# -- pydicom's log lines --------------------------------------------------------------------------
+
+
+def test_headers_read_here_leave_no_pydicom_log_lines(mixed_archive, caplog, monkeypatch):
+    # pydicom's log lines quote header values; reading headers in this process must not let them out
+    def chatty(path):
+        logging.getLogger("pydicom").warning("PatientName=Doe^Jane in %s", path)
+        return summarize_file(path)
+
+    monkeypatch.setattr(cases, "summarize_file", chatty)
+    caplog.set_level(logging.DEBUG)
+    logger = logging.getLogger("pydicom")
+    level, disabled = logger.level, logger.disabled  # the CLI's tests may have quieted it for good
+    logger.setLevel(logging.DEBUG)
+    logger.disabled = False
+    try:
+        found, _ = cases._scan_files(list(find_files(mixed_archive))[:3], None)
+        assert len(found) == 3
+        assert "Doe^Jane" not in caplog.text
+        logger.warning("after: Smith")
+        assert "after: Smith" in caplog.text  # the logger is given back as it was
+    finally:
+        logger.setLevel(level)
+        logger.disabled = disabled
