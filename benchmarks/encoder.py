@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             run = build_path(name, max(batches))
             for batch in batches:  # warm-up; for torch.compile this is the compilation
                 run(images(batch, args.size))
-        except Exception as e:  # a path that does not work here is reported, not fatal
+        except Exception as e:  # noqa: BLE001 - a path that does not work here is reported, not fatal
             errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             print(f"{name}: not measured ({errors[name]})", file=sys.stderr)
             continue

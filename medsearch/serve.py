@@ -195,7 +195,7 @@ def create_app(
             return _error(409, str(e).replace(str(path), "the upload"))
         except MedsearchError as e:
             return _error(422, str(e).replace(str(path), "the upload"))
-        except Exception as e:  # keep serving; the message may quote the file's contents, so log its type only
+        except Exception as e:  # noqa: BLE001 - keep serving; the message may quote the file's contents, so log its type only
             log.error("query failed with %s", type(e).__name__)
             return _error(500, f"the query failed ({type(e).__name__}); see the service log")
         finally:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from medsearch.config import Config, Metric, SliceMode, load_config, preset_names
+from medsearch.config import Config, IndexConfig, IndexType, Metric, SliceMode, load_config, preset_names
 from medsearch.errors import ConfigError
 
 
@@ -62,3 +62,17 @@ def test_replace_changes_one_key():
     cfg = Config().replace(encoder={"device": "cpu"})
     assert cfg.encoder.device == "cpu"
     assert cfg.preprocess == Config().preprocess
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"index_type": "annoy"}, "index.index_type must be one of 'auto', 'flat', 'hnsw', 'ivfpq', got 'annoy'"),
+    ({"nprobe": 0}, "index.nprobe must be a whole number of at least 1, got 0"),
+    ({"memory_budget_mb": "lots"}, "index.memory_budget_mb must be a whole number"),
+])
+def test_index_config_rejects_bad_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        IndexConfig(**values)
+
+
+def test_index_type_accepts_its_string_value():
+    assert IndexConfig(index_type="hnsw").index_type is IndexType.HNSW

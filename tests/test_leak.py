@@ -133,7 +133,7 @@ def _collect(ds: Dataset, forbidden: set[str], kept: set[str], *, inside_removed
             continue
         try:
             strings = _strings(element)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a value that does not parse cannot be looked for
             continue
         target.update(s for s in strings if len(s) >= 6)
 
@@ -144,11 +144,11 @@ def _forbidden_values(files: list[Path], root: Path) -> set[str]:
     for path in files:
         try:
             ds = pydicom.dcmread(path, force=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not DICOM: it holds no header values to look for
             continue
         try:
             _collect(ds, forbidden, kept)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an odd header: the values read before it still count
             continue
     # Not leaks: a value that some file legitimately keeps elsewhere, or a part of one (e.g. "SIEMENS"
     # both as Manufacturer and in a private tag, "LightSpeed Pro" inside a kept model name); a part of

@@ -83,6 +83,7 @@ def test_gantry_tilt_series_query_finds_itself(shared_dicom, tmp_path, sample_ke
 # -- the query side loads nothing of the indexing engine -------------------------------------------
 
 
+@pytest.mark.slow
 def test_importing_search_loads_no_indexing_module():
     code = (
         "import sys, medsearch.search\n"

@@ -99,6 +99,7 @@ def _cases_on_disk(index: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_the_same_command_finishes_the_job(kill_archive, sample_key, tmp_path):
     reference = tmp_path / "reference"
     build_index(kill_archive, reference, key=sample_key, config=FAST, workers=0)

@@ -34,6 +34,7 @@ def _unreliable_decoder(case):
     return load_volume(case)
 
 
+@pytest.mark.slow
 def test_a_case_that_hangs_or_crashes_its_worker_is_skipped_and_the_run_goes_on(tmp_path, sample_key):
     archive = SAMPLE / "tcga-luad-ct"
     files = list(find_files(archive))
