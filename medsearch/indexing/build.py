@@ -162,11 +162,9 @@ def build_index(
         encoder = load_encoder(config.encoder, input_size=config.preprocess.size)
         store.check_compatible(encoder.info.to_dict(), config.to_dict()["preprocess"])
         label_table = read_labels(labels, label_key, label_columns) if labels else None
-        labels_before = list(store.manifest.label_columns)
-        if label_table is not None:
-            store.manifest.label_columns = sorted(set(labels_before) | set(label_table.columns))
+        new_labels = label_table is not None and store.add_label_columns(label_table.columns)
         # A new index is written even when it stays empty; an existing one only when something changes.
-        must_commit = store.manifest.generation == 0 or store.manifest.label_columns != labels_before
+        must_commit = store.manifest.generation == 0 or new_labels
 
         created = site_key.path if site_key.created and not isinstance(key, SiteKey) else None
         report = IndexReport(index_dir=index_dir, n_files=len(files), key_created=created)
@@ -241,7 +239,7 @@ def _open_for_writing(
             ef_search=cfg.index.ef_search,
             nprobe=cfg.index.nprobe,
         )
-        store.manifest.config = cfg.to_dict()
+        store.record_config(cfg.to_dict())
         return store, cfg
     store = IndexStore.open(index_dir)
     if store.manifest.key_check != key.check_value():
@@ -255,7 +253,7 @@ def _open_for_writing(
         if store.manifest.index.requested is not cfg.index.index_type:
             # another type for an existing index: convert it now, from the exact vectors it keeps
             store.configure(index_type=cfg.index.index_type)
-            store.manifest.config = {**(store.manifest.config or {}), "index": cfg.to_dict()["index"]}
+            store.record_config({**(store.manifest.config or {}), "index": cfg.to_dict()["index"]})
             store.commit()
     return store, cfg
 

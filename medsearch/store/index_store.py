@@ -304,6 +304,16 @@ class IndexStore:
         )
         self._apply_search_params()
 
+    def record_config(self, config: Mapping[str, Any]) -> None:
+        """Record the full config the index is built with (written at the next :meth:`commit`)."""
+        self.manifest.config = dict(config)
+
+    def add_label_columns(self, columns: Iterable[str]) -> bool:
+        """Add label columns to the case table's list (written at the next :meth:`commit`); True if any is new."""
+        before = self.manifest.label_columns
+        self.manifest.label_columns = sorted(set(before) | set(columns))
+        return self.manifest.label_columns != before
+
     def __len__(self) -> int:
         return int(self.index.ntotal)
 

@@ -103,3 +103,15 @@ def test_bad_shapes_are_refused(tmp_path):
     with pytest.raises(FileExistsError):
         store.commit()
         IndexStore.create(tmp_path / "ix", dim=16, encoder=ENCODER, preprocess=PREPROCESS)
+
+
+def test_config_and_label_columns_are_recorded_through_the_store_and_kept_at_commit(tmp_path):
+    store = _store(tmp_path / "ix", "cosine", n=5)
+    assert store.add_label_columns(["modality"]) is True
+    assert store.add_label_columns(["modality"]) is False  # nothing new: nothing to commit
+    assert store.add_label_columns(["Age", "modality"]) is True
+    store.record_config({"index": {"index_type": "flat"}})
+    store.commit()
+    reopened = IndexStore.open(tmp_path / "ix")
+    assert reopened.manifest.label_columns == ["modality"]  # a column the case table lacks is not kept
+    assert reopened.manifest.config == {"index": {"index_type": "flat"}}
