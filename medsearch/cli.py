@@ -19,8 +19,25 @@ from typing import Any, TypeVar, cast
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from medsearch.errors import MedsearchError
+
+
+class _Command(TyperCommand):
+    """A command whose usage line names its arguments as its help does: ``query [OPTIONS] STUDY``.
+
+    (typer writes a required argument as ``{study}``, which reads like a literal or a template.)
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:  # typer's own (vendored) click Context
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
 
 app = typer.Typer(
     name="medsearch",
@@ -51,22 +68,29 @@ def _user_errors(func: F) -> F:
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr).")) -> None:
+def _main(
+    ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr).")
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand != "query":  # query checks its arguments first (quickly), then silences pydicom
+        _silence_pydicom()
+
+
+def _silence_pydicom() -> None:
     from medsearch.io.quiet import silence_pydicom
 
     silence_pydicom()
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def index(
-    archive: Path = typer.Argument(..., help="A DICOM file or a folder of studies, at any depth."),
+    archive: Path = typer.Argument(..., metavar="ARCHIVE", help="A DICOM file or a folder of studies, at any depth."),
     index_dir: Path = typer.Option(..., "--index", "-i", help="Index directory (created when missing)."),
     config: str | None = typer.Option(None, "--config", "-c", help="TOML config file or preset name (default, chest-ct)."),
     labels: Path | None = typer.Option(None, "--labels", help="CSV of labels per file or series."),
     label_key: str | None = typer.Option(None, "--label-key", help="Column of --labels naming the file or SeriesInstanceUID."),
-    label_columns: str | None = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all)."),
+    label_columns: str | None = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all but file paths, file names, ids and dates)."),
     key: Path | None = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
     links: Path | None = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
     index_type: str | None = typer.Option(None, "--index-type", help="auto, flat, hnsw or ivfpq (default: the config's, auto); converts an existing index."),
@@ -80,11 +104,12 @@ def index(
 ) -> None:
     """Index every case of an archive, or add a new folder to an existing index.
 
-    Files that are not images (SR, RT, non-DICOM, truncated, duplicates...) are skipped and listed with
-    a reason in INDEX/skipped.csv. Running it again on the same archive adds nothing twice, and an
-    interrupted run (even kill -9) picks up where its last saved chunk ended.
+    Files that are not images (SR, RT, non-DICOM, truncated, duplicates, FIFOs, broken links...) are
+    skipped and listed with a reason in INDEX/local/skipped.csv (site-only, like all of INDEX/local/).
+    Running it again on the same archive adds nothing twice, and an interrupted run (even kill -9)
+    picks up where its last saved chunk ended.
     """
-    from medsearch.indexing import build_index
+    from medsearch.indexing import SKIP_REPORT, build_index
 
     report = build_index(
         archive,
@@ -128,13 +153,29 @@ def index(
     )
     if report.skipped:
         reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
-        _out.print(f"skipped {len(report.skipped)} file(s): {reasons}; see {index_dir / 'skipped.csv'}", highlight=False)
+        _out.print(f"skipped {len(report.skipped)} file(s): {reasons}; see {index_dir / SKIP_REPORT}", highlight=False)
+    if summary.get("labels"):
+        _print_label_summary(summary["labels"], labels)
 
 
-@app.command()
+def _print_label_summary(labels: dict[str, Any], csv: Path | None) -> None:
+    """Which label columns were kept and left out (and why), and how many rows named a new case."""
+    name = csv.name if csv is not None else "the labels CSV"
+    columns = ", ".join(labels["columns"]) or "none"
+    _out.print(
+        f"labels from {name}: {labels['rows_matched']} of {labels['rows']} row(s) matched a case added now; "
+        f"{labels['cases_labelled']} of {labels['cases_added']} new case(s) have labels; columns: {columns}",
+        highlight=False,
+    )
+    if labels["dropped"]:
+        why = "; ".join(f"{column} ({reason})" for column, reason in labels["dropped"].items())
+        _out.print(f"label columns left out: {why}; choose the columns with --label-columns", highlight=False)
+
+
+@app.command(cls=_Command)
 @_user_errors
 def query(
-    study: Path = typer.Argument(..., help="A DICOM file or a folder holding one series."),
+    study: Path = typer.Argument(..., metavar="STUDY", help="A DICOM file or a folder holding one series."),
     index_dir: Path = typer.Option(..., "--index", "-i", help="Index directory built by 'medsearch index'."),
     k: int = typer.Option(10, "-k", "--top", min=1, help="How many similar cases to return."),
     config: str | None = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
@@ -143,15 +184,36 @@ def query(
     sheet: Path | None = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
     sheet_html: Path | None = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
     where: list[str] | None = typer.Option(None, "--where", help="Keep cases whose metadata match, e.g. --where modality=CT --where age>=60 (= != >= <= > < ~); repeatable."),
+    exclude_same_patient: bool = typer.Option(False, "--exclude-same-patient", help="Leave out every case of the query's own patient (by its keyed pseudonym: needs the site key the index was built with)."),
+    one_per_patient: bool = typer.Option(False, "--one-per-patient", help="Show only the most similar case of each patient."),
+    keep_copies: bool = typer.Option(False, "--keep-copies", help="Show exact copies of one image as separate results (by default they count once)."),
+    key: Path | None = typer.Option(None, "--key", help="Site key file, for --exclude-same-patient (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
 ) -> None:
-    """Show the cases of an index most similar to a study, closest first."""
+    """Show the cases of an index most similar to a study, closest first.
+
+    Exact copies of one image count once; --exclude-same-patient and --one-per-patient leave out
+    more, and k results still come back whenever k cases remain. Exits with status 1, saying so,
+    when no case matches the --where filters.
+    """
+    _check_query_arguments(study, where, sheet, sheet_html)  # before the heavy imports: a typo is told at once
+    _silence_pydicom()
     from medsearch.io import load_study
     from medsearch.search import query as run_query
 
     drawn = sheet is not None or sheet_html is not None
     # decoded once, for the search and for the sheet's picture of the query
     volume = load_study(study)[1] if drawn else None
-    result = run_query(study, index_dir, k=k, config=config, where=where, volume=volume)
+    result = run_query(
+        study, index_dir, k=k, config=config, where=where, volume=volume, exclude_same_patient=exclude_same_patient,
+        one_per_patient=one_per_patient, collapse_copies=not keep_copies, key=key,
+    )
+    if result.query.get("matching_cases") == 0:
+        _err.print(
+            f"no case of {index_dir} matches {' and '.join(result.query['where'])}; nothing to rank. "
+            f"Change or drop --where (medsearch info {index_dir} lists the values the index holds)",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
     if resolve is not None:
         result = result.resolve(resolve)
     if drawn:
@@ -162,19 +224,39 @@ def query(
     _print_results(result)
 
 
-@app.command()
+def _check_query_arguments(study: Path, where: list[str] | None, sheet: Path | None, page: Path | None) -> None:
+    """The checks of ``query``'s arguments that need no heavy library, made before any is imported.
+
+    Raises
+    ------
+    InvalidStudyError, FilterError, ConfigError
+        The study does not exist, a filter is malformed, or a sheet file has the wrong suffix.
+    """
+    from medsearch.errors import ConfigError, InvalidStudyError
+    from medsearch.filters import parse_filters
+
+    if not study.exists():
+        raise InvalidStudyError(f"{study} does not exist; check the path")
+    parse_filters(where)
+    for path, suffixes in ((sheet, (".png",)), (page, (".html", ".htm"))):
+        if path is not None and path.suffix.lower() not in suffixes:
+            raise ConfigError(f"sheet file {path} must end in {' or '.join(suffixes)}; give a name like sheet{suffixes[0]}")
+
+
+@app.command(cls=_Command)
 @_user_errors
 def info(
-    index_dir: Path = typer.Argument(..., help="Index directory."),
+    index_dir: Path = typer.Argument(..., metavar="INDEX_DIR", help="Index directory."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
     verify: bool = typer.Option(
         False, "--verify", help="Hash every data file and compare it with the manifest (reads the whole index)."
     ),
+    k_anonymity: int = typer.Option(5, "--k-anonymity", min=1, help="Count the patients in groups smaller than K (as export-index would)."),
 ) -> None:
-    """Show what an index holds: case counts, encoder, metric, preprocessing, labels."""
+    """Show what an index holds: case counts, encoder, metric, preprocessing, labels, k-anonymity."""
     from medsearch.search import index_info
 
-    data = index_info(index_dir, verify=verify)
+    data = index_info(index_dir, verify=verify, k_anonymity=k_anonymity)
     if as_json:
         _print_json(data)
         return
@@ -194,6 +276,7 @@ def info(
         _out.print(f"labels: {', '.join(data['label_columns'])}", highlight=False)
     for field, counts in data["tallies"].items():
         _out.print(f"{field}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+    _print_groups("k-anonymity", data["k_anonymity"])
     if data["verified"]:
         _out.print(f"checksums: all {len(data['verified'])} data file(s) match the manifest", highlight=False)
     if data.get("last_run"):
@@ -205,31 +288,57 @@ def info(
         )
 
 
-@app.command("export-index")
+@app.command("export-index", cls=_Command)
 @_user_errors
 def export_index(
-    index_dir: Path = typer.Argument(..., help="Index directory to share."),
-    destination: Path = typer.Argument(..., help="New folder for the copy."),
+    index_dir: Path = typer.Argument(..., metavar="INDEX_DIR", help="Index directory to share."),
+    destination: Path = typer.Argument(..., metavar="DESTINATION", help="New folder for the copy."),
     with_thumbnails: bool = typer.Option(False, "--with-thumbnails", help="Include case thumbnails (check the source pixels for burned-in text first)."),
-    as_json: bool = typer.Option(False, "--json", help="Print what was copied and left out as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was copied, left out and generalized as JSON."),
+    k_anonymity: int = typer.Option(5, "--k-anonymity", min=1, help="Generalize the case table until every group of patients sharing sex, age, size, weight, scanner and spacing holds at least K."),
 ) -> None:
     """Copy an index for sharing; refuse if anything identifying would go with it.
 
-    The copy has the manifest (local paths removed), the faiss index and the de-identified case table.
+    The copy has the manifest (local paths removed), the faiss index and the de-identified case table,
+    generalized (coarser bands, columns dropped) until it is k-anonymous; the index itself is unchanged.
     The skip report, lock file and (unless asked) thumbnails stay behind.
     """
     from medsearch.sharing import export_index as run_export
 
-    report = run_export(index_dir, destination, with_thumbnails=with_thumbnails)
+    report = run_export(index_dir, destination, with_thumbnails=with_thumbnails, k=k_anonymity)
     if as_json:
         _print_json(report.to_dict())
         return
     _out.print(f"exported {index_dir} to {destination}: {', '.join(report.files)}", highlight=False)
     for name, why in report.left_out.items():
         _out.print(f"left out {name}: {why}", highlight=False)
+    plan = report.k_anonymity
+    _print_groups("before", plan["before"])
+    _print_groups("exported", plan["after"])
+    done = "; ".join(f"{column}: {what}" for column, what in plan["generalized"].items())
+    _out.print(f"generalized: {done or 'nothing (every group already held k patients)'}", highlight=False)
+    for column, count in report.replaced.items():
+        _out.print(f"{column}: {count} value(s) checked again against the vocabularies and exported as a term, band, OTHER or empty", highlight=False)
+    if report.labels_below_k:
+        _out.print(
+            f"note: label column(s) {', '.join(report.labels_below_k)} have values held by fewer than {k_anonymity} "
+            "patients; labels are exported as given (leave a column out with index --label-columns)",
+            highlight=False,
+        )
 
 
-@app.command()
+def _print_groups(title: str, measure: dict[str, Any]) -> None:
+    """One line: the smallest group of patients over the quasi-identifiers, and how many are below k."""
+    columns = ", ".join(measure["quasi_identifiers"]) or "none"
+    smallest = "no cases" if measure["smallest_group"] is None else f"smallest group {measure['smallest_group']} patient(s)"
+    _out.print(
+        f"{title}: {smallest} over {columns}; {measure['patients_below_k']} of {measure['patients']} patient(s) "
+        f"in groups below k = {measure['k']}, {measure['unique_patients']} alone in theirs",
+        highlight=False,
+    )
+
+
+@app.command(cls=_Command)
 @_user_errors
 def demo(
     out: Path = typer.Option(Path("medsearch-demo"), "--out", help="Folder for the demo index and its site key."),
@@ -258,10 +367,10 @@ def demo(
     _print_results(result)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def evaluate(
-    data: Path | None = typer.Argument(None, help="A MedMNIST-format .npz file (train/val/test images and labels)."),
+    data: Path | None = typer.Argument(None, metavar="DATA", help="A MedMNIST-format .npz file (train/val/test images and labels)."),
     index_dir: Path | None = typer.Option(None, "--index", "-i", help="An index built with --labels: leave-one-out, or the gallery for --queries."),
     label: str | None = typer.Option(None, "--label", help="Label column of the index (needed when it has several)."),
     exclude_same_patient: bool = typer.Option(False, "--exclude-same-patient", help="Leave out every case of the query's patient pseudonym, not only the query."),
@@ -393,41 +502,55 @@ def _print_evaluation(report: Any) -> None:
         _out.print(f"note: {without} queries have no item of their label in the gallery; they score 0", highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def serve(
-    index_dir: Path = typer.Argument(..., help="Index directory built by 'medsearch index'."),
+    index_dir: Path = typer.Argument(..., metavar="INDEX_DIR", help="Index directory built by 'medsearch index'."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default answers this machine only."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     config: str | None = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
     max_upload_mb: int = typer.Option(512, "--max-upload-mb", min=1, help="Largest DICOM upload accepted, in MB."),
+    request_timeout: float = typer.Option(60.0, "--request-timeout", min=1, help="Seconds a query may take to arrive, decode and wait for its turn."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=1, help="Seconds a connection may take to send its request headers."),
+    worker_memory_gib: float = typer.Option(2.0, "--worker-memory-gib", min=0.5, help="GiB the upload decoder may allocate beyond its start."),
+    auth_file: Path | None = typer.Option(None, "--auth-file", help="NAME:SECRET lines of who may use the service (also: MEDSEARCH_AUTH_TOKEN)."),
+    audit_log: Path | None = typer.Option(None, "--audit-log", help="JSON-lines file every query is recorded in (default: INDEX_DIR/local/audit.jsonl)."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve a non-loopback --host without credentials (behind a gateway that authenticates)."),
 ) -> None:
-    """Keep an index and its encoder loaded and answer queries over HTTP, as JSON.
+    """Keep an index and its encoder loaded: a page for clinicians at /, and queries over HTTP as JSON.
 
-    POST /query?k=10 with a DICOM file (raw body or multipart form) returns what 'query --json'
-    prints; GET /health and GET /info. Cases that 'medsearch index' adds while it runs are served from
-    the next request on. There is no authentication: keep the default --host unless a gateway of
-    yours stands in front.
+    Open http://127.0.0.1:8000/ and drop a DICOM file, several files or a series folder. POST
+    /query?k=10 with a DICOM file (raw body or multipart form) returns what 'query --json' prints;
+    GET /health and GET /info. Cases that 'medsearch index' adds while it runs are served from the
+    next request on. Uploads are decoded in a worker process with a memory cap and a time limit. Any
+    --host but loopback needs --auth-file; every query goes to the audit log.
     """
+    import os
+
     from medsearch.serve import serve as run_service
+    from medsearch.web.auth import TOKEN_VARIABLE, is_loopback
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if insecure_no_auth and auth_file is None and not os.environ.get(TOKEN_VARIABLE) and not is_loopback(host):
         _err.print(f"warning: serving on {host} without authentication; anyone who reaches port {port} can query this index", highlight=False)
-    run_service(index_dir, host=host, port=port, config=config, max_upload_mb=max_upload_mb)
+    run_service(index_dir, host=host, port=port, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
+                header_timeout=header_timeout, worker_memory_gib=worker_memory_gib, auth_file=auth_file, audit_log=audit_log,
+                insecure_no_auth=insecure_no_auth)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def train(
-    data: Path = typer.Argument(..., help="A MedMNIST-format .npz (train trains, val selects; test is never read) or a DICOM archive folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pt); its .toml config, .json record and .last.pt resume state go beside it."),
+    data: Path = typer.Argument(..., metavar="DATA", help="A MedMNIST-format .npz (train trains, val selects; test is never read) or a DICOM archive folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Name of the run's files (OUT or OUT.pt): OUT.toml config, OUT.json record, and OUT.adapter.pt or OUT.pt weights as chosen."),
     labels: Path | None = typer.Option(None, "--labels", help="CSV of labels per file or series (DICOM archive only)."),
     label: str | None = typer.Option(None, "--label", help="Label column of --labels to learn (needed when it has several)."),
     config: str | None = typer.Option(None, "--config", "-c", help="TOML config file or preset name: the preprocessing to train with."),
-    size: int | None = typer.Option(None, "--size", help="Encoder input in pixels (overrides preprocess.size; 32-64 keeps a CPU run to minutes)."),
-    mode: str = typer.Option("auto", "--mode", help="supervised, selfsupervised, or auto (supervised when labels are at hand)."),
-    loss: str = typer.Option("multisimilarity", "--loss", help="Supervised loss: multisimilarity, supcon or classifier."),
-    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the training images (at most; see --patience)."),
+    size: int | None = typer.Option(None, "--size", help="Encoder input in pixels (default: the --config's, else chosen from the image size)."),
+    mode: str = typer.Option("auto", "--mode", help="adapter, supervised (fine-tuning), selfsupervised, or auto (chosen from the data)."),
+    loss: str | None = typer.Option(None, "--loss", help="multisimilarity, supcon or classifier (fine-tuning only); default: chosen from the data."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Passes over the training images (default: chosen; an adapter's by cross-validation)."),
+    budget_minutes: float = typer.Option(30.0, "--budget-minutes", min=0.1, help="Time the whole run may take; the recipe plans within it."),
+    select_metric: str = typer.Option("map_hits@5", "--select-metric", help="Validation metric that compares the candidates: hit@1, map_hits@5, mmv@5, precision@10 or knn_acc@11."),
     batch_size: int = typer.Option(64, "--batch-size", min=4, help="Images per step."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     steps_per_epoch: int | None = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: every training image once)."),
@@ -442,36 +565,68 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the training report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Fine-tune the encoder for retrieval on your images, then index, query or evaluate with it.
+    """Adapt the encoder to your images, never leaving it worse than the frozen one; then index, query or evaluate with it.
 
-    With labels, metric learning (or a classification head) on them; without, self-supervised
-    contrastive learning (SimCLR) with augmentations fit for medical images. Prints the commands
-    that use the trained encoder.
+    With no option but --out, a recipe chosen from the data: an adapter on the frozen encoder's
+    embeddings for small labeled sets, fine-tuning where the data and the budget make it worthwhile,
+    self-supervised (SimCLR) without labels. The frozen encoder is always a candidate: the run
+    writes a trained encoder only when it beats the frozen one beyond the noise, and says which and
+    why. Prints the commands that use the chosen encoder.
     """
     from medsearch.train import train_encoder
 
     report = train_encoder(
         data, out=out, labels=labels, label_column=label, config=config, size=size, mode=mode, loss=loss,
-        epochs=epochs, batch_size=batch_size, lr=lr, steps_per_epoch=steps_per_epoch, patience=patience,
-        val_split=val_split, seed=seed, flips=flips, head_epochs=head_epochs, freeze_norm=freeze_norm, resume=resume, device=device, progress=not quiet and not as_json,
+        epochs=epochs, budget_minutes=budget_minutes, select_metric=select_metric, batch_size=batch_size, lr=lr, steps_per_epoch=steps_per_epoch,
+        patience=patience, val_split=val_split, seed=seed, flips=flips, head_epochs=head_epochs, freeze_norm=freeze_norm,
+        resume=resume, device=device, progress=not quiet and not as_json,
     )
     commands = report.follow_up(labels=labels)
     if as_json:
         _print_json({**report.to_dict(), "next": commands})
         return
-    best = report.history[report.best_epoch - 1] if report.best_epoch else {}
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k not in ("epoch", "seconds"))
+    recipe = report.recipe
+    _out.print(f"recipe: {recipe['mode']}, {recipe['size']} px, {recipe['loss']}", highlight=False)
+    for reason in recipe["reasons"]:
+        _out.print(f"  - {reason}", highlight=False)
     resumed = f", resumed after epoch {report.resumed_from_epoch}" if report.resumed_from_epoch else ""
+    budget = " (stopped by the budget)" if report.stopped_by_budget else ""
     _out.print(
-        f"trained {report.mode} ({report.loss}) on {report.n_train} case(s), validated on {report.n_val}: "
-        f"{report.epochs_completed} epoch(s) in {report.seconds:.0f} s on {report.device}{resumed}",
+        f"{report.n_train} training and {report.n_val} validation case(s); {report.seconds / 60:.1f} min on "
+        f"{report.device} of the {report.budget_s / 60:.0f} min budget{budget}{resumed}",
         highlight=False,
     )
-    _out.print(f"best epoch {report.best_epoch} by {report.select_metric}: {scores}", highlight=False)
-    _out.print(f"wrote {report.checkpoint} (weights), {report.config_path} (config), {report.metadata_path} (record)", highlight=False)
+    _print_candidates(report.candidates, report.select_metric)
+    _out.print(report.verdict, highlight=False)
+    written = [f"{report.config_path} (config)", f"{report.metadata_path} (record)"]
+    for path, what in ((report.adapter, "adapter"), (report.checkpoint, "weights")):
+        if path is not None:
+            written.insert(0, f"{path} ({what})")
+    _out.print(f"wrote {', '.join(written)}", highlight=False)
     _out.print("next:", highlight=False)
     for command in commands:
         _out.print(f"  {command}", highlight=False)
+
+
+def _print_candidates(candidates: list[dict[str, Any]], metric: str) -> None:
+    """One row per candidate: the selection metric with its interval, the gain over frozen with its interval."""
+    if not candidates:
+        return
+    table = Table(title=f"candidates, by validation {metric}", title_justify="left")
+    table.add_column("candidate")
+    for name in ("px", "epochs", metric, "95% interval", "gain over frozen", "its interval"):
+        table.add_column(name, justify="right")
+    table.add_column("chosen")
+    for c in candidates:
+        low, high = c["ci95"]
+        g_low, g_high = c["gain_interval"]
+        table.add_row(
+            c["candidate"], str(c.get("size", "")), str(c.get("epochs", "")), f"{c['metrics'][metric]:.4f}", f"{low:.4f}-{high:.4f}",
+            "" if c["candidate"] == "frozen" else f"{c['gain_over_frozen']:+.4f}",
+            "" if c["candidate"] == "frozen" else f"{g_low:+.4f} to {g_high:+.4f}",
+            "yes" if c["chosen"] else "",
+        )
+    _out.print(table)
 
 
 _TABLE_FIELDS = ("modality", "body_part", "sex", "age_band", "manufacturer", "model", "n_slices")

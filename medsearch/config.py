@@ -22,6 +22,7 @@ from medsearch.errors import ConfigError
 
 __all__ = [
     "Config",
+    "DeidConfig",
     "as_config",
     "config_for_index",
     "EncoderConfig",
@@ -113,9 +114,17 @@ class EncoderConfig:
     spatial_dims: int = 2
     in_channels: int = 3
     volume_shape: tuple[int, int, int] = (64, 128, 128)
+    # A projection trained on this encoder's embeddings (medsearch train --mode adapter): its file,
+    # and that file's sha256, checked on load. Part of the embedding space: an index records it.
+    adapter: str = ""
+    adapter_sha256: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volume_shape", tuple(int(v) for v in self.volume_shape))
+        if self.adapter_sha256 and not self.adapter:
+            raise ConfigError("encoder.adapter_sha256 is set without encoder.adapter; give the adapter file too, or neither")
+        if self.adapter_sha256 and not (len(self.adapter_sha256) == 64 and all(c in "0123456789abcdef" for c in self.adapter_sha256)):
+            raise ConfigError("encoder.adapter_sha256 must be the 64 hex digits of a sha256; copy it from the config medsearch train wrote")
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"encoder.spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.in_channels not in (1, 3):
@@ -136,7 +145,10 @@ class EncoderConfig:
 class IndexConfig:
     metric: Metric = Metric.COSINE
     # side of the gray thumbnail kept per case for result sheets, in pixels; 0 keeps none
-    thumbnail_size: int = 96
+    # (256 px: 64 KiB a case, uint8; see docs/index-format.md)
+    thumbnail_size: int = 256
+    # images smaller than this on either side are not indexed (skipped as not_an_image); 0: no minimum
+    min_image_size: int = 32
     # which faiss index; "auto" follows the collection size and the memory budget
     index_type: IndexType = IndexType.AUTO
     # the most memory the faiss index may take, in MB ("auto" picks a smaller index type beyond it)
@@ -154,6 +166,30 @@ class IndexConfig:
                 raise ConfigError(f"index.{name} must be a whole number of at least 1, got {value!r}")
         if not (self.thumbnail_size == 0 or 16 <= int(self.thumbnail_size) <= 512):
             raise ConfigError(f"index.thumbnail_size must be 0 (none) or 16 to 512 pixels, got {self.thumbnail_size}")
+        if isinstance(self.min_image_size, bool) or not isinstance(self.min_image_size, int) or not 0 <= self.min_image_size <= 1024:
+            raise ConfigError(f"index.min_image_size must be a whole number of pixels from 0 (no minimum) to 1024, got {self.min_image_size!r}")
+
+
+@dataclass(frozen=True)
+class DeidConfig:
+    """The site's additions to the vocabularies the kept metadata comes from (``[deid]``).
+
+    A header value that is in no vocabulary of :mod:`medsearch.deid.vocabulary` is kept as
+    ``OTHER``; listed here, it is kept as spelled here. ``body_parts``: Body Part Examined codes
+    (``"LEFTLUNG"``); ``manufacturers`` and ``models``: device names. Entries that look like a
+    person name, a date, a UID or an e-mail address are refused when the index is built.
+    """
+
+    body_parts: tuple[str, ...] = ()
+    manufacturers: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("body_parts", "manufacturers", "models"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"deid.{name} must be a list of text entries, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -161,6 +197,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    deid: DeidConfig = field(default_factory=DeidConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (enums as strings, tuples as lists)."""
@@ -176,7 +213,7 @@ class Config:
         data = self.to_dict()
         for name, values in sections.items():
             if name not in data:
-                raise ConfigError(f"unknown config section {name!r}; use preprocess, encoder or index")
+                raise ConfigError(f"unknown config section {name!r}; use preprocess, encoder, index or deid")
             data[name].update(values)
         return config_from_dict(data, source="override")
 
@@ -215,7 +252,7 @@ def load_config(source: str | Path | None = None) -> Config:
     return config_from_dict(data, source=str(source))
 
 
-_SECTIONS = {"preprocess": PreprocessConfig, "encoder": EncoderConfig, "index": IndexConfig}
+_SECTIONS = {"preprocess": PreprocessConfig, "encoder": EncoderConfig, "index": IndexConfig, "deid": DeidConfig}
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "dict") -> Config:
@@ -230,7 +267,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "dict") -> Config:
     for name, values in data.items():
         cls = _SECTIONS.get(name)
         if cls is None:
-            raise ConfigError(f"config {source}: unknown section [{name}]; use preprocess, encoder or index")
+            raise ConfigError(f"config {source}: unknown section [{name}]; use preprocess, encoder, index or deid")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

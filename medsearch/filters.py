@@ -28,11 +28,14 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from medsearch.errors import FilterError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read, so that checking a filter's syntax stays quick
+    import pandas as pd
 
 __all__ = ["Filter", "FilterOp", "filter_mask", "parse_filters"]
 
@@ -206,6 +209,8 @@ def resolve_field(name: str, columns: Iterable[object], *, shown: str | None = N
 def _numeric_view(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Each cell as a closed interval of numbers: a number n is [n, n], a band "60-69" is [60, 69],
     "90+" is [90, inf]; anything else is [nan, nan]."""
+    import pandas as pd
+
     if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
         numbers = values.astype(float).to_numpy()
         return numbers, numbers

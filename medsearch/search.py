@@ -15,8 +15,9 @@ loaded from there on first use.
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,12 +27,13 @@ import pandas as pd
 
 from medsearch._json import plain
 from medsearch.config import Config, as_config, config_for_index
+from medsearch.deid import SiteKey, patient_pseudonym
 from medsearch.embedding import embed_volume
 from medsearch.encoders import load_encoder
-from medsearch.errors import ConfigError
+from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
-from medsearch.io import Volume, load_study
-from medsearch.sharing import LinkTable
+from medsearch.io import CaseRef, Volume, load_study, scan
+from medsearch.sharing import DEFAULT_K, LinkTable, measure_k_anonymity
 from medsearch.store import MANIFEST, IndexStore
 
 if TYPE_CHECKING:  # for type checkers only: at run time, __getattr__ (below) loads them on first use
@@ -118,6 +120,10 @@ def query(
     config: Config | str | Path | None = None,
     where: str | Filter | Sequence[str | Filter] | None = None,
     volume: Volume | None = None,
+    exclude_same_patient: bool = False,
+    one_per_patient: bool = False,
+    collapse_copies: bool = True,
+    key: SiteKey | str | Path | None = None,
 ) -> QueryResult:
     """The ``k`` cases of an index most similar to a study (a DICOM file or a series folder).
 
@@ -125,7 +131,13 @@ def query(
     ``["modality=CT", "age>=60", "Contrast=True"]`` (see :mod:`medsearch.filters`); ``k`` results
     still come back whenever ``k`` cases match. ``volume``: the study as
     :func:`~medsearch.io.load_study` already decoded it (e.g. to draw it on a result sheet too), so
-    that it is not decoded again; ``study`` is then only recorded in the result.
+    that it is not decoded again; ``study`` is then only recorded in the result (and its header
+    read again where ``exclude_same_patient`` needs it).
+
+    The results are different cases: ``collapse_copies`` (on by default) keeps one of the cases
+    whose pixels are exact copies; ``exclude_same_patient`` leaves out every case of the query's own
+    patient (by the keyed patient pseudonym, which needs the site ``key`` the index was built with);
+    ``one_per_patient`` keeps the best-ranked case of each patient. See :meth:`Searcher.search`.
 
     Raises
     ------
@@ -137,8 +149,13 @@ def query(
         ``config`` differs from the settings the index was built with.
     FilterError
         A filter is malformed, names a field the index lacks, or compares text as a number.
+    KeyFileError
+        ``exclude_same_patient`` without the site key the index was built with.
     """
-    return Searcher(index_dir, config=config).search(study, k=k, where=where, volume=volume)
+    return Searcher(index_dir, config=config, key=key).search(
+        study, k=k, where=where, volume=volume, exclude_same_patient=exclude_same_patient,
+        one_per_patient=one_per_patient, collapse_copies=collapse_copies,
+    )
 
 
 def _manifest_stamp(index_dir: Path) -> tuple[int, int, int] | None:
@@ -151,12 +168,26 @@ def _manifest_stamp(index_dir: Path) -> tuple[int, int, int] | None:
 
 
 class Searcher:
-    """An open index with its encoder, for many queries in a row (a notebook, a service)."""
+    """An open index with its encoder, for many queries in a row (a notebook, a service).
 
-    def __init__(self, index_dir: str | Path, *, config: Config | str | Path | None = None) -> None:
+    ``key`` is the site key the index was built with (a :class:`~medsearch.deid.SiteKey` or a key
+    file); it is needed only to leave out the query's own patient, and is then loaded (by default
+    from ``MEDSEARCH_SITE_KEY``, ``MEDSEARCH_KEY_FILE`` or ``~/.config/medsearch/site.key``).
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path,
+        *,
+        config: Config | str | Path | None = None,
+        key: SiteKey | str | Path | None = None,
+    ) -> None:
         self.index_dir = Path(index_dir)
         self._own_config = config is not None
+        self._key_source = key
+        self._key: SiteKey | None = None
         self._seen = _manifest_stamp(self.index_dir)
+        _check_not_an_archive(self.index_dir)
         self.store = IndexStore.open(index_dir)
         self.config = config_for_index(self.store.manifest.config) if config is None else as_config(config)
         self.encoder = load_encoder(self.config.encoder, input_size=self.config.preprocess.size)
@@ -203,8 +234,36 @@ class Searcher:
         k: int = 10,
         where: str | Filter | Sequence[str | Filter] | None = None,
         volume: Volume | None = None,
+        exclude_same_patient: bool = False,
+        one_per_patient: bool = False,
+        collapse_copies: bool = True,
     ) -> QueryResult:
         """The ``k`` cases most similar to a study, among those matching ``where`` (see :func:`query`).
+
+        Parameters
+        ----------
+        study
+            A DICOM file or a folder holding one series.
+        k
+            How many cases to return; ``k`` come back whenever ``k`` cases remain after the
+            filters and exclusions (faiss is asked for more candidates as needed).
+        where
+            Metadata filters that must all hold.
+        volume
+            The study already decoded (its pixels are not decoded again).
+        exclude_same_patient
+            Leave out every case of the query's patient: its keyed pseudonym, made from the study
+            header as at indexing, with this searcher's site key.
+        one_per_patient
+            Keep only the best-ranked case of each patient.
+        collapse_copies
+            Cases whose pixels are exact copies (the same ``pixel_hash``, recorded at indexing)
+            count once: the best-ranked is kept.
+
+        Returns
+        -------
+        QueryResult
+            Ranks 1..n after the exclusions; ``query["excluded"]`` counts what each option left out.
 
         Raises
         ------
@@ -214,18 +273,30 @@ class Searcher:
             A bad filter (checked before the study is read).
         InvalidStudyError
             The study is missing, not DICOM, has no image, or several series.
+        KeyFileError
+            ``exclude_same_patient`` without the site key the index was built with.
         """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         filters = parse_filters(where)
-        self.store.matching(filters)  # a bad filter fails before the study is decoded and encoded
+        matching = self.store.matching(filters)  # a bad filter fails before the study is decoded and encoded
+        if exclude_same_patient:
+            self.site_key()  # a missing key fails before the study is decoded too
+        case: CaseRef | None = None
         if volume is None:
-            volume = load_study(study)[1]
+            case, volume = load_study(study)
+        patients: tuple[str, ...] = ()
+        if exclude_same_patient:
+            patients = (self._patient(case.header if case is not None else _study_header(study)),)
         vector = embed_volume(volume, self.encoder, self.config)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
         if filters:
             info["where"] = [str(f) for f in filters]
-        return self.search_vector(vector, k=k, where=filters, query=info)
+            info["matching_cases"] = int(matching.sum())
+        return self.search_vector(
+            vector, k=k, where=filters, query=info, exclude_patients=patients,
+            one_per_patient=one_per_patient, collapse_copies=collapse_copies,
+        )
 
     def search_vector(
         self,
@@ -234,49 +305,214 @@ class Searcher:
         k: int = 10,
         where: str | Filter | Sequence[str | Filter] | None = None,
         query: dict[str, Any] | None = None,
+        exclude_patients: Collection[str] = (),
+        one_per_patient: bool = False,
+        collapse_copies: bool = True,
     ) -> QueryResult:
         """The ``k`` cases nearest to an embedding, among those matching ``where``.
+
+        ``exclude_patients`` lists patient pseudonyms whose cases are left out (see
+        :meth:`patient_of`); ``one_per_patient`` and ``collapse_copies`` as in :meth:`search`.
 
         Raises
         ------
         FilterError
             A filter is malformed or names a field the index lacks.
         """
-        hits = self.store.search(vector[None, :], k, where=where)
-        found = hits.ids[0][hits.ids[0] >= 0]
+        picker = _Picker(
+            self.store.cases, exclude=frozenset(exclude_patients), one_per_patient=one_per_patient,
+            collapse_copies=collapse_copies,
+        )
+        total = len(self.store)
+        ask = k if not picker.active else min(total, 2 * k + 16)
+        while True:
+            hits = self.store.search(vector[None, :], max(ask, 1), where=where)
+            valid = hits.ids[0] >= 0
+            kept = picker.pick(hits.ids[0][valid], hits.distances[0][valid], k)
+            # done: k kept, or faiss gave fewer candidates than asked (none left), or all were asked
+            if len(kept) >= k or int(valid.sum()) < ask or ask >= total:
+                break
+            ask = min(total, ask * 4)
         # only the rows returned: the whole table would cost more than the search on a large index
-        records = self.store.cases.iloc[found].to_dict(orient="records")
+        records = self.store.cases.iloc[[row for row, _ in kept]].to_dict(orient="records")
         matches = []
-        for rank, (record, distance) in enumerate(zip(records, hits.distances[0]), start=1):
-            record = {k: plain(v) for k, v in record.items()}
+        labels = set(self.store.manifest.label_columns)
+        for rank, (record, (_, distance)) in enumerate(zip(records, kept), start=1):
+            record = {key: _label_value(v) if key in labels else plain(v) for key, v in record.items()}
             cid = record.pop("case_id")
             matches.append(Match(rank=rank, case_id=cid, distance=round(float(distance), 6), metadata=record))
+        info = dict(query or {})
+        if picker.active:
+            info["excluded"] = picker.counts()
         return QueryResult(
-            query=query or {},
+            query=info,
             results=matches,
             distance=self.store.manifest.distance,
             labels=list(self.store.manifest.label_columns),
         )
 
+    def site_key(self) -> SiteKey:
+        """The site key this index was built with (loaded once).
 
-def index_info(index_dir: str | Path, *, verify: bool = False) -> dict[str, Any]:
+        Raises
+        ------
+        KeyFileError
+            No key is found, or it is not the key the index was built with.
+        """
+        if self._key is None:
+            source = self._key_source
+            try:
+                key = source if isinstance(source, SiteKey) else SiteKey.load(source)
+            except KeyFileError as e:
+                raise KeyFileError(
+                    f"leaving out the query's patient needs the site key {self.index_dir} was built with: {e}"
+                ) from e
+            if self.store.manifest.key_check and key.check_value() != self.store.manifest.key_check:
+                raise KeyFileError(
+                    f"index {self.index_dir} was built with another site key than {key}; give the key it was "
+                    "built with (--key or MEDSEARCH_KEY_FILE) to leave out the query's patient"
+                )
+            self._key = key
+        return self._key
+
+    def patient_of(self, study: str | Path) -> str:
+        """The keyed pseudonym of a study's patient, as the index records it (headers only, no pixels).
+
+        Raises
+        ------
+        InvalidStudyError
+            The study holds no readable DICOM image header.
+        KeyFileError
+            As :meth:`site_key`.
+        """
+        return self._patient(_study_header(study))
+
+    def _patient(self, header: Any) -> str:
+        key = self.site_key()
+        return patient_pseudonym(key, header)
+
+
+class _Picker:
+    """Walks the candidates faiss found, closest first, and keeps those that are different cases."""
+
+    def __init__(
+        self, cases: pd.DataFrame, *, exclude: frozenset[str], one_per_patient: bool, collapse_copies: bool
+    ) -> None:
+        has_patient = "patient" in cases
+        self.patients = cases["patient"].to_numpy() if has_patient and (exclude or one_per_patient) else None
+        self.copies = cases["pixel_hash"].to_numpy() if collapse_copies and "pixel_hash" in cases else None
+        self.exclude = exclude
+        self.one_per_patient = one_per_patient and has_patient
+        self.collapse = collapse_copies
+        self.active = bool(exclude) or one_per_patient or self.copies is not None
+        self._counts = {"same_patient": 0, "copies": 0, "other_cases_of_patient": 0}
+
+    def pick(self, rows: np.ndarray, distances: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The first ``k`` candidates that are not left out, as (case-table row, distance)."""
+        self._counts = dict.fromkeys(self._counts, 0)
+        kept: list[tuple[int, float]] = []
+        seen_copies: set[str] = set()
+        seen_patients: set[str] = set()
+        for row, distance in zip(rows.tolist(), distances.tolist()):
+            if len(kept) >= k:
+                break
+            patient = self.patients[row] if self.patients is not None else None
+            if patient is not None and patient in self.exclude:
+                self._counts["same_patient"] += 1
+                continue
+            digest = self.copies[row] if self.copies is not None else None
+            if isinstance(digest, str) and digest:
+                if digest in seen_copies:
+                    self._counts["copies"] += 1
+                    continue
+                seen_copies.add(digest)
+            if self.one_per_patient and isinstance(patient, str) and patient:
+                if patient in seen_patients:
+                    self._counts["other_cases_of_patient"] += 1
+                    continue
+                seen_patients.add(patient)
+            kept.append((row, distance))
+        return kept
+
+    def counts(self) -> dict[str, int]:
+        """What the last :meth:`pick` left out, for the options in use."""
+        used = {"same_patient": bool(self.exclude), "copies": self.collapse, "other_cases_of_patient": self.one_per_patient}
+        return {name: n for name, n in self._counts.items() if used[name]}
+
+
+def _label_value(value: Any) -> Any:
+    """A label as written in its CSV: a whole number read back as a float (``71.0``) is ``71`` again."""
+    value = plain(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _study_header(study: str | Path) -> Any:
+    """The header of a query study's one case (read, not decoded), as the index's row was made from.
+
+    Raises
+    ------
+    InvalidStudyError
+        The study holds no image, or several series.
+    """
+    found = scan(Path(study)) if Path(study).exists() else None
+    if found is None or len(found.cases) != 1:
+        # the full loader says precisely what is wrong with the study
+        return load_study(study)[0].header
+    case = found.cases[0]
+    header = case.header
+    if not str(header.get("PatientID", "") or "") and not str(header.get("StudyInstanceUID", "") or ""):
+        # as at indexing: a file without patient or study identity is its own patient, under the
+        # stand-in study key the scan gave it
+        header = copy.copy(header)
+        header.StudyInstanceUID = case.study_uid
+    return header
+
+
+def _check_not_an_archive(index_dir: Path) -> None:
+    """Refuse, with what to do, a folder of DICOM files given where an index belongs.
+
+    Raises
+    ------
+    IndexNotFoundError
+        ``index_dir`` is a folder of other files with no manifest.
+    """
+    if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
+        return
+    with os.scandir(index_dir) as listing:
+        names = sorted(entry.name for entry in listing if not entry.name.startswith("."))
+    if names:
+        raise IndexNotFoundError(
+            f"{index_dir} is not a medsearch index but a folder of {len(names)} file(s) or folder(s) (an archive?); "
+            f"index it first: medsearch index {index_dir} --index NEW_FOLDER, then query with --index NEW_FOLDER"
+        )
+
+
+def index_info(index_dir: str | Path, *, verify: bool = False, k_anonymity: int = DEFAULT_K) -> dict[str, Any]:
     """What an index holds: counts, encoder, metric, preprocessing, label columns, and per-field tallies.
 
     With ``verify``, every data file is hashed and compared with the manifest's SHA-256, even the
     files this machine verified before (an ordinary open checks sizes, and hashes only files that
     changed since they were last verified); ``"verified"`` lists the files checked.
+    ``"k_anonymity"`` measures the groups of patients over the quasi-identifiers: the smallest
+    group, and how many patients are in groups below ``k_anonymity``
+    (:func:`medsearch.sharing.measure_k_anonymity`; ``export-index`` generalizes until there are none).
 
     Raises
     ------
     IndexNotFoundError
-        ``index_dir`` holds no index.
+        ``index_dir`` holds no index (an archive given by mistake is named as one).
     IndexCorruptError
         A data file is missing, truncated or does not match its checksum (the message names it).
+    ConfigError
+        ``k_anonymity`` is below 1.
     """
-    return _store_info(IndexStore.open(index_dir, verify=verify), index_dir, verify=verify)
+    _check_not_an_archive(Path(index_dir))
+    return _store_info(IndexStore.open(index_dir, verify=verify), index_dir, verify=verify, k=k_anonymity)
 
 
-def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = False) -> dict[str, Any]:
+def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = False, k: int = DEFAULT_K) -> dict[str, Any]:
     m = store.manifest
     cases = store.cases
     tallies = {
@@ -298,4 +534,5 @@ def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = Fals
         "last_run": m.last_run or {},
         "tallies": tallies,
         "verified": sorted(entry.name for entry in m.files.values()) if verify else [],
+        "k_anonymity": measure_k_anonymity(cases, k=k).to_dict(),
     }

@@ -9,21 +9,36 @@ a service pays that once. Endpoints:
   ``{"query", "distance", "results": [{"rank", "case_id", "distance", "metadata"}]}``.
   ``where`` (repeatable, URL-encoded) keeps only the cases whose metadata match, as
   ``medsearch query --where``: ``/query?k=5&where=modality%3DCT&where=age%3E%3D60``.
+  ``exclude_same_patient``, ``one_per_patient`` and ``collapse_copies`` (booleans, the last on by
+  default) are :meth:`~medsearch.search.Searcher.search`'s: ``/query?exclude_same_patient=true``
+  leaves out the upload's own patient (the service needs the index's site key for it).
 * ``GET /health``: ``{"status": "ok"}`` once the index and encoder are loaded.
 * ``GET /info``: what the index holds (as ``medsearch info --json``) and how the encoder runs.
+* ``GET /``: the page for clinicians, and the endpoints it calls (:mod:`medsearch.web`).
 
 Every error is a 4xx (or 500) with a one-line ``{"error": "..."}``, and the service keeps serving.
 A body larger than ``max_upload_mb`` is refused from its ``Content-Length`` before it is read, and
 while it streams otherwise. Uploads go to a temporary file that is removed after the query, whatever
 happens. Neither the log nor an error message carries a value read from an upload.
 
+Memory and time stay bounded whatever an upload holds. The study is decoded and preprocessed in a
+worker process (:class:`_Decoder`), whose memory is capped (``worker_memory_gib``) and which is
+stopped after ``request_timeout`` seconds: the query lock is held only while the study is encoded
+and searched, so ``/health`` and the other queries never wait for a hostile upload, and a decoder
+that misbehaves costs its worker, not the service. A request that does not finish within
+``request_timeout`` gets a 408 (its upload did not arrive), a 422 (its study was not decoded in
+time) or a 503 (the service stayed busy). :func:`serve` also closes a connection that sends no
+complete request headers within ``header_timeout`` seconds, and answers a request that is not valid
+HTTP (a ``Content-Length`` that is not a number...) with the same JSON error as the others.
+
 The index may grow while the service runs: each request first checks whether ``medsearch index``
 has committed since (one ``stat``) and, if so, loads the new snapshot before answering. A new index
 that cannot be loaded (damaged, or built with another encoder) is logged once, and the service
 keeps answering from the one it has.
 
-It binds to 127.0.0.1 by default and has no authentication: put it behind your own gateway before
-binding it to another address.
+It binds to 127.0.0.1 by default. With ``credentials`` every route but the sign-in page and
+``/health`` needs them, and with ``audit`` every query is written to the audit log; both are
+:mod:`medsearch.web`'s, and :func:`serve` refuses a non-loopback address without credentials.
 
 Example::
 
@@ -34,16 +49,22 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any, cast
 
+import h11
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,19 +72,34 @@ from fastapi.responses import Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medsearch.config import Config
-from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
+from medsearch.embedding import pool_slices
+from medsearch.errors import ConfigError, EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.filters import Filter, parse_filters
+from medsearch.indexing.cases import PreparedStudy, StudyError, _Setup, prepare_study
+from medsearch.indexing.options import IndexOptions
+from medsearch.indexing.workers import _Failure, _WorkerPool
+from medsearch.io import CaseRef, SkippedFile, Volume
+from medsearch.io.quiet import pydicom_silenced
 from medsearch.search import Searcher
+from medsearch.web import AUDIT_FILE, AuditLog, Credentials, PageEngine, Refused, check_exposure, mount_page
 
-__all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app", "serve"]
+__all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_REQUEST_TIMEOUT_S", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 512
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
 _MAX_K = 1000
 _RAW_TYPES = ("application/dicom", "application/octet-stream", "")
+_ERRORS: dict[str, type[MedsearchError]] = {
+    "InvalidStudyError": InvalidStudyError,
+    "EncoderMismatchError": EncoderMismatchError,
+    "MedsearchError": MedsearchError,
+}
 
 
 class _UploadError(Exception):
@@ -81,8 +117,14 @@ def create_app(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     searcher: Searcher | None = None,
     warm_up: bool = True,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+    decode_workers: int = 1,
+    worker_memory_gib: float | None = 2.0,
+    load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None = None,
+    credentials: Credentials | None = None,
+    audit_log: str | Path | AuditLog | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving one index; loads the index and encoder now.
+    """The FastAPI application serving one index; loads the index and encoder and starts the decoders now.
 
     Parameters
     ----------
@@ -96,18 +138,38 @@ def create_app(
         An open :class:`Searcher` to use instead of opening ``index_dir`` again.
     warm_up
         Embed one blank image now, so that the first query does not pay for the runtime's set-up.
+    request_timeout
+        Seconds a query may take: to arrive, to be decoded (its worker is stopped after that) and to
+        wait for its turn at the encoder.
+    decode_workers
+        Worker processes that decode and preprocess uploads (0: in this process, without the memory
+        cap or the time limit on decoding).
+    worker_memory_gib
+        Memory a decode worker may allocate beyond what it holds once started (None: no cap).
+    load
+        The decoder of an upload's case (default :func:`~medsearch.io.load_volume`); it runs in the
+        worker processes, so it must be picklable (a module-level function).
+    credentials
+        Who may use the service (:class:`~medsearch.web.Credentials`); None: everyone who reaches it.
+    audit_log
+        Where every query is recorded (:class:`~medsearch.web.AuditLog`); None: nowhere.
+
+    The worker processes stop with the application (its lifespan), or with this process.
 
     Raises
     ------
     IndexNotFoundError, IndexCorruptError, EncoderMismatchError, ConfigError
-        The index cannot be opened with these settings.
+        The index cannot be opened with these settings, or a limit is not positive.
     """
     if max_upload_mb <= 0:
-        from medsearch.errors import ConfigError
-
         raise ConfigError(f"max_upload_mb must be positive, got {max_upload_mb}; give a size in MB such as 512")
+    if request_timeout <= 0:
+        raise ConfigError(f"request_timeout must be positive, got {request_timeout}; give seconds such as 60")
+    if decode_workers < 0:
+        raise ConfigError(f"decode_workers must be 0 or more, got {decode_workers}")
     started = time.perf_counter()
     searcher = searcher or Searcher(index_dir, config=config)
+    audit = AuditLog(audit_log) if isinstance(audit_log, (str, Path)) else audit_log  # before the warm-up: fail early
     if warm_up:
         encoder_info = searcher.encoder.info
         size = searcher.config.preprocess.size
@@ -125,11 +187,20 @@ def create_app(
         "max_upload_bytes": limit,
     }
     # One query at a time: the encoder already uses every core, and a second query in parallel would
-    # only slow both down.
+    # only slow both down. Decoding happens before, in the workers, outside this lock.
     busy = threading.Lock()
+    decoder = _Decoder(searcher, workers=decode_workers, timeout=request_timeout, memory_gib=worker_memory_gib, load=load)
     log.info("loaded index %s (%d cases) in %.1f s", index_dir, details["cases"], time.perf_counter() - started)
 
-    app = FastAPI(title="medsearch", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            decoder.close()
+
+    app = FastAPI(title="medsearch", version=_version(), docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.decoder = decoder
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -174,19 +245,42 @@ def create_app(
         return _json(details)
 
     @app.post("/query")
-    async def query(request: Request, k: int = 10, where: Annotated[list[str] | None, Query()] = None) -> Response:
+    async def query(
+        request: Request,
+        k: int = 10,
+        where: Annotated[list[str] | None, Query()] = None,
+        exclude_same_patient: bool = False,
+        one_per_patient: bool = False,
+        collapse_copies: bool = True,
+    ) -> Response:
+        deadline = time.monotonic() + request_timeout
         if not 1 <= k <= _MAX_K:
             return _error(422, f"k must be between 1 and {_MAX_K}, got {k}")
-        try:  # a bad filter fails before the upload is read
-            filters = await run_in_threadpool(_filters, searcher, busy, where, refresh)
+        try:  # a bad filter, or a missing site key, fails before the upload is read
+            filters = await run_in_threadpool(_filters, searcher, busy, where, refresh, deadline)
+            if exclude_same_patient:
+                await run_in_threadpool(searcher.site_key)
+        except _UploadError as e:
+            return _error(e.status, str(e))
         except MedsearchError as e:
             return _error(422, str(e))
         fd, name = tempfile.mkstemp(prefix="medsearch-upload-", suffix=".dcm")
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as sink:
-                filename = await _receive(request, sink, limit)
-            result = await run_in_threadpool(_search, searcher, busy, path, k, filters, refresh)
+                try:
+                    filename = await asyncio.wait_for(_receive(request, sink, limit), _left(deadline))
+                except TimeoutError:
+                    raise _UploadError(
+                        408,
+                        f"the upload did not arrive within {request_timeout:g} s; send it again, or start the "
+                        "service with a larger --request-timeout",
+                    ) from None
+            prepared = await decoder.prepare(path, deadline)
+            options: dict[str, Any] = {"one_per_patient": one_per_patient, "collapse_copies": collapse_copies}
+            if exclude_same_patient:  # the upload's patient, from its header (read, not decoded)
+                options["exclude_patients"] = (await run_in_threadpool(searcher.patient_of, path),)
+            result = await run_in_threadpool(_search, searcher, busy, prepared, k, filters, refresh, deadline, options)
         except _UploadError as e:
             return _error(e.status, str(e))
         except InvalidStudyError as e:
@@ -195,6 +289,9 @@ def create_app(
             return _error(409, str(e).replace(str(path), "the upload"))
         except MedsearchError as e:
             return _error(422, str(e).replace(str(path), "the upload"))
+        except _InternalError as e:
+            log.error("query failed with %s", e)
+            return _error(500, f"the query failed ({e}); see the service log")
         except Exception as e:  # noqa: BLE001 - keep serving; the message may quote the file's contents, so log its type only
             log.error("query failed with %s", type(e).__name__)
             return _error(500, f"the query failed ({type(e).__name__}); see the service log")
@@ -204,6 +301,17 @@ def create_app(
         data["query"]["path"] = filename or "upload"
         return _json(data)
 
+    async def prepare(path: Path, deadline: float) -> PreparedStudy:  # the page's uploads: the same bounded decoder
+        try:
+            return await decoder.prepare(path, deadline)
+        except _UploadError as e:
+            raise Refused(e.status, str(e)) from e
+        except _InternalError as e:
+            log.error("a page query failed with %s", e)
+            raise Refused(500, f"the query failed ({e}); see the service log") from e
+
+    engine = PageEngine(searcher, lock=busy, refresh=refresh, prepare=prepare, timeout=request_timeout)
+    mount_page(app, engine, max_upload_bytes=limit, credentials=credentials, audit=audit, audited_paths=("/query",))
     return app
 
 
@@ -215,40 +323,223 @@ def serve(
     config: Config | str | Path | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     log_level: str = "info",
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+    worker_memory_gib: float | None = 2.0,
+    auth_file: str | Path | None = None,
+    audit_log: str | Path | None = None,
+    insecure_no_auth: bool = False,
 ) -> None:
     """Load the index and encoder, then answer HTTP queries until interrupted.
 
+    ``request_timeout`` and ``worker_memory_gib`` are :func:`create_app`'s; a connection that sends
+    no complete request headers within ``header_timeout`` seconds is closed. Credentials come from
+    ``auth_file`` and ``MEDSEARCH_AUTH_TOKEN``; every query goes to ``audit_log`` (default
+    ``INDEX/local/audit.jsonl``).
+
     Raises
     ------
-    IndexNotFoundError, IndexCorruptError, EncoderMismatchError, ConfigError
+    ConfigError
+        ``host`` is not loopback and there are no credentials (unless ``insecure_no_auth``), checked
+        before anything loads or binds; the auth file or the audit log cannot be used.
+    IndexNotFoundError, IndexCorruptError, EncoderMismatchError
         The index cannot be opened with these settings.
     """
     import uvicorn
 
-    app = create_app(index_dir, config=config, max_upload_mb=max_upload_mb)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    credentials = Credentials.load(auth_file)
+    check_exposure(host, credentials, insecure_no_auth=insecure_no_auth)
+    app = create_app(index_dir, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
+                     worker_memory_gib=worker_memory_gib, credentials=credentials,
+                     audit_log=audit_log if audit_log is not None else Path(index_dir) / AUDIT_FILE)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, header_timeout=header_timeout)).run()
+
+
+def uvicorn_config(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+) -> Any:  # a uvicorn.Config
+    """How :func:`serve` runs ``app``: uvicorn's h11 protocol with a time limit on request headers and
+    JSON answers to requests that are not valid HTTP (:func:`_protocol`), idle keep-alive connections
+    closed after 5 s."""
+    import uvicorn
+
+    if header_timeout <= 0:
+        raise ConfigError(f"header_timeout must be positive, got {header_timeout}; give seconds such as 10")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_protocol(header_timeout),
+                          timeout_keep_alive=5, lifespan="on")
 
 
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+class _InternalError(Exception):
+    """A bug met while decoding an upload in a worker; its message is the error's type only."""
+
+
+class _Decoder:
+    """Uploads decoded and preprocessed in worker processes, each within a time limit and a memory cap.
+
+    A ``"study"`` task of :class:`~medsearch.indexing.workers._WorkerPool` runs
+    :func:`~medsearch.indexing.cases.prepare_study` on the upload's path; a thread hands each result to
+    the request waiting for it. With ``workers=0`` the study is decoded in this process instead.
+    """
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        *,
+        workers: int,
+        timeout: float,
+        memory_gib: float | None,
+        load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None,
+    ) -> None:
+        options = IndexOptions(workers=workers, case_timeout=timeout, worker_memory_gib=memory_gib)
+        if load is not None:
+            options = dataclasses.replace(options, load=load)
+        self._setup = _Setup(config=searcher.config, encoder=searcher.encoder.info, describe=None, options=options,
+                             log_level=logging.getLogger().getEffectiveLevel())
+        self._timeout = timeout
+        self._pool = _WorkerPool(workers, self._setup, timeout=timeout) if workers else None
+        self._waiting: dict[int, concurrent.futures.Future[Any]] = {}
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._broken: BaseException | None = None  # why the workers stopped for good
+        self._thread = threading.Thread(target=self._collect, args=(self._pool,), name="medsearch-decoder", daemon=True)
+        if self._pool is not None:
+            self._thread.start()
+
+    async def prepare(self, path: Path, deadline: float) -> PreparedStudy:
+        """The encoder input of the study at ``path``.
+
+        Raises
+        ------
+        InvalidStudyError, EncoderMismatchError, MedsearchError
+            As :meth:`Searcher.search <medsearch.search.Searcher.search>` raises them.
+        _UploadError
+            422: the study was not decoded in time, or crashed its worker.
+        _InternalError
+            A bug in the decoder (its type only).
+        """
+        if self._broken is not None:
+            raise _UploadError(503, f"the service cannot decode uploads ({self._broken}); restart it")
+        if self._pool is None:
+            result = await run_in_threadpool(self._in_process, path)
+        else:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            with self._lock:
+                seq = next(self._seq)
+                self._waiting[seq] = future
+            self._pool.submit(seq, "study", path)
+            try:
+                result = await asyncio.wait_for(asyncio.wrap_future(future), _left(deadline))
+            except TimeoutError:
+                raise _UploadError(
+                    422,
+                    f"the upload could not be decoded within {self._timeout:g} s; give a smaller study, or start "
+                    "the service with a larger --request-timeout",
+                ) from None
+            finally:
+                with self._lock:
+                    self._waiting.pop(seq, None)
+        if isinstance(result, _Failure):  # stopped after the time limit, or crashed
+            raise _UploadError(422, f"the upload could not be decoded: {result.detail}; give another study")
+        if isinstance(result, StudyError):
+            if result.kind not in _ERRORS:
+                raise _InternalError(result.message)
+            raise _ERRORS[result.kind](result.message)
+        return result
+
+    def _in_process(self, path: Path) -> PreparedStudy | StudyError:
+        with pydicom_silenced():
+            return prepare_study(path, self._setup)
+
+    def _collect(self, pool: _WorkerPool) -> None:
+        """Hand each finished task to the request that waits for it."""
+        while not self._closing.is_set():
+            try:
+                got = pool.get(timeout=0.5)
+            except BaseException as exc:  # noqa: BLE001 - the pool failed: every waiting request learns why
+                if self._closing.is_set():
+                    return
+                log.error("the upload decoder stopped: %s", exc)
+                self._broken = exc
+                with self._lock:
+                    for future in self._waiting.values():
+                        with contextlib.suppress(concurrent.futures.InvalidStateError):
+                            future.set_exception(exc)
+                return
+            if got is None:
+                continue
+            task, result = got
+            with self._lock:
+                waiting = self._waiting.get(task.seq)
+            if waiting is not None:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # given up on meanwhile
+                    waiting.set_result(result)
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._pool is not None:
+            self._pool.close(kill=True)
+            self._thread.join(timeout=5)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _acquire(busy: threading.Lock, deadline: float) -> None:
+    """Wait for the query lock until ``deadline``.
+
+    Raises
+    ------
+    _UploadError
+        503: the service stayed busy.
+    """
+    if not busy.acquire(timeout=_left(deadline)):
+        raise _UploadError(503, "the service is busy with other queries; try again, or start it with a larger --request-timeout")
+
+
 def _filters(
-    searcher: Searcher, busy: threading.Lock, where: list[str] | None, refresh: Callable[[], None]
+    searcher: Searcher, busy: threading.Lock, where: list[str] | None, refresh: Callable[[], None], deadline: float
 ) -> tuple[Filter, ...]:
     """``where`` parsed and checked against the index (under the lock: the store caches masks)."""
     filters = parse_filters(where)
-    with busy:
+    _acquire(busy, deadline)
+    try:
         refresh()
         searcher.store.matching(filters)
+    finally:
+        busy.release()
     return filters
 
 
 def _search(
-    searcher: Searcher, busy: threading.Lock, path: Path, k: int, filters: Sequence[Filter], refresh: Callable[[], None]
+    searcher: Searcher,
+    busy: threading.Lock,
+    prepared: PreparedStudy,
+    k: int,
+    filters: Sequence[Filter],
+    refresh: Callable[[], None],
+    deadline: float,
+    options: dict[str, Any] | None = None,
 ) -> Any:
-    with busy:
+    """Encode a prepared study and search the index, as :meth:`Searcher.search` does (under the lock).
+
+    ``options``: further keywords of :meth:`Searcher.search_vector` (the exclusions).
+    """
+    _acquire(busy, deadline)
+    try:
         refresh()
-        return searcher.search(path, k=k, where=filters)
+        vector = pool_slices(searcher.encoder.embed(prepared.images), searcher.config.preprocess.pool)
+        info: dict[str, Any] = {"path": "upload", "modality": prepared.modality, "n_slices": prepared.n_slices}
+        if filters:
+            info["where"] = [str(f) for f in filters]
+        return searcher.search_vector(vector, k=k, where=filters, query=info, **(options or {}))
+    finally:
+        busy.release()
 
 
 async def _receive(request: Request, sink: Any, limit: int) -> str:
@@ -381,6 +672,65 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def _error(status: int, message: str) -> Response:
     return _json({"error": " ".join(message.split())}, status)
+
+
+def _protocol(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with two changes: a connection that sends no complete request headers
+    within ``header_timeout`` seconds (after it opens, or after its last answer) is closed, and a
+    request that is not valid HTTP gets the JSON error of every other answer, not plain text.
+
+    h11 checks the request line and headers (a ``Content-Length`` that is not a number) before the
+    application sees the request, so this is where that answer can be made.
+    """
+
+    class _Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn annotates a Transport
+            self._wait_for_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a request's headers are in
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._wait_for_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": "the request is not valid HTTP (a malformed request line or header, such as "
+                                        "a Content-Length that is not a whole number); send a well-formed request"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                output = self.conn.send(event)
+                if output:
+                    self.transport.write(output)
+            self.transport.close()
+
+        def _wait_for_headers(self) -> None:
+            self._stop_waiting()
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _stop_waiting(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return _Protocol
 
 
 def _version() -> str:

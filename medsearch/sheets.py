@@ -11,11 +11,14 @@ each retrieved case, each captioned with its rank, distance and non-identifying 
 
 What is shown, and what is not:
 
-* The query picture is made from the study with :func:`~medsearch.transforms.make_thumbnail` and the
-  index's own preprocessing settings (the CT window in HU, or percentile scaling for other
-  modalities), so it looks the way the cases were indexed. The result pictures are the thumbnails
-  the index stored when it was built (``index.thumbnail_size``); an index without them, or a case
-  without one, gets a labelled placeholder instead.
+* The query picture is made from the study with :func:`~medsearch.transforms.make_thumbnail`, as
+  the index made its thumbnails: a CT in its body part's window (brain, lung, bone; the file's own
+  values where it carries a window of that kind), else in its own window, else in the index's CT
+  window (:func:`~medsearch.io.dicom.window.display_window`); other modalities scaled to their
+  percentiles. The HTML page shows the query at its own resolution
+  too. The result pictures are the thumbnails the index stored when it was built
+  (``index.thumbnail_size``, 256 px by default); an index without them, or a case without one,
+  gets a labelled placeholder instead.
 * Captions sit outside the pictures. Nothing is drawn on a picture: the pixels are the source
   pixels, windowed. Text burned into the source pixels by a scanner or a workstation is the
   archive's to clean before indexing; medsearch neither adds nor removes it.
@@ -42,9 +45,10 @@ import numpy as np
 from medsearch.config import PreprocessConfig, config_from_dict
 from medsearch.errors import ConfigError, IndexCorruptError
 from medsearch.io import Volume, load_study
+from medsearch.io.dicom.window import BODY_PART_WINDOWS, WINDOWS, display_window
 from medsearch.search import QueryResult, Searcher
 from medsearch.store import IndexStore
-from medsearch.transforms import make_thumbnail
+from medsearch.transforms import make_thumbnail, middle_picture
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -65,7 +69,7 @@ _FONT_PT = 10.5  # caption size: about 15 px at the PNG's 100 dpi
 _LINE_IN = _FONT_PT * 1.45 / 72
 _MAX_CHARS = 26  # longer caption values are shortened in the PNG (the HTML has them whole)
 _DPI = 100
-_QUERY_SIZE = 96  # query thumbnail size when the index stores none to match
+_QUERY_SIZE = 256  # query thumbnail size when the index stores none to match
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class SheetItem:
         ``(T, T)`` uint8 gray picture, or None where there is none.
     placeholder : str
         Why there is no picture (empty when there is one).
+    full : numpy.ndarray or None
+        The query's middle slice at its own resolution (uint8), for the HTML page; None for results.
     """
 
     heading: str
@@ -91,6 +97,7 @@ class SheetItem:
     fields: dict[str, str]
     image: np.ndarray | None = field(default=None, repr=False)
     placeholder: str = ""
+    full: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -188,9 +195,12 @@ class ResultSheet:
         head = "".join(f"<th>{esc(c)}</th>" for c in ("picture", *self.columns))
         rows = []
         for item in [self.query, *self.matches]:
-            if item.image is not None:
-                picture = (f'<img alt="{esc(item.heading)}" width="192" height="192" '
-                           f'src="data:image/png;base64,{_png_base64(item.image)}">')
+            shown = item.full if item.full is not None else item.image
+            if shown is not None:
+                # each picture at its own size: the query's slice at full resolution, thumbnails as stored
+                height, width = shown.shape[:2]
+                picture = (f'<img alt="{esc(item.heading)}" width="{width}" height="{height}" '
+                           f'src="data:image/png;base64,{_png_base64(shown)}">')
             else:
                 picture = f'<div class="placeholder">{esc(item.placeholder)}</div>'
             cells = "".join(f"<td>{esc(item.fields.get(c, ''))}</td>" for c in self.columns)
@@ -202,8 +212,8 @@ class ResultSheet:
             f"<title>{esc(self.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             f"<h1>{esc(self.title)}</h1>\n{notes}\n"
             f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>\n"
-            "<p class=\"small\">Pictures are source pixels, windowed as in preprocessing; medsearch draws "
-            "nothing on them. Case ids are keyed pseudonyms.</p>\n</body>\n</html>\n"
+            "<p class=\"small\">Pictures are source pixels, windowed; medsearch draws nothing on them. "
+            "The query is shown at its own resolution. Case ids are keyed pseudonyms.</p>\n</body>\n</html>\n"
         )
 
     def save_html(self, path: str | Path) -> Path:
@@ -366,28 +376,51 @@ def _query_item(study: str | Path | Volume | None, preprocess: PreprocessConfig,
     if study is None:
         return SheetItem(heading="query", lines=(), fields={"rank": "query"},
                          placeholder="no query picture: give query_study")
-    volume = study if isinstance(study, Volume) else load_study(study)[1]
+    if isinstance(study, Volume):
+        volume, window = study, study.window
+    else:
+        case, volume = load_study(study)
+        window = display_window(case.header)
     image = make_thumbnail(volume.pixels, config=preprocess, modality=volume.modality, rgb=volume.rgb,
-                           spacing=volume.spacing, size=size)
+                           spacing=volume.spacing, size=size, window=window)
+    full = middle_picture(volume.pixels, config=preprocess, modality=volume.modality, rgb=volume.rgb,
+                          spacing=volume.spacing, window=window)
     n = int(volume.pixels.shape[0])
     where = "1 image" if n == 1 else f"middle of {n} slices"
     modality = str(volume.modality or "")
     return SheetItem(heading="query", lines=tuple(x for x in (modality, where) if x),
-                     fields={"rank": "query", "modality": modality}, image=image)
+                     fields={"rank": "query", "modality": modality}, image=image, full=full)
 
 
 def _notes(preprocess: PreprocessConfig, modalities: set[str], distance: str) -> tuple[str, ...]:
     shown = []
     if "CT" in modalities:
         center, width = preprocess.ct_window
-        shown.append(f"CT in the index's window: center {center:g} HU, width {width:g} HU")
+        kinds = ", ".join(f"{name} {c:g}/{w:g}" for name, (c, w) in WINDOWS.items() if (c, w) in BODY_PART_WINDOWS.values())
+        shown.append(
+            f"CT in its body part's window ({kinds} HU) or its file's own, else the index's window: "
+            f"center {center:g} HU, width {width:g} HU"
+        )
     if modalities - {"CT"} or not modalities:
         low, high = preprocess.percentiles
-        shown.append(f"other modalities scaled to their {low:g}th-{high:g}th percentile")
+        shown.append(f"other modalities scaled to their {_ordinal(low)} to {_ordinal(high)} percentile")
     notes = ["; ".join(shown) + "; middle slice of each case"]
     if distance:
         notes.append(f"distance = {distance}")
     return tuple(notes)
+
+
+def _ordinal(value: float) -> str:
+    """``1`` -> ``1st``, ``2`` -> ``2nd``, ``11`` -> ``11th``, ``99`` -> ``99th``, ``2.5`` -> ``2.5th``.
+
+    >>> [_ordinal(v) for v in (1, 2, 3, 4, 11, 12, 13, 21, 99, 2.5)]
+    ['1st', '2nd', '3rd', '4th', '11th', '12th', '13th', '21st', '99th', '2.5th']
+    """
+    if not float(value).is_integer():
+        return f"{value:g}th"
+    n = int(value)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _draw_picture(ax: Any, item: SheetItem) -> None:

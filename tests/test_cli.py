@@ -56,6 +56,8 @@ def test_info_text_and_json(runner, sample_index):
     data = json.loads(runner.invoke(app, ["info", str(sample_index), "--json"]).stdout)
     assert data["cases"] == 12 and data["metric"] == "cosine"
     assert data["last_run"]["skipped_by_reason"] == {"duplicate": 1}
+    assert "k-anonymity: smallest group 1 patient(s) over " in text.output
+    assert data["k_anonymity"]["smallest_group"] == 1
 
 
 def test_info_verify_hashes_every_file_and_names_a_damaged_one(runner, sample_index, tmp_path):
@@ -116,7 +118,7 @@ def _empty_folder(tmp_path):
 BAD_QUERIES = [
     ("missing", lambda tmp: tmp / "nowhere.dcm", "does not exist"),
     ("not dicom", _not_dicom, "not a DICOM file"),
-    ("no pixels", lambda tmp: _sr_file(), "no pixel data"),
+    ("not an image", lambda tmp: _sr_file(), "holds no image: Comprehensive SR Storage is not an image storage class"),
     ("truncated", _truncated, "truncated"),
     ("empty folder", _empty_folder, "no files"),
 ]
@@ -149,6 +151,23 @@ def test_an_index_built_with_another_encoder(runner, sample_index, tmp_path):
     result = runner.invoke(app, ["query", str(QUERY), "--index", str(copy)])
     assert result.exit_code == 2
     assert "was built with encoder efficientnet-lite0 (weights 000000000000)" in result.stderr
+
+
+USAGE = [
+    (["query"], "Usage: medsearch query [OPTIONS] STUDY"),
+    (["index"], "Usage: medsearch index [OPTIONS] ARCHIVE"),
+    (["info"], "Usage: medsearch info [OPTIONS] INDEX_DIR"),
+    (["export-index"], "Usage: medsearch export-index [OPTIONS] INDEX_DIR DESTINATION"),
+    (["evaluate", "--help"], "Usage: medsearch evaluate [OPTIONS] [DATA]"),
+]
+
+
+@pytest.mark.parametrize(("args", "usage"), USAGE, ids=[u[0][0] for u in USAGE])
+def test_usage_lines_name_the_arguments(runner, args, usage):
+    """Issue 17: usage lines read ``{study}``, like a literal or a template."""
+    result = runner.invoke(app, args)
+    assert usage in " ".join(result.output.split())
+    assert "{" not in result.output.split("Usage:")[1].splitlines()[0]
 
 
 def test_bad_config_is_one_line(runner, sample_index):

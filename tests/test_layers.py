@@ -39,6 +39,7 @@ RANK = {
     "train": 11,
     "demo": 11,
     "sheets": 11,
+    "web": 11.5,  # the page of serve: above search and sheets, below serve
     "serve": 12,
     "cli": 13,
     "__init__": 14,

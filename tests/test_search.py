@@ -4,14 +4,17 @@ series finds itself; importing it loads nothing of the indexing engine."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import SAMPLE
+from mixed.archive import write_patients
 
 from medsearch import Config, build_index, query
-from medsearch.errors import EncoderMismatchError, InvalidStudyError
+from medsearch.errors import EncoderMismatchError, IndexNotFoundError, InvalidStudyError
 from medsearch.io import SkipReason
 from medsearch.search import Searcher
 
@@ -92,3 +95,272 @@ def test_importing_search_loads_no_indexing_module():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_index_info_measures_the_groups_of_patients(sample_index):
+    """Finding 2 of issue 16: what leaves the site is measured; info shows the smallest group."""
+    from medsearch.errors import ConfigError
+    from medsearch.search import index_info
+
+    groups = index_info(sample_index)["k_anonymity"]
+    assert groups["k"] == 5 and groups["patients"] == 11
+    assert groups["smallest_group"] == 1 and groups["unique_patients"] == 11  # every sample patient stands out
+    assert {"sex", "age_band", "manufacturer", "model", "spacing_mm"} <= set(groups["quasi_identifiers"])
+    assert index_info(sample_index, k_anonymity=1)["k_anonymity"]["patients_below_k"] == 0
+    assert Searcher(sample_index).info()["k_anonymity"] == groups  # what serve's /info answers
+    with pytest.raises(ConfigError, match="k-anonymity must be a whole number of at least 1"):
+        index_info(sample_index, k_anonymity=0)
+
+
+# -- results that are different cases (issue 17) ---------------------------------------------------
+
+# name -> (sample file, PatientID): each a new series (new UIDs); q-copy and c1..c3 are exact pixel copies
+PATIENTS = {
+    "q": ("ID_0050_AGE_0074_CONTRAST_0_CT.dcm", "PAT-Q"),
+    "q-again": ("ID_0054_AGE_0082_CONTRAST_0_CT.dcm", "PAT-Q"),
+    "q-copy": ("ID_0050_AGE_0074_CONTRAST_0_CT.dcm", "PAT-Q"),
+    "c1": ("ID_0070_AGE_0074_CONTRAST_0_CT.dcm", "PAT-C1"),
+    "c2": ("ID_0070_AGE_0074_CONTRAST_0_CT.dcm", "PAT-C2"),
+    "c3": ("ID_0070_AGE_0074_CONTRAST_0_CT.dcm", "PAT-C3"),
+    "y1": ("ID_0002_AGE_0074_CONTRAST_1_CT.dcm", "PAT-Y"),
+    "y2": ("ID_0003_AGE_0075_CONTRAST_1_CT.dcm", "PAT-Y"),
+    "a": ("ID_0000_AGE_0060_CONTRAST_1_CT.dcm", "PAT-A"),
+    "b": ("ID_0008_AGE_0051_CONTRAST_1_CT.dcm", "PAT-B"),
+    "d": ("ID_0018_AGE_0074_CONTRAST_1_CT.dcm", "PAT-D"),
+    "e": ("ID_0022_AGE_0074_CONTRAST_1_CT.dcm", "PAT-E"),
+    "f": ("ID_0060_AGE_0080_CONTRAST_0_CT.dcm", "PAT-F"),
+    "g": ("ID_0063_AGE_0073_CONTRAST_0_CT.dcm", "PAT-G"),
+    "h": ("ID_0074_AGE_0074_CONTRAST_0_CT.dcm", "PAT-H"),
+}
+SMALL = Config().replace(preprocess={"size": 64, "slices": 1})
+
+
+@pytest.fixture(scope="module")
+def patients(tmp_path_factory):
+    """An index of PATIENTS, labelled by a CSV with a path, an id and an integer column; its key and report."""
+    from medsearch.deid import SiteKey
+
+    root = tmp_path_factory.mktemp("patients")
+    files = write_patients(root / "archive", PATIENTS)
+    rows = ["file,source_path,PatientID,Age,grade"]
+    for i, (name, path) in enumerate(sorted(files.items())):
+        if name != "h":  # one file without a row, and one row without a file
+            rows.append(f"{path.name},C:\\export\\{path.name},{PATIENTS[name][1]},{60 + i},{'G' + str(i % 3)}")
+    rows.append("missing.dcm,C:\\export\\missing.dcm,PAT-Z,70,G1")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    key = SiteKey.load(root / "site.key", create=True)
+    report = build_index(root / "archive", root / "index", config=SMALL, key=key, labels=root / "labels.csv", workers=0)
+    return {"index": root / "index", "key": key, "key_path": root / "site.key", "files": files, "report": report}
+
+
+def _patient_of(result, searcher) -> list[str]:
+    return [m.metadata["patient"] for m in result.results]
+
+
+def test_exact_copies_count_once_by_default(patients):
+    """Finding 2 of issue 17: copies of one image filled the first ranks at distance ~0."""
+    searcher = Searcher(patients["index"])
+    everything = searcher.search(patients["files"]["c1"], k=15, collapse_copies=False)
+    assert len(everything.results) == 15 and [m.distance for m in everything.results[:3]] == [0.0, 0.0, 0.0]
+    result = searcher.search(patients["files"]["c1"], k=15)
+    hashes = [m.metadata["pixel_hash"] for m in result.results]
+    assert len(hashes) == len(set(hashes)) == 12  # c1..c3 count once, so do q and q-copy
+    assert result.results[0].distance == 0.0 and result.results[1].distance > 1e-3
+    assert result.query["excluded"] == {"copies": 3}
+    assert [m.rank for m in result.results] == list(range(1, 13))
+
+
+def test_exclude_same_patient_leaves_out_every_case_of_the_query_patient(patients):
+    searcher = Searcher(patients["index"], key=patients["key"])
+    query_file = patients["files"]["q"]
+    plain = searcher.search(query_file, k=5)
+    own = searcher.patient_of(query_file)
+    assert plain.results[0].metadata["patient"] == own  # the query's own case comes first
+    result = searcher.search(query_file, k=5, exclude_same_patient=True)
+    assert len(result.results) == 5  # more candidates were asked of faiss
+    assert own not in _patient_of(result, searcher)
+    assert result.query["excluded"]["same_patient"] == 3  # q, q-again and q-copy
+    # through query() and a key file, and with a volume decoded beforehand
+    from medsearch.io import load_study
+
+    again = query(query_file, patients["index"], k=5, exclude_same_patient=True, key=patients["key_path"],
+                  volume=load_study(query_file)[1])
+    assert [m.case_id for m in again.results] == [m.case_id for m in result.results]
+
+
+def test_one_per_patient_keeps_the_best_case_of_each(patients):
+    searcher = Searcher(patients["index"])
+    result = searcher.search(patients["files"]["y1"], k=15, one_per_patient=True, collapse_copies=False)
+    patients_seen = _patient_of(result, searcher)
+    assert len(patients_seen) == len(set(patients_seen)) == 12  # 15 cases of 12 patients
+    assert result.query["excluded"] == {"other_cases_of_patient": 3}
+
+
+def test_k_results_come_back_while_enough_cases_remain(patients):
+    searcher = Searcher(patients["index"], key=patients["key"])
+    q = patients["files"]["q"]
+    # 15 cases - 3 of the query's patient - 2 copies of c1 = 10 different cases
+    assert len(searcher.search(q, k=10, exclude_same_patient=True).results) == 10
+    assert len(searcher.search(q, k=11, exclude_same_patient=True).results) == 10
+    assert len(searcher.search(q, k=1, exclude_same_patient=True).results) == 1
+
+
+def test_exclude_same_patient_needs_the_index_key(patients, tmp_path, monkeypatch):
+    from medsearch.deid import SiteKey
+    from medsearch.errors import KeyFileError
+
+    monkeypatch.delenv("MEDSEARCH_SITE_KEY", raising=False)
+    monkeypatch.setenv("MEDSEARCH_KEY_FILE", str(tmp_path / "no.key"))
+    searcher = Searcher(patients["index"])
+    assert searcher.search(patients["files"]["q"], k=2).results  # no key needed without the option
+    with pytest.raises(KeyFileError, match="leaving out the query's patient needs the site key"):
+        searcher.search(patients["files"]["q"], k=2, exclude_same_patient=True)
+    other = SiteKey.load(tmp_path / "other.key", create=True)
+    with pytest.raises(KeyFileError, match="built with another site key"):
+        Searcher(patients["index"], key=other).search(patients["files"]["q"], k=2, exclude_same_patient=True)
+
+
+def test_query_cli_leaves_out_the_patient_and_copies(patients):
+    from typer.testing import CliRunner
+
+    from medsearch.cli import app
+
+    q = str(patients["files"]["q"])
+    args = ["query", q, "--index", str(patients["index"]), "--json", "-k", "15"]
+    run = CliRunner().invoke(app, [*args, "--exclude-same-patient", "--key", str(patients["key_path"]), "--one-per-patient"])
+    assert run.exit_code == 0, run.output
+    data = json.loads(run.stdout)
+    own = Searcher(patients["index"], key=patients["key"]).patient_of(q)
+    found = [r["metadata"]["patient"] for r in data["results"]]
+    assert own not in found and len(found) == len(set(found)) == 9  # 11 other patients, copies c2, c3 counted once
+    assert data["query"]["excluded"] == {"same_patient": 3, "copies": 2, "other_cases_of_patient": 1}
+    kept = json.loads(CliRunner().invoke(app, [*args, "--keep-copies"]).stdout)
+    assert len(kept["results"]) == 15 and "excluded" not in kept["query"]
+
+
+# -- labels on purpose (issue 17) ------------------------------------------------------------------
+
+
+def test_labels_leave_out_paths_and_ids_and_say_how_many_rows_matched(patients):
+    """Finding 3 of issue 17: every column became a label and nothing said how many rows matched."""
+    labels = patients["report"].to_dict()["labels"]
+    assert labels["columns"] == ["Age", "grade"]
+    assert labels["dropped"] == {"source_path": "file paths", "PatientID": "identifiers"}
+    assert (labels["rows"], labels["rows_matched"]) == (15, 14)
+    assert (labels["cases_labelled"], labels["cases_added"]) == (14, 15)
+
+
+def test_integer_labels_stay_integers(patients):
+    result = Searcher(patients["index"]).search(patients["files"]["a"], k=3)
+    top = result.results[0]
+    assert isinstance(top.metadata["Age"], int) and top.metadata["grade"].startswith("G")
+    frame = result.to_frame()
+    assert "71.0" not in frame.to_string() and ".0" not in json.dumps(result.to_dict()["results"][0]["metadata"]["Age"])
+
+
+def test_index_summary_prints_label_coverage_and_dropped_columns(patients, tmp_path):
+    from typer.testing import CliRunner
+
+    from medsearch.cli import app
+
+    root = patients["index"].parent
+    run = CliRunner().invoke(app, ["index", str(root / "archive"), "--index", str(tmp_path / "index"),
+                                   "--labels", str(root / "labels.csv"), "--key", str(patients["key_path"]),
+                                   "--workers", "0", "--quiet", "--config", str(_small_config(tmp_path))])
+    assert run.exit_code == 0, run.output
+    assert "labels from labels.csv: 14 of 15 row(s) matched a case added now; 14 of 15 new case(s) have labels; columns: Age, grade" in run.output
+    assert "label columns left out: source_path (file paths); PatientID (identifiers); choose the columns with --label-columns" in run.output
+
+
+def _small_config(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text("[preprocess]\nsize = 64\nslices = 1\n")
+    return path
+
+
+# -- an archive given where an index belongs (issue 17) --------------------------------------------
+
+
+def test_an_archive_given_as_index_says_to_index_it_first(tmp_path):
+    """Issue 17: "build one with: medsearch index ARCHIVE --index <the archive>" pointed at the archive."""
+    from medsearch.search import index_info
+
+    message = (r"is not a medsearch index but a folder of 13 file\(s\).*index it first: "
+               r"medsearch index .*tcga-luad-ct --index NEW_FOLDER, then query with --index NEW_FOLDER")
+    with pytest.raises(IndexNotFoundError, match=message):
+        query(FILES[0], ARCHIVE)
+    with pytest.raises(IndexNotFoundError, match=message):
+        index_info(ARCHIVE)
+    with pytest.raises(IndexNotFoundError, match="build one with: medsearch index ARCHIVE --index"):
+        query(FILES[0], tmp_path)  # an empty folder: there the advice to build one is right
+
+
+# -- a cold query pays for what it uses (issue 17) -------------------------------------------------
+
+
+def test_embeddings_are_the_monai_pipeline_s(patients):
+    """The query's numpy preprocessing feeds the encoder exactly what the MONAI pipeline gives."""
+    import torch
+
+    from medsearch.embedding import embed_volume, pool_slices
+    from medsearch.io import load_study
+    from medsearch.transforms import build_slice_transform, select_slices
+
+    searcher = Searcher(patients["index"])
+    info, preprocess = searcher.encoder.info, searcher.config.preprocess
+    for name in ("q", "a", "y2"):
+        volume = load_study(patients["files"][name])[1]
+        slices = select_slices(volume.pixels, spacing=volume.spacing, mode=preprocess.slice_mode, count=preprocess.slices)
+        monai = build_slice_transform(preprocess, modality=volume.modality, rgb=volume.rgb, channels=info.in_channels,
+                                      mean=info.mean, std=info.std)
+        batch = torch.stack([monai(s) for s in slices]).numpy()
+        expected = pool_slices(searcher.encoder.embed(batch), preprocess.pool)
+        np.testing.assert_array_equal(embed_volume(volume, searcher.encoder, searcher.config), expected)
+
+
+_COLD = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write(f"\\nLOADED torch={'torch' in sys.modules} monai={'monai' in sys.modules}\\n"))
+from medsearch.cli import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_query_through_onnx_imports_neither_torch_nor_monai(patients, tmp_path):
+    """Finding 5 of issue 17: a cold query spent most of its seconds importing MONAI and torch."""
+    pytest.importorskip("onnxruntime")
+    config = tmp_path / "onnx.toml"
+    config.write_text("[preprocess]\nsize = 64\nslices = 1\n[encoder]\nruntime = \"onnx\"\n")
+    Searcher(patients["index"], config=config)  # the ONNX export exists (made now if not)
+    args = ["query", str(patients["files"]["q"]), "--index", str(patients["index"]), "--config", str(config), "--json"]
+    done = subprocess.run([sys.executable, "-c", _COLD, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["results"][0]["distance"] == 0.0
+    assert "LOADED torch=False monai=False" in done.stderr
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--where", "modality"], "filter 'modality' has no operator"),
+    (["--html", "sheet.png"], "must end in .html or .htm"),
+])
+def test_query_argument_errors_are_told_before_heavy_imports(tmp_path, extra, message):
+    """A typo costs no library import: the error comes before torch, MONAI, faiss or pandas are loaded."""
+    study = FILES[0]
+    for args in ([str(tmp_path / "missing.dcm"), "--index", str(tmp_path)], [str(study), "--index", str(tmp_path), *extra]):
+        done = subprocess.run([sys.executable, "-c", _COLD, "query", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2
+        assert "LOADED torch=False monai=False" in done.stderr
+        assert ("does not exist; check the path" if "missing" in args[0] else message) in done.stderr
+    code = "import sys; from medsearch.cli import _check_query_arguments; print(sorted(m for m in ('pandas', 'faiss', 'pydicom', 'torch') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip() == "[]"
+
+
+def test_where_matching_nothing_says_so_and_exits_non_zero(sample_index):
+    from typer.testing import CliRunner
+
+    from medsearch.cli import app
+
+    run = CliRunner().invoke(app, ["query", str(FILES[0]), "--index", str(sample_index), "--where", "modality=PT"])
+    assert run.exit_code == 1
+    assert f"no case of {sample_index} matches modality=PT; nothing to rank" in run.output

@@ -1,21 +1,31 @@
-"""``medsearch serve``: the HTTP API answers like ``query --json``, refuses bad uploads, keeps serving."""
+"""``medsearch serve``: the HTTP API answers like ``query --json``, refuses bad uploads, keeps serving;
+uploads are decoded in a worker, with a time limit and a memory cap, outside the query lock; a real
+uvicorn answers a malformed request with JSON and closes connections that send no request."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import socket
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from conftest import SAMPLE
 from fastapi.testclient import TestClient
+from hostile.files import SEEDED, seeded_value
 from typer.testing import CliRunner
 
 from medsearch.cli import app as cli_app
+from medsearch.io import load_volume
 from medsearch.search import Searcher
-from medsearch.serve import create_app
+from medsearch.serve import create_app, uvicorn_config
 from medsearch.store import IndexStore
 
 QUERY = SAMPLE / "tcga-luad-ct" / "ID_0050_AGE_0074_CONTRAST_0_CT.dcm"
@@ -28,8 +38,9 @@ def searcher(sample_index) -> Searcher:
 
 
 @pytest.fixture(scope="module")
-def client(sample_index, searcher) -> TestClient:
-    return TestClient(create_app(sample_index, searcher=searcher, max_upload_mb=LIMIT_MB))
+def client(sample_index, searcher) -> Iterator[TestClient]:
+    with TestClient(create_app(sample_index, searcher=searcher, max_upload_mb=LIMIT_MB)) as client:
+        yield client
 
 
 @pytest.fixture()
@@ -118,6 +129,31 @@ def test_bad_k(client, uploads, query, message):
     assert response.status_code == 422 and message in response.json()["error"]
 
 
+def test_query_leaves_out_the_upload_patient_and_copies(sample_index, sample_key, uploads):
+    """Issue 17: POST /query takes exclude_same_patient, one_per_patient and collapse_copies."""
+    headers = {"Content-Type": "application/dicom"}
+    searcher = Searcher(sample_index, key=sample_key)
+    with TestClient(create_app(sample_index, searcher=searcher, max_upload_mb=LIMIT_MB)) as client:
+        plain = client.post("/query", params={"k": 3}, content=QUERY.read_bytes(), headers=headers).json()
+        own = searcher.patient_of(QUERY)
+        assert plain["results"][0]["metadata"]["patient"] == own and plain["query"]["excluded"] == {"copies": 0}
+        params = {"k": 3, "exclude_same_patient": "true", "one_per_patient": "true", "collapse_copies": "false"}
+        response = client.post("/query", params=params, content=QUERY.read_bytes(), headers=headers)
+        assert response.status_code == 200, response.text
+        data = response.json()
+        assert len(data["results"]) == 3 and own not in [r["metadata"]["patient"] for r in data["results"]]
+        assert data["query"]["excluded"] == {"same_patient": 1, "other_cases_of_patient": 0}
+
+
+def test_exclude_same_patient_without_the_key_is_a_422(client, uploads, monkeypatch, tmp_path):
+    monkeypatch.delenv("MEDSEARCH_SITE_KEY", raising=False)
+    monkeypatch.setenv("MEDSEARCH_KEY_FILE", str(tmp_path / "missing.key"))
+    response = client.post("/query", params={"exclude_same_patient": "true"}, content=QUERY.read_bytes(),
+                           headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 422 and "needs the site key" in response.json()["error"]
+    assert client.get("/health").status_code == 200
+
+
 def test_where_keeps_matching_cases_and_a_bad_filter_is_a_422(client, sample_index, uploads):
     headers = {"Content-Type": "application/dicom"}
     response = client.post("/query", params={"k": 10, "where": ["sex=F", "modality=CT"]}, content=QUERY.read_bytes(), headers=headers)
@@ -159,7 +195,7 @@ def test_bad_upload_limit(sample_index, searcher):
 def test_serve_command_help():
     result = CliRunner().invoke(cli_app, ["serve", "--help"])
     assert result.exit_code == 0
-    for option in ("--host", "--port", "--max-upload-mb"):
+    for option in ("--host", "--port", "--max-upload-mb", "--request-timeout", "--header-timeout", "--worker-memory-gib"):
         assert option in result.output
     assert "127.0.0.1" in result.output
 
@@ -167,13 +203,17 @@ def test_serve_command_help():
 def test_the_service_picks_up_new_commits_and_survives_a_broken_one(sample_index, sample_key, tmp_path, uploads, caplog):
     import shutil
 
+    index = tmp_path / "index"
+    shutil.copytree(sample_index, index)
+    with TestClient(create_app(index, max_upload_mb=LIMIT_MB, warm_up=False)) as client:
+        _picks_up_commits(client, index, sample_key, caplog)
+
+
+def _picks_up_commits(client, index, sample_key, caplog) -> None:
     from pydicom.data import get_testdata_file
 
     from medsearch.indexing import build_index
 
-    index = tmp_path / "index"
-    shutil.copytree(sample_index, index)
-    client = TestClient(create_app(index, max_upload_mb=LIMIT_MB, warm_up=False))
     assert client.get("/health").json()["cases"] == 12
 
     # `medsearch index` adds a case while the service runs: the next request sees it
@@ -192,3 +232,190 @@ def test_the_service_picks_up_new_commits_and_survives_a_broken_one(sample_index
     assert response.status_code == 200 and len(response.json()["results"]) == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "still serving the index loaded before" in warnings[0] and "manifest.json" in warnings[0]
+
+
+# -- an upload's header values are never quoted -------------------------------------------------------
+
+
+def test_a_header_value_a_parser_quotes_is_not_in_the_answer_or_the_log(client, uploads, tmp_path, caplog):
+    """'SLOPEZQX' in Rescale Slope: the 422 says what is wrong without quoting it (it once did)."""
+    path = seeded_value(tmp_path / "seeded.dcm")
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/query", content=path.read_bytes(), headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 422, response.text
+    assert "Rescale Slope or Rescale Intercept is not a number" in response.json()["error"]
+    assert SEEDED not in response.text and SEEDED not in caplog.text
+
+
+# -- decoding happens in a worker: outside the query lock, within a time limit and a memory cap --------
+
+WAIT = "medsearch-test-wait:"
+
+
+def _waits_for_release(case):
+    """Decodes a case, after waiting for the file its ImageComments names, if any (runs in a worker)."""
+    comment = str(case.header.get("ImageComments", "") or "")
+    if comment.startswith(WAIT):
+        release = Path(comment[len(WAIT):])
+        release.with_suffix(".started").touch()
+        deadline = time.monotonic() + 120
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return load_volume(case)
+
+
+def _allocates_3_gib(case):
+    """Decodes a case after allocating 3 GiB (runs in a worker)."""
+    np.ones(3 * 2**30, dtype=np.uint8)
+    return load_volume(case)
+
+
+def _slow_upload(tmp_path: Path) -> tuple[bytes, Path]:
+    """A query study whose decoding waits for a file: its bytes, and the file to create to let it go."""
+    release = tmp_path / "release"
+    ds = pydicom.dcmread(QUERY)
+    ds.ImageComments = f"{WAIT}{release}"
+    path = tmp_path / "slow.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    return path.read_bytes(), release
+
+
+def _post(client: TestClient, data: bytes, out: dict[str, object], **params: object) -> None:
+    out["response"] = client.post("/query", params=params or None, content=data, headers={"Content-Type": "application/dicom"})
+
+
+@pytest.mark.slow
+def test_health_and_other_queries_do_not_wait_for_an_upload_being_decoded(sample_index, searcher, uploads, tmp_path):
+    slow, release = _slow_upload(tmp_path)
+    app = create_app(sample_index, searcher=searcher, warm_up=False, decode_workers=2, load=_waits_for_release)
+    with TestClient(app) as client:
+        first: dict[str, object] = {}
+        waiting = threading.Thread(target=_post, args=(client, slow, first), kwargs={"k": 2})
+        waiting.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not release.with_suffix(".started").exists():
+                assert time.monotonic() < deadline, "the slow upload never started decoding"
+                time.sleep(0.05)
+            assert client.get("/health").status_code == 200
+            second: dict[str, object] = {}
+            other = threading.Thread(target=_post, args=(client, QUERY.read_bytes(), second), kwargs={"k": 3})
+            other.start()
+            other.join(timeout=60)  # the lock is free while the first upload decodes
+            assert "response" in second, "a query waited for another upload's decoding"
+            assert second["response"].status_code == 200 and len(second["response"].json()["results"]) == 3
+        finally:
+            release.touch()
+            waiting.join(timeout=60)
+        assert first["response"].status_code == 200 and len(first["response"].json()["results"]) == 2
+
+
+@pytest.mark.slow
+def test_an_upload_that_takes_longer_than_the_time_limit_is_stopped_and_the_service_goes_on(sample_index, searcher, uploads, tmp_path):
+    slow, _ = _slow_upload(tmp_path)  # never released
+    app = create_app(sample_index, searcher=searcher, warm_up=False, request_timeout=5, load=_waits_for_release)
+    with TestClient(app) as client:
+        response = client.post("/query", content=slow, headers={"Content-Type": "application/dicom"})
+        assert response.status_code == 422 and "could not be decoded" in response.json()["error"]
+        assert "5 s" in response.json()["error"]
+        assert client.get("/health").status_code == 200
+        for _ in range(5):  # the stopped worker is replaced
+            again = client.post("/query?k=1", content=QUERY.read_bytes(), headers={"Content-Type": "application/dicom"})
+            if again.status_code == 200:
+                break
+        assert again.status_code == 200, again.text
+
+
+@pytest.mark.slow
+def test_an_upload_that_needs_more_memory_than_the_decoder_may_use_fails_alone(sample_index, searcher, uploads):
+    app = create_app(sample_index, searcher=searcher, warm_up=False, worker_memory_gib=0.5, load=_allocates_3_gib)
+    peak_before = _peak_rss()
+    with TestClient(app) as client:
+        response = client.post("/query", content=QUERY.read_bytes(), headers={"Content-Type": "application/dicom"})
+        assert response.status_code == 422 and "needs more memory" in response.json()["error"]
+        assert client.get("/health").status_code == 200
+    assert _peak_rss() - peak_before < 2**30  # the 3 GiB were never asked of this process
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_bad_limits_are_refused(sample_index, searcher):
+    from medsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="request_timeout must be positive"):
+        create_app(sample_index, searcher=searcher, request_timeout=0)
+    with pytest.raises(ConfigError, match="decode_workers must be 0 or more"):
+        create_app(sample_index, searcher=searcher, decode_workers=-1)
+
+
+# -- a real uvicorn on 127.0.0.1: malformed requests and connections that send nothing ---------------
+
+HEADER_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def live(sample_index, searcher) -> Iterator[tuple[str, int]]:
+    """The service under uvicorn, as ``medsearch serve`` runs it, on a free port of 127.0.0.1."""
+    import uvicorn
+
+    app = create_app(sample_index, searcher=searcher, warm_up=False, request_timeout=2, decode_workers=0)
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning", header_timeout=HEADER_TIMEOUT_S))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _exchange(address: tuple[str, int], data: bytes, *, wait: float = 10.0) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it (or ``wait`` seconds pass)."""
+    with socket.create_connection(address, timeout=wait) as conn:
+        conn.sendall(data)
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except TimeoutError:
+            received += b"<still open>"
+    return received
+
+
+def _answer(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_a_malformed_content_length_gets_the_json_error_of_every_answer(live):
+    """h11 refuses it before the application sees the request: the protocol answers, as JSON."""
+    raw = _exchange(live, b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nContent-Length: 12abc\r\n\r\n")
+    status, headers, body = _answer(raw)
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert "Content-Length that is not a whole number" in body["error"] and "\n" not in body["error"]
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a request"])
+def test_a_connection_that_sends_no_complete_request_is_closed(live, sent):
+    started = time.monotonic()
+    assert _exchange(live, sent, wait=15 * HEADER_TIMEOUT_S) == b""  # closed, not left open
+    assert time.monotonic() - started < 15 * HEADER_TIMEOUT_S
+
+
+def test_an_upload_that_stops_arriving_gets_a_408(live):
+    head = b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nContent-Length: 100000\r\n\r\n"
+    status, _, body = _answer(_exchange(live, head + b"\0" * 1000))
+    assert status == 408 and "did not arrive within 2 s" in body["error"]
+
+
+def test_the_live_service_answers_health(live):
+    status, _, body = _answer(_exchange(live, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert status == 200 and body["status"] == "ok"

@@ -14,11 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from medsearch.cli import app
-from medsearch.config import config_from_dict
+from medsearch.config import PreprocessConfig, config_from_dict
 from medsearch.errors import ConfigError, IndexNotFoundError, InvalidStudyError
 from medsearch.io import load_study
+from medsearch.io.dicom.window import display_window
 from medsearch.search import Searcher
-from medsearch.sheets import CAPTION_FIELDS, make_sheet, render_sheet
+from medsearch.sheets import CAPTION_FIELDS, _notes, make_sheet, render_sheet
 from medsearch.store import IndexStore
 from medsearch.transforms import make_thumbnail
 
@@ -91,14 +92,48 @@ def test_query_picture_is_windowed_like_the_index(sheet, searcher, sample_index)
     store = IndexStore.open(sample_index)
     row = list(store.cases["case_id"]).index(sheet.matches[0].fields["case id"])
     np.testing.assert_array_equal(sheet.query.image, store.thumbnails[row])
-    # and it is the index's CT window, not a percentile stretch
-    _, volume = load_study(QUERY)
+    assert store.thumbnails.shape[1:] == (256, 256)  # the default size (issue 17: it was 96)
+    # a lung CT whose only window of its own is the soft-tissue one is shown in the lung window
+    case, volume = load_study(QUERY)
+    assert (case.header.BodyPartExamined, case.header.WindowWidth) == ("LUNG", 400)
+    assert volume.window == display_window(case.header) == (-600.0, 1500.0)
     preprocess = config_from_dict({"preprocess": store.manifest.config["preprocess"]}).preprocess
     expected = make_thumbnail(volume.pixels, config=preprocess, modality="CT", rgb=False,
-                              spacing=volume.spacing, size=store.thumbnails.shape[1])
+                              spacing=volume.spacing, size=store.thumbnails.shape[1], window=(-600.0, 1500.0))
     np.testing.assert_array_equal(sheet.query.image, expected)
+    soft = make_thumbnail(volume.pixels, config=preprocess, modality="CT", rgb=False,
+                          spacing=volume.spacing, size=store.thumbnails.shape[1])
+    assert not np.array_equal(sheet.query.image, soft)  # not the soft-tissue 40/400 of the encoder
     center, width = preprocess.ct_window
     assert f"center {center:g} HU, width {width:g} HU" in sheet.notes[0]
+    assert "brain 40/80, lung -600/1500, bone 400/1800 HU" in sheet.notes[0]
+
+
+def test_html_shows_the_query_at_its_own_resolution(page, sheet):
+    """Issue 17: the HTML showed the query at thumbnail size; it shows its slice pixel for pixel."""
+    assert sheet.query.full is not None and sheet.query.full.shape == (512, 512)
+    assert '<img alt="query" width="512" height="512"' in page
+    assert page.count('width="256" height="256"') == K  # the results' stored thumbnails, at their size
+
+
+def test_notes_say_first_not_1th():
+    notes = _notes(PreprocessConfig(), {"MR"}, "")
+    assert "1st to 99th percentile" in notes[0] and "1th" not in notes[0]
+
+
+def test_head_ct_is_shown_in_a_brain_window(shared_dicom):
+    """Issue 17: a head CT in the 40/400 soft-tissue window was flat gray."""
+    case, volume = load_study(shared_dicom / "ct-head-ge-gantry-tilt" / "In" / "GE")
+    assert volume.window == (35.0, 100.0)  # the file's own (a brain window)
+    header = case.header.copy()
+    del header.WindowCenter, header.WindowWidth
+    assert display_window(header) == (40.0, 80.0)  # its body part's, HEAD
+    picture = make_thumbnail(volume.pixels, config=PreprocessConfig(), modality="CT", rgb=False,
+                             spacing=volume.spacing, size=128, window=volume.window)
+    flat = make_thumbnail(volume.pixels, config=PreprocessConfig(), modality="CT", rgb=False,
+                          spacing=volume.spacing, size=128)
+    brain = picture[40:90, 40:90]
+    assert float(brain.std()) > 2 * float(flat[40:90, 40:90].std())  # grey and white matter apart
 
 
 def test_captions_carry_rank_distance_metadata_and_labels(sheet, result):
@@ -133,7 +168,9 @@ def test_html_file_is_written(tmp_path, result, searcher):
 def test_no_identifying_header_value_reaches_the_sheet(page, sheet):
     values = _identifying_values()
     assert values, "the sample files should carry identifying values to look for"
-    captions = " ".join([page, *(line for item in [sheet.query, *sheet.matches] for line in item.lines)])
+    # the pictures' base64 text is left out: a short value (an age, "080Y") turns up in it by chance
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", page)
+    captions = " ".join([text, *(line for item in [sheet.query, *sheet.matches] for line in item.lines)])
     assert sorted(v for v in values if v in captions) == []
     assert QUERY.name not in captions and str(QUERY.parent) not in captions
 

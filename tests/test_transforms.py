@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +30,15 @@ from medsearch.io import load_volume, scan
 from medsearch.transforms import (
     AntiAliasedResize,
     PercentileScale,
-    _percentiles,
     build_slice_transform,
+    encoder_batch,
     make_thumbnail,
+    middle_picture,
     preprocess_volume,
     select_slices,
+    slice_input,
 )
+from medsearch.transforms.arrays import _percentiles
 
 
 def _ct_hu() -> np.ndarray:
@@ -282,3 +287,88 @@ def test_percentile_scale_of_a_flat_image_is_what_monai_gives():
     with pytest.warns(Warning, match="Divide by zero"):
         monai = ScaleIntensityRangePercentiles(1.0, 99.0, 0.0, 1.0, clip=True)(torch.as_tensor(flat))
     assert torch.equal(PercentileScale(1.0, 99.0)(flat), torch.as_tensor(monai))
+
+
+# -- the numpy pipeline is the MONAI pipeline, bit for bit (issue 17) ------------------------------------
+
+NUMPY_CASES = [
+    # (image, source, size, modality, channels): shrinking, enlarging, RGB kept and averaged to gray
+    (SAMPLE_CT[0].name, "sample", 224, "CT", 3),
+    (SAMPLE_CT[1].name, "sample", 96, "CR", 3),
+    ("CT_small.dcm", "pydicom", 224, "CT", 3),  # 128 px: enlarged (torch's interpolation)
+    ("MR_small.dcm", "pydicom", 224, "MR", 1),  # 64 px: enlarged, one channel
+    ("US1_UNCR.dcm", "pydicom", 224, "US", 3),  # RGB
+    ("US1_UNCR.dcm", "pydicom", 96, "US", 1),  # RGB averaged to gray (torch's mean)
+    ("RG1_UNCI.dcm", "pydicom-data", 224, "CR", 3),  # 1955 x 1841: numpy percentiles
+]
+
+
+@pytest.mark.parametrize(("name", "source", "size", "modality", "channels"), NUMPY_CASES)
+def test_numpy_slice_input_is_the_monai_pipeline_bit_for_bit(name, source, size, modality, channels):
+    image, rgb = _real_image(name, source)
+    config = PreprocessConfig(size=size)
+    mean, std = ([0.5] * 3, [0.5] * 3) if channels == 3 else ([0.0], [1.0])
+    monai = build_slice_transform(config, modality=modality, rgb=rgb, channels=channels, mean=mean, std=std)(image)
+    ours = slice_input(image, config, modality=modality, rgb=rgb, channels=channels, mean=mean, std=std)
+    assert ours.dtype == np.float32 and ours.shape == tuple(monai.shape)
+    np.testing.assert_array_equal(ours, monai.numpy())
+
+
+def test_numpy_slice_input_of_a_flat_image_is_monai_s():
+    flat = np.full((20, 30), 7.0, dtype=np.float32)
+    monai = build_slice_transform(PreprocessConfig(size=32), modality="MR", rgb=False)(flat)
+    np.testing.assert_array_equal(slice_input(flat, PreprocessConfig(size=32), modality="MR", rgb=False), monai.numpy())
+
+
+def test_encoder_batch_and_preprocess_volume_agree():
+    volume = np.random.default_rng(3).normal(0, 300, (9, 80, 60)).astype(np.float32)
+    config = PreprocessConfig(size=48, slices=3)
+    batch = encoder_batch(volume, config=config, modality="CT", rgb=False, spacing=(2.0, 0.7, 0.7))
+    np.testing.assert_array_equal(batch, preprocess_volume(volume, config=config, modality="CT", rgb=False,
+                                                           spacing=(2.0, 0.7, 0.7)).numpy())
+    assert batch.shape == (3, 3, 48, 48)
+
+
+def test_gaussian_kernel_is_monai_s_to_one_unit_in_the_last_place():
+    """The kernel's erf is rounded from double precision; torch's float32 erf differs from it by an ulp
+    at most, so a kernel value differs by half an ulp of 1 (3e-8) at most."""
+    from monai.networks.layers.convutils import gaussian_1d
+
+    from medsearch.transforms.arrays import _gaussian_kernel
+
+    for n_in, n_out in [(512, 224), (640, 96), (1955, 224), (300, 97), (100, 96), (224, 224), (3000, 16)]:
+        factor = torch.tensor(float(n_in)) / torch.tensor(float(n_out))
+        sigma = torch.clamp((factor - 1) / 2, min=0.0)
+        monai = gaussian_1d(sigma, truncated=4.0, approx="erf").numpy()
+        ours = _gaussian_kernel(np.float32(sigma.item()))
+        assert ours.shape == monai.shape
+        np.testing.assert_allclose(ours, monai, rtol=0, atol=3e-8)
+    # the most common case, a 512 px CT slice at 224 px, is the same to the bit
+    s = np.float32(np.float32(512) / np.float32(224) - np.float32(1)) / np.float32(2)
+    np.testing.assert_array_equal(_gaussian_kernel(s), gaussian_1d(torch.tensor(float(s)), truncated=4.0, approx="erf").numpy())
+
+
+@pytest.mark.slow
+def test_preparing_a_ct_slice_imports_neither_torch_nor_monai():
+    code = (
+        "import sys, numpy as np\n"
+        "from medsearch.config import PreprocessConfig\n"
+        "from medsearch.transforms import encoder_batch, middle_picture\n"
+        "hu = np.random.default_rng(0).normal(0, 400, (3, 512, 512)).astype(np.float32)\n"
+        "batch = encoder_batch(hu, config=PreprocessConfig(), modality='CT', rgb=False)\n"
+        "middle_picture(hu, config=PreprocessConfig(), modality='CT', rgb=False, window=(-600.0, 1500.0))\n"
+        "print(batch.shape, 'torch' in sys.modules, 'monai' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "(3, 3, 224, 224) False False", done.stderr
+
+
+def test_middle_picture_keeps_the_resolution_and_the_window():
+    hu = np.zeros((3, 40, 30), dtype=np.float32)
+    hu[1, :, :15] = -600.0
+    hu[1, :, 15:] = 150.0
+    picture = middle_picture(hu, config=PreprocessConfig(), modality="CT", rgb=False, window=(-600.0, 1500.0))
+    assert picture.shape == (40, 30) and picture.dtype == np.uint8
+    assert int(picture[0, 0]) == 128 and int(picture[0, 20]) == 255  # -600 HU mid-gray in the lung window
+    soft = middle_picture(hu, config=PreprocessConfig(), modality="CT", rgb=False)
+    assert int(soft[0, 0]) == 0 and int(soft[0, 20]) == 198  # the index's 40/400: the lung is black

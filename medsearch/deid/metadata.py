@@ -3,8 +3,10 @@
 :func:`case_metadata` builds the row of a case from one of its headers, with the keys of
 :data:`CASE_METADATA_KEYS`; :data:`CASE_FIELDS` says which attributes each key may come from, and
 :data:`DERIVED_FIELDS` which keys are computed without ever showing their inputs (a keyed hash, an
-age band). Values are kept only in a reduced form: an age band (:func:`age_band`), rounded size and
-weight, a CS-like body part token or a term of the body-part vocabulary, printable device names.
+age band). Values are kept only in a reduced form: an age band (:func:`age_band`), size and weight
+bands (:func:`size_band`, :func:`weight_band`), and for text a term of a vocabulary of
+:mod:`medsearch.deid.vocabulary` (body part, vendor, scanner model, modality, photometric
+interpretation) or of the site's own lists, ``"OTHER"`` for any other value.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pydicom
 from pydicom.uid import UID
@@ -21,8 +23,29 @@ from medsearch.deid.keys import SiteKey
 from medsearch.deid.profile import DeidOptions, is_keyword
 from medsearch.deid.pseudonyms import patient_pseudonym
 from medsearch.deid.reading import clean_uid, derivation_text, policy_float, policy_text
+from medsearch.deid.vocabulary import (
+    NO_SITE_TERMS,
+    OTHER,
+    SiteTerms,
+    body_part_in_text,
+    body_part_term,
+    looks_identifying,
+    modality_term,
+    model_term,
+    photometric_term,
+    vendor_term,
+)
 
-__all__ = ["CASE_FIELDS", "CASE_METADATA_KEYS", "DERIVED_FIELDS", "age_band", "case_metadata"]
+__all__ = [
+    "CASE_FIELDS",
+    "CASE_METADATA_KEYS",
+    "DERIVED_FIELDS",
+    "age_band",
+    "case_metadata",
+    "kept_value",
+    "size_band",
+    "weight_band",
+]
 
 # --------------------------------------------------------------------------------------------
 # Values: age bands, rounding, tokens.
@@ -30,6 +53,9 @@ __all__ = ["CASE_FIELDS", "CASE_METADATA_KEYS", "DERIVED_FIELDS", "age_band", "c
 
 _AGE_STRING = re.compile(r"(\d{3})([DWMY])")
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.2425 / 12, "Y": 365.2425}
+# Plausible sizes and weights; beyond the top band edge values are pooled, beyond the maximum dropped.
+_MIN_SIZE_M, _TOP_SIZE_M, _MAX_SIZE_M = 0.4, 2.2, 3.0
+_MIN_WEIGHT_KG, _TOP_WEIGHT_KG, _MAX_WEIGHT_KG = 2, 250, 700.0
 
 
 def age_band(value: str | int | None) -> str | None:
@@ -86,92 +112,46 @@ def _years_between(birth: _dt.date, on: _dt.date) -> int | None:
     return years if years >= 0 else None
 
 
-def _round_to(value: float, step: float) -> float:
-    # Half up, not Python's half-to-even, so that bands do not depend on parity.
-    return round(math.floor(value / step + 0.5) * step, 6)
+def size_band(metres: float | None) -> str | None:
+    """The 10 cm band of a patient size in metres: ``"1.70-1.79"``.
 
+    Sizes from 0.4 m up are kept: ``"0.40-0.49"`` is the first band and ``"2.20+"`` pools 2.2 m
+    and over (up to 3 m); anything else (0, which scanners write for unknown, a negative value, a
+    size under 0.4 m, or centimetres in a metres field) is ``None``.
 
-_CS_TOKEN = re.compile(r"[A-Z0-9_ ]{1,16}")
-_BODY_PART_TOKEN = re.compile(r"[A-Z ]{1,16}")
-_PRINTABLE_LO = re.compile(r"[ -~]{1,64}")
-
-# Body Part Examined defined terms (PS3.16 CID 4031 / PS3.3 C.7.3.1), the vocabulary that
-# clean_descriptors maps onto. Words of descriptions that mean one of them map through _SYNONYMS.
-# fmt: off
-_BODY_PARTS = frozenset({
-    "ABDOMEN", "ABDOMENPELVIS", "ANKLE", "AORTA", "ARM", "AXILLA", "BLADDER", "BRAIN", "BREAST",
-    "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "CLAVICLE", "COCCYX", "COLON", "CSPINE", "ELBOW",
-    "EXTREMITY", "EYE", "FACE", "FINGER", "FOOT", "FOREARM", "HAND", "HEAD", "HEADNECK", "HEART",
-    "HIP", "HUMERUS", "JAW", "KIDNEY", "KNEE", "LEG", "LIVER", "LSPINE", "LUNG", "NECK", "ORBIT",
-    "PANCREAS", "PELVIS", "PROSTATE", "SACRUM", "SHOULDER", "SKULL", "SPINE", "SPLEEN", "TSPINE",
-    "THIGH", "THYROID", "WHOLEBODY", "WRIST",
-})
-# fmt: on
-_SYNONYMS = {
-    "THORAX": "CHEST",
-    "LUNGS": "LUNG",
-    "PULMONARY": "LUNG",
-    "ABD": "ABDOMEN",
-    "ABDOMINAL": "ABDOMEN",
-    "PELVIC": "PELVIS",
-    "CEREBRAL": "BRAIN",
-    "CRANIAL": "HEAD",
-    "CARDIAC": "HEART",
-    "HEPATIC": "LIVER",
-    "RENAL": "KIDNEY",
-    "KIDNEYS": "KIDNEY",
-    "BREASTS": "BREAST",
-    "MAMMO": "BREAST",
-}
-# Several regions named together map to the combined term where the vocabulary has one.
-_COMBINED = {
-    frozenset({"CHEST", "ABDOMEN"}): "CHESTABDOMEN",
-    frozenset({"ABDOMEN", "PELVIS"}): "ABDOMENPELVIS",
-    frozenset({"CHEST", "ABDOMEN", "PELVIS"}): "CHESTABDPELVIS",
-    frozenset({"HEAD", "NECK"}): "HEADNECK",
-}
-
-
-def _cs_token(text: str | None, pattern: re.Pattern[str] = _CS_TOKEN) -> str | None:
-    if not text:
+    Examples
+    --------
+    >>> size_band(1.83), size_band(0.52), size_band(2.31), size_band(170), size_band(0)
+    ('1.80-1.89', '0.50-0.59', '2.20+', None, None)
+    """
+    if metres is None or not math.isfinite(metres) or not _MIN_SIZE_M <= metres <= _MAX_SIZE_M:
         return None
-    token = text.strip().upper()
-    return token if pattern.fullmatch(token) else None
+    if metres >= _TOP_SIZE_M:
+        return f"{_TOP_SIZE_M:.2f}+"
+    low = math.floor(metres * 10 + 1e-9) / 10
+    return f"{low:.2f}-{low + 0.09:.2f}"
 
 
-def _body_part_token(text: str | None) -> str | None:
-    """BodyPartExamined as a CS-like token: uppercase letters and single spaces, or None."""
-    if not text:
+def weight_band(kilograms: float | None) -> str | None:
+    """The 10 kg band of a patient weight: ``"80-89"``.
+
+    Weights from 2 kg up are kept, a newborn's included: ``"2-9"`` is the first band and ``"250+"``
+    pools 250 kg and over (up to 700 kg); anything else (0 for unknown, a negative value, under
+    2 kg, or a weight no person has) is ``None``.
+
+    Examples
+    --------
+    >>> weight_band(81.7), weight_band(2.2), weight_band(312), weight_band(900), weight_band(0)
+    ('80-89', '2-9', '250+', None, None)
+    """
+    if kilograms is None or not math.isfinite(kilograms) or not _MIN_WEIGHT_KG <= kilograms <= _MAX_WEIGHT_KG:
         return None
-    token = _cs_token(text.replace("_", " "), _BODY_PART_TOKEN)
-    if token is None or not token.strip():
-        return None
-    return " ".join(token.split())
-
-
-def _vocabulary_term(texts: list[str]) -> str | None:
-    """The body-part term named in ``texts``, tried in order; never any other word of them."""
-    for text in texts:
-        letters_only = re.sub(r"[^A-Z]", "", text.upper())
-        if letters_only in _BODY_PARTS:  # "C-SPINE", "Chest_Abdomen" and the like
-            return letters_only
-        found: list[str] = []
-        for word in re.findall(r"[A-Z]+", text.upper()):
-            term = _SYNONYMS.get(word, word)
-            if term in _BODY_PARTS and term not in found:
-                found.append(term)
-        if len(found) == 1:
-            return found[0]
-        if found:
-            return _COMBINED.get(frozenset(found))
-    return None
-
-
-def _printable(text: str | None) -> str | None:
-    if not text:
-        return None
-    text = " ".join(text.split())
-    return text if _PRINTABLE_LO.fullmatch(text) else None
+    if kilograms >= _TOP_WEIGHT_KG:
+        return f"{_TOP_WEIGHT_KG}+"
+    if kilograms < 10:
+        return f"{_MIN_WEIGHT_KG}-9"
+    low = int(kilograms // 10 * 10)
+    return f"{low}-{low + 9}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,20 +176,26 @@ CASE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 CASE_METADATA_KEYS: tuple[str, ...] = tuple(CASE_FIELDS)
 DERIVED_FIELDS = frozenset({"age_band", "patient"})
+# Fields that hold a term of a vocabulary or of the site's lists.
+_VOCABULARY_FIELDS = ("modality", "body_part", "manufacturer", "model", "photometric")
 
-_MAX_SIZE_M = 3.0
-_MAX_WEIGHT_KG = 700.0
 _DEFAULT_OPTIONS = DeidOptions()  # immutable (a frozen dataclass): safe as a default argument
 
 
 def case_metadata(
-    header: pydicom.Dataset, *, key: SiteKey, options: DeidOptions = _DEFAULT_OPTIONS
+    header: pydicom.Dataset,
+    *,
+    key: SiteKey,
+    options: DeidOptions = _DEFAULT_OPTIONS,
+    terms: SiteTerms = NO_SITE_TERMS,
 ) -> dict[str, str | float | int | None]:
     """Return the non-identifying metadata of the case ``header`` belongs to.
 
     Always the keys of :data:`CASE_METADATA_KEYS`, in that order, ``None`` where a value is
     unknown or not kept under ``options``. Only top-level standard attributes that the policy keeps
-    or cleans are read (:func:`profile_action`); private tags and sequences are never read.
+    or cleans are read (:func:`profile_action`); private tags and sequences are never read. Text
+    values are terms of :mod:`medsearch.deid.vocabulary` (or of ``terms``), ``"OTHER"`` where the
+    header holds something else; size and weight are bands (:func:`size_band`, :func:`weight_band`).
 
     Parameters
     ----------
@@ -219,6 +205,8 @@ def case_metadata(
         The site key, for the patient pseudonym and the date shift.
     options
         The PS3.15 options in force.
+    terms
+        The body parts, manufacturers and models the site adds to the vocabularies.
 
     Raises
     ------
@@ -228,8 +216,8 @@ def case_metadata(
     patient = patient_pseudonym(key, header)
     row: dict[str, str | float | int | None] = dict.fromkeys(CASE_METADATA_KEYS)
     row["patient"] = patient
-    row["modality"] = _cs_token(policy_text(header, "Modality", options))
-    row["photometric"] = _cs_token(policy_text(header, "PhotometricInterpretation", options))
+    row["modality"] = modality_term(policy_text(header, "Modality", options))
+    row["photometric"] = photometric_term(policy_text(header, "PhotometricInterpretation", options))
 
     sop_class = policy_text(header, "SOPClassUID", options)
     if sop_class:
@@ -237,37 +225,87 @@ def case_metadata(
         # Only a class the standard names: a private class UID is an opaque string.
         row["sop_class"] = uid.name if uid.is_valid and uid.name != str(uid) else None
 
-    body_part = policy_text(header, "BodyPartExamined", options)
-    if options.clean_descriptors:
-        texts = [body_part] + [
-            policy_text(header, kw, options)
-            for kw in ("StudyDescription", "SeriesDescription", "ProtocolName")
-        ]
-        row["body_part"] = _vocabulary_term([t for t in texts if t])
-    else:
-        row["body_part"] = _body_part_token(body_part)
+    body_part = body_part_term(policy_text(header, "BodyPartExamined", options), terms)
+    if options.clean_descriptors and body_part in (None, OTHER):
+        texts = [policy_text(header, kw, options) for kw in ("StudyDescription", "SeriesDescription", "ProtocolName")]
+        body_part = body_part_in_text([t for t in texts if t]) or body_part
+    row["body_part"] = body_part
 
     if options.retain_patient_characteristics:
         sex = (policy_text(header, "PatientSex", options) or "").strip().upper()
         row["sex"] = sex if sex in ("M", "F", "O") else None
         row["age_band"] = _age_band_of(header, options)
-        size = policy_float(header, "PatientSize", options)
-        if size is not None and 0 < size <= _MAX_SIZE_M:
-            row["patient_size_m"] = _round_to(size, 0.1)
-        weight = policy_float(header, "PatientWeight", options)
-        if weight is not None and 0 < weight <= _MAX_WEIGHT_KG:
-            row["patient_weight_kg"] = _round_to(weight, 5.0)
+        row["patient_size_m"] = size_band(policy_float(header, "PatientSize", options))
+        row["patient_weight_kg"] = weight_band(policy_float(header, "PatientWeight", options))
 
     if options.retain_device_identity:
-        row["manufacturer"] = _printable(policy_text(header, "Manufacturer", options))
-        row["model"] = _printable(policy_text(header, "ManufacturerModelName", options))
+        row["manufacturer"] = vendor_term(policy_text(header, "Manufacturer", options), terms)
+        row["model"] = model_term(policy_text(header, "ManufacturerModelName", options), terms)
 
     if options.longitudinal_dates:
         study_date = _parse_date(policy_text(header, "StudyDate", options))
         if study_date is not None:
             shifted = study_date + _dt.timedelta(days=key.date_offset_days(patient))
             row["study_date_shifted"] = shifted.isoformat()
+    for name in _VOCABULARY_FIELDS:
+        # The vocabularies hold no such value, and a site's list none either (SiteTerms refuses
+        # them): a last guard, should either change.
+        if looks_identifying(row[name], capitalized_names=False) is not None:
+            row[name] = OTHER
     return row
+
+
+_AGE_BAND_LABEL = re.compile(r"0|1-9|[1-8]0-[1-8]9|90\+")
+_SIZE_BAND_LABEL = re.compile(r"\d\.\d0-\d\.\d9|2\.20\+")
+_WEIGHT_BAND_LABEL = re.compile(r"2-9|\d{2,3}-\d{2,3}|250\+")
+_SHIFTED_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_PSEUDONYM = re.compile(r"p-[0-9a-f]{8,64}")
+
+
+def kept_value(name: str, value: object, terms: SiteTerms = NO_SITE_TERMS) -> object:
+    """A value of the case-table column ``name`` as :func:`case_metadata` keeps it now.
+
+    For checking a stored table again before it leaves the site (an index built by an older
+    medsearch, or edited): a vocabulary term or band stays as it is; any other text maps to its term
+    (``"GE MEDICAL SYSTEMS"`` -> ``"GE"``) or to ``"OTHER"``, a number of size or weight to its band,
+    and anything malformed to ``None``. Columns that are not metadata are returned as they are.
+
+    Examples
+    --------
+    >>> kept_value("manufacturer", "Dr Quorbelle Imaging"), kept_value("body_part", "QUORBELLE")
+    ('OTHER', 'OTHER')
+    >>> kept_value("patient_weight_kg", 2.2), kept_value("patient_size_m", "1.80-1.89"), kept_value("sex", "Male")
+    ('2-9', '1.80-1.89', None)
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if name not in CASE_FIELDS:
+        return value
+    if name in ("patient_size_m", "patient_weight_kg"):
+        label, band = (_SIZE_BAND_LABEL, size_band) if name == "patient_size_m" else (_WEIGHT_BAND_LABEL, weight_band)
+        if isinstance(value, str) and label.fullmatch(value):
+            return value
+        try:
+            return band(float(str(value)))
+        except ValueError:
+            return None
+    text = str(value)
+    checks: dict[str, Callable[[str], object]] = {
+        "modality": modality_term,
+        "photometric": photometric_term,
+        "body_part": lambda t: body_part_term(t, terms),
+        "manufacturer": lambda t: vendor_term(t, terms),
+        "model": lambda t: model_term(t, terms),
+        "sex": lambda t: t if t in ("M", "F", "O") else None,
+        "age_band": lambda t: t if _AGE_BAND_LABEL.fullmatch(t) else None,
+        "study_date_shifted": lambda t: t if _SHIFTED_DATE.fullmatch(t) else None,
+        "patient": lambda t: t if _PSEUDONYM.fullmatch(t) else None,
+        "sop_class": lambda t: None if looks_identifying(t, capitalized_names=False) else t,
+    }
+    kept = checks[name](text)
+    if name in _VOCABULARY_FIELDS and looks_identifying(kept, capitalized_names=False) is not None:
+        return OTHER
+    return kept
 
 
 def _age_band_of(header: pydicom.Dataset, options: DeidOptions) -> str | None:

@@ -35,11 +35,11 @@ class DeidOptions:
     Attributes
     ----------
     retain_device_identity
-        Keep manufacturer and model name (Retain Device Identity Option). Serial numbers, station
-        names and other ids of one machine are never kept.
+        Keep manufacturer and model name (Retain Device Identity Option), as terms of the vendor and
+        model vocabularies. Serial numbers, station names and other ids of one machine are never kept.
     retain_patient_characteristics
-        Keep sex, an age band, size and weight, the last two rounded (Retain Patient
-        Characteristics Option).
+        Keep sex, an age band, and size and weight in bands (Retain Patient Characteristics
+        Option).
     longitudinal_dates
         Keep the study date shifted by a keyed per-patient offset (Retain Longitudinal Temporal
         Information with Modified Dates Option), so a patient's cases keep their order and spacing.
@@ -71,8 +71,8 @@ ATTRIBUTE_ACTIONS: dict[tuple[int, int] | str, str] = {
     "PatientBirthDate": "Z",  # (0010,0030) Z; read only to compute an age band, never stored
     "PatientSex": "Z",  # (0010,0040) Z; K with Retain Patient Characteristics
     "PatientAge": "X",  # (0010,1010) X; K with Retain Patient Characteristics (we band it: C)
-    "PatientSize": "X",  # (0010,1020) X; K with Retain Patient Characteristics (we round it: C)
-    "PatientWeight": "X",  # (0010,1030) X; K with Retain Patient Characteristics (we round it: C)
+    "PatientSize": "X",  # (0010,1020) X; K with Retain Patient Characteristics (we band it: C)
+    "PatientWeight": "X",  # (0010,1030) X; K with Retain Patient Characteristics (we band it: C)
     "OtherPatientIDs": "X",  # (0010,1000) X
     "OtherPatientNames": "X",  # (0010,1001) X
     "OtherPatientIDsSequence": "X",  # (0010,1002) X
@@ -125,21 +125,21 @@ ATTRIBUTE_ACTIONS: dict[tuple[int, int] | str, str] = {
     "Modality": "K",  # (0008,0060)
     "SOPClassUID": "K",  # (0008,0016) a standard class UID, emitted as its name
     "PhotometricInterpretation": "K",  # (0028,0004)
-    "BodyPartExamined": "C",  # (0018,0015) not in E.1-1 (K); kept only as a CS-like token
+    "BodyPartExamined": "C",  # (0018,0015) not in E.1-1 (K); kept only as a defined term
 }
 
 # What each option of DeidOptions changes, keyed by the option's field name. Attributes the profile
 # would let an option keep but medsearch does not are absent: they stay as ATTRIBUTE_ACTIONS says.
 OPTION_ACTIONS: dict[str, dict[str, str]] = {
     "retain_device_identity": {
-        "Manufacturer": "K",  # make of the device
-        "ManufacturerModelName": "K",  # model of the device
+        "Manufacturer": "C",  # make of the device, as a vendor of the vocabulary
+        "ManufacturerModelName": "C",  # model of the device, as a model of the vocabulary
     },
     "retain_patient_characteristics": {
         "PatientSex": "K",  # M, F or O only
         "PatientAge": "C",  # decade band, 90 and over pooled
-        "PatientSize": "C",  # rounded to 0.1 m
-        "PatientWeight": "C",  # rounded to 5 kg
+        "PatientSize": "C",  # a 10 cm band
+        "PatientWeight": "C",  # a 10 kg band
     },
     "longitudinal_dates": {
         "StudyDate": "C",  # shifted by SiteKey.date_offset_days of the patient pseudonym
@@ -154,12 +154,12 @@ OPTION_ACTIONS: dict[str, dict[str, str]] = {
 # Where medsearch's action is stricter than PS3.15 under some option, and why. Tests check that
 # every other attribute gets exactly the profile's (first) action.
 STRICTER_THAN_PROFILE: dict[str, str] = {
-    "Manufacturer": "treated as device identity: kept only with retain_device_identity",
-    "ManufacturerModelName": "treated as device identity: kept only with retain_device_identity",
-    "BodyPartExamined": "kept only as a CS-like token, or a vocabulary term with clean_descriptors",
+    "Manufacturer": "device identity: kept only with retain_device_identity, as a vendor of the vocabulary",
+    "ManufacturerModelName": "device identity: kept only with retain_device_identity, as a known model",
+    "BodyPartExamined": "kept only as a Body Part Examined defined term (or the site's), else OTHER",
     "PatientAge": "kept only as a decade band; ages of 90 and over are pooled",
-    "PatientSize": "kept only rounded to 0.1 m",
-    "PatientWeight": "kept only rounded to 5 kg",
+    "PatientSize": "kept only as a 10 cm band from 0.4 m, 2.2 m and over pooled",
+    "PatientWeight": "kept only as a 10 kg band from 2 kg, 250 kg and over pooled",
     "EthnicGroup": "not needed to find similar images; never kept",
     "PregnancyStatus": "not needed to find similar images; never kept",
     "StationName": "names one machine, and so one site; never kept",

@@ -8,14 +8,19 @@ copies on CUDA. :func:`resolve_device` says which device ``"auto"`` means here.
 
 from __future__ import annotations
 
+import glob
+import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from medsearch.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a network runs: a query through ONNX Runtime never loads it
+    import torch
+    from torch import nn
 
 __all__ = ["Encoder", "EncoderInfo", "resolve_device"]
 
@@ -31,9 +36,12 @@ class EncoderInfo:
     in_channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # The sha256 of the adapter file applied after the network ("" for none); ``weights_sha256``
+    # then hashes network and adapter together (see medsearch.encoders.adapter).
+    adapter_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "dim": self.dim,
             "weights_sha256": self.weights_sha256,
@@ -42,6 +50,9 @@ class EncoderInfo:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.adapter_sha256:
+            out["adapter_sha256"] = self.adapter_sha256
+        return out
 
 
 class Encoder:
@@ -75,6 +86,8 @@ class Encoder:
         batch_size: int = 16,
         cuda_precision: str = "float16",
     ) -> None:
+        import torch
+
         self.info = info
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -95,6 +108,8 @@ class Encoder:
 
     def embed(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         """Embed a ``(B, C, H, W)`` (or ``(B, C, D, H, W)``) batch; returns L2-normalized float32 rows."""
+        import torch
+
         if isinstance(batch, np.ndarray):
             batch = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         cuda = self.device.type == "cuda"
@@ -131,7 +146,23 @@ def resolve_device(device: str = "auto") -> str:
         ``cuda`` is asked for and no CUDA device is available.
     """
     if device == "auto":
+        if "torch" not in sys.modules and not _gpu_driver():
+            return "cpu"  # no GPU driver on this machine: torch would say the same, after seconds of importing
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("encoder.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return device
+
+
+def _gpu_driver() -> bool:
+    """Whether this machine has a GPU driver torch could use (NVIDIA, ROCm, or WSL's GPU bridge)."""
+    return (
+        os.path.exists("/proc/driver/nvidia/version")
+        or bool(glob.glob("/dev/nvidia[0-9]*"))
+        or os.path.exists("/dev/kfd")
+        or os.path.exists("/dev/dxg")
+    )

@@ -19,15 +19,17 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from medsearch import _files
 from medsearch.encoders.encoder import Encoder, EncoderInfo, resolve_device
 from medsearch.errors import ConfigError, first_line
+
+if TYPE_CHECKING:  # torch is imported to export or to fall back: a cached export runs without it
+    import torch
+    from torch import nn
 
 __all__ = ["OnnxEncoder", "cache_dir", "resolve_runtime"]
 
@@ -73,7 +75,6 @@ class OnnxEncoder(Encoder):
         if not _have_onnxruntime():
             raise ConfigError(_NO_ORT)
         self.info = info
-        self.device = torch.device("cpu")
         self.batch_size = batch_size
         self.cache = Path(cache) if cache is not None else cache_dir() / "onnx"
         self.strict = strict
@@ -82,6 +83,12 @@ class OnnxEncoder(Encoder):
         self._fallback: Encoder | None = None
         self._sessions: dict[tuple[int, ...], Any] = {}
         self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]  # read-only here: always the CPU
+        import torch
+
+        return torch.device("cpu")
 
     @property
     def net(self) -> nn.Module:
@@ -106,7 +113,7 @@ class OnnxEncoder(Encoder):
 
     def embed(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         """Embed a ``(B, C, H, W)`` (or ``(B, C, D, H, W)``) batch; returns L2-normalized float32 rows."""
-        if isinstance(batch, torch.Tensor):
+        if not isinstance(batch, np.ndarray):  # a torch tensor
             batch = batch.detach().cpu().numpy()
         images = np.ascontiguousarray(batch, dtype=np.float32)
         if images.shape[0] == 0:
@@ -201,6 +208,8 @@ def _read_export(path: Path) -> bytes | None:
 
 def _export(net: nn.Module, shape: tuple[int, ...], path: Path, info: EncoderInfo) -> None:
     """Export ``net`` for inputs ``(batch, *shape)``; write the file and its record atomically."""
+    import torch
+
     probe = torch.zeros((1, *shape), dtype=torch.float32)
 
     def export_to(tmp: str) -> None:

@@ -7,25 +7,28 @@
 
 Nothing is ever downloaded: weights come from an installed package or a file the user names. An
 encoder reports its name, dimension and a hash of its weights; the store records them so that a query
-through another encoder is refused.
+through another encoder is refused. A config with ``encoder.adapter`` gets the network followed by
+that adapter (:class:`~medsearch.encoders.adapter.AdaptedEncoder`), whose hash covers both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from medsearch._files import sha256_file
 from medsearch.config import EncoderConfig
 from medsearch.encoders.encoder import Encoder, EncoderInfo
 from medsearch.encoders.onnx import OnnxEncoder, resolve_runtime
 from medsearch.errors import ConfigError, first_line
+
+if TYPE_CHECKING:  # torch is imported where a network is built: a cached ONNX export runs without it
+    import torch
+    from torch import nn
 
 __all__ = ["DEFAULT_ENCODER", "load_encoder"]
 
@@ -52,9 +55,19 @@ def load_encoder(config: EncoderConfig | None = None, *, input_size: int | None 
     ------
     ConfigError
         Unknown encoder name, a MONAI network without a checkpoint, a checkpoint that is missing or
-        does not fit the network, or a runtime that cannot run here.
+        does not fit the network, a runtime that cannot run here, or an adapter file
+        (``config.adapter``) that is missing, damaged, not the recorded one or of another dimension.
     """
     config = config or EncoderConfig()
+    if config.adapter:
+        from medsearch.encoders.adapter import AdaptedEncoder, load_adapter
+
+        # The network is cached as without an adapter; the adapter file is read each time, so a
+        # file trained again at the same path is never served from a stale cache.
+        base = _load_encoder_cached(dataclasses.replace(config, adapter="", adapter_sha256=""), input_size)
+        adapter = load_adapter(config.adapter, sha256=config.adapter_sha256)
+        sha = config.adapter_sha256 or sha256_file(config.adapter)
+        return AdaptedEncoder(base, adapter, adapter_sha256=sha)
     return _load_encoder_cached(config, input_size)
 
 
@@ -92,18 +105,6 @@ def _same(net: nn.Module) -> nn.Module:
     return net
 
 
-class _LiteFeatures(nn.Module):
-    """EfficientNet-Lite0 up to global average pooling (the classifier head is dropped)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model: Any = model  # the package's EfficientNet (untyped)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.model.extract_features(x)).flatten(1)
-
-
 def _lite0_weights(config: EncoderConfig) -> Path:
     if config.checkpoint:
         path = Path(config.checkpoint)
@@ -119,6 +120,8 @@ def _lite0_weights(config: EncoderConfig) -> Path:
 
 
 def _efficientnet_lite0(path: Path) -> nn.Module:
+    from medsearch.encoders.networks import LiteFeatures
+
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
@@ -131,7 +134,7 @@ def _efficientnet_lite0(path: Path) -> nn.Module:
         raise ConfigError(f"weights file {path} does not fit EfficientNet-Lite0: {first_line(e)}") from e
     # Keep the network's own activations: Lite models use ReLU6, and the package's set_swish() would
     # replace them with Swish.
-    return _LiteFeatures(model)
+    return LiteFeatures(model)
 
 
 _NO_LITE = (
@@ -140,22 +143,12 @@ _NO_LITE = (
 )
 
 
-class _DenseNetFeatures(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net: Any = net  # a MONAI DenseNet (features, class_layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.net.features(x)
-        for name, layer in self.net.class_layers.named_children():
-            if name == "out":
-                break
-            x = layer(x)
-        return x
-
-
 def _monai_network(name: str, config: EncoderConfig) -> tuple[nn.Module, EncoderInfo]:
+    import torch
     from monai.networks import nets
+    from torch import nn
+
+    from medsearch.encoders.networks import DenseNetFeatures
 
     if not config.checkpoint:
         raise ConfigError(
@@ -183,7 +176,7 @@ def _monai_network(name: str, config: EncoderConfig) -> tuple[nn.Module, Encoder
             f"{first_line(e)}; check encoder.spatial_dims and encoder.in_channels"
         ) from e
     if name in _MONAI_DENSENETS:
-        features: nn.Module = _DenseNetFeatures(net)
+        features: nn.Module = DenseNetFeatures(net)
     else:
         net.fc = nn.Identity()
         features = net
@@ -204,6 +197,8 @@ def _monai_network(name: str, config: EncoderConfig) -> tuple[nn.Module, Encoder
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if not path.is_file():
         raise ConfigError(f"weights file {path} does not exist; give the path of a torch state dict")
     try:

@@ -205,7 +205,7 @@ def resolve_encoders(
         configs = [_replace_encoder(c, batch_size=int(batch_size)) for c in configs]
     seen = set()
     for c in configs:
-        label = (c.name.lower(), c.checkpoint)
+        label = (c.name.lower(), c.checkpoint, c.adapter)
         if label in seen:
             raise ConfigError(f"encoder {c.name}{':' + c.checkpoint if c.checkpoint else ''} is given twice; give each once")
         seen.add(label)
@@ -218,6 +218,8 @@ def encoder_record(encoder: Encoder, config: EncoderConfig) -> dict[str, Any]:
     record: dict[str, Any] = {"name": info.name, "dim": info.dim, "weights_sha256": info.weights_sha256}
     if config.checkpoint:
         record["checkpoint"] = config.checkpoint
+    if config.adapter:
+        record["adapter"], record["adapter_sha256"] = config.adapter, config.adapter_sha256
     record["device"] = resolve_device(config.device)
     # The runtime (torch or ONNX Runtime) gives the same embedding space; record it for timings.
     record["runtime"] = str(getattr(encoder, "runtime", "torch"))

@@ -4,6 +4,12 @@
 its resampled volume for a 3D encoder), a thumbnail and a metadata row, and never raises: a case
 that cannot be decoded or preprocessed comes back as a :class:`FailedCase` whose files carry the
 reason. ``_scan_files`` reads the header summaries of a chunk of files, with pydicom kept quiet.
+:func:`prepare_study` does for ``medsearch serve`` what :func:`prepare_case` does for an index: it
+turns an uploaded query study into its encoder input, in a worker, so that the service's memory and
+time stay bounded whatever the upload holds.
+
+No detail carries a header value: library messages go through
+:func:`medsearch.io.dicom.read._one_line`, which removes what they quote.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from medsearch.config import Config, SliceMode
 from medsearch.embedding import encoder_input
 from medsearch.encoders import EncoderInfo
+from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.indexing.options import IndexOptions
 from medsearch.io import (
     CaseFiles,
@@ -30,13 +37,16 @@ from medsearch.io import (
     SkippedFile,
     SkipReason,
     Volume,
+    load_study,
     load_volume,
     summarize_file,
 )
+from medsearch.io.dicom.classes import MIN_IMAGE_SIZE
+from medsearch.io.dicom.read import _one_line
 from medsearch.io.quiet import pydicom_silenced
 from medsearch.transforms import axial_indices, make_thumbnail
 
-__all__ = ["CaseJob", "FailedCase", "PreparedCase", "prepare_case"]
+__all__ = ["CaseJob", "FailedCase", "PreparedCase", "PreparedStudy", "StudyError", "prepare_case", "prepare_study"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,8 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
         return FailedCase(job.case_id, _cover(files, list(e.skipped)), decode_s=time.perf_counter() - started)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except MemoryError:
+        return FailedCase(job.case_id, _cover(files, [], _TOO_LARGE, SkipReason.TOO_LARGE), decode_s=time.perf_counter() - started)
     except BaseException as exc:  # noqa: BLE001 - a decoder bug (or a Rust panic) must cost one case, not the run
         detail = f"decoding the case failed: {_one_line(exc)}"
         return FailedCase(job.case_id, _cover(files, [], detail), decode_s=time.perf_counter() - started)
@@ -116,8 +128,10 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
         thumb = None
         if size:
             thumb = make_thumbnail(volume.pixels, config=setup.config.preprocess, modality=volume.modality,
-                                   rgb=volume.rgb, spacing=volume.spacing, size=size)
+                                   rgb=volume.rgb, spacing=volume.spacing, size=size, window=volume.window)
         row = setup.describe(job.case_id, case, volume) if setup.describe is not None else {"case_id": job.case_id}
+    except MemoryError:
+        return FailedCase(job.case_id, _cover(files, list(bad), _TOO_LARGE, SkipReason.TOO_LARGE), decode_s=decoded - started)
     except Exception as exc:  # noqa: BLE001 - as above: an odd volume is skipped with the reason
         detail = f"preprocessing the case failed: {_one_line(exc)}"
         return FailedCase(job.case_id, _cover(files, list(bad), detail), decode_s=decoded - started)
@@ -146,26 +160,62 @@ def _axial_and_middle(depth: int, *, count: int, middle: bool) -> list[int]:
     return sorted({*indices, depth // 2}) if middle else indices
 
 
-def _cover(files: Sequence[Path], skipped: list[SkippedFile], detail: str = "") -> list[SkippedFile]:
-    """``skipped`` plus a DECODE_ERROR for each file of the case it does not name."""
+_TOO_LARGE = "the case needs more memory to decode than a worker process may use (IndexOptions.worker_memory_gib)"
+
+
+def _cover(
+    files: Sequence[Path], skipped: list[SkippedFile], detail: str = "", reason: SkipReason = SkipReason.DECODE_ERROR
+) -> list[SkippedFile]:
+    """``skipped`` plus ``reason`` (DECODE_ERROR) for each file of the case it does not name."""
     named = {s.path for s in skipped}
-    reason = detail or "not decoded: no other file of its case could be decoded"
-    return skipped + [SkippedFile(p, SkipReason.DECODE_ERROR, reason) for p in files if p not in named]
+    detail = detail or "not decoded: no other file of its case could be decoded"
+    return skipped + [SkippedFile(p, reason, detail) for p in files if p not in named]
 
 
 def _scan_files(paths: list[Path], setup: _Setup) -> tuple[list[HeaderSummary | SkippedFile], float]:
     """The header summaries of ``paths`` and the seconds they took (a worker task, as is :func:`prepare_case`)."""
     started = time.perf_counter()
     with pydicom_silenced():
-        found = [summarize_file(p) for p in paths]
+        min_size = setup.config.index.min_image_size if setup is not None else MIN_IMAGE_SIZE
+        found = [summarize_file(p, min_size=min_size) for p in paths]
     return found, time.perf_counter() - started
 
 
-def _one_line(exc: BaseException) -> str:
-    """An error's whole message squashed onto one line, cut at 200 characters (its type's name when empty).
+@dataclass
+class PreparedStudy:
+    """A query study turned into encoder input (``images``, float32), by :func:`prepare_study`."""
 
-    Unlike :func:`medsearch.errors.first_line`, which keeps the first line only, this keeps every
-    line of the message, joined by single spaces: what a skip reason or a lost task's detail shows.
-    """
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    images: np.ndarray
+    modality: str
+    n_slices: int
+
+
+@dataclass(frozen=True)
+class StudyError:
+    """Why a query study cannot be used: ``kind`` names the error (``InvalidStudyError``,
+    ``EncoderMismatchError``, ``MedsearchError``, or ``internal`` for a bug, whose ``message`` is then
+    its type only). Exceptions do not all survive pickling; this does."""
+
+    kind: str
+    message: str
+
+
+def prepare_study(path: Path, setup: _Setup) -> PreparedStudy | StudyError:
+    """Load a query study (:func:`~medsearch.io.load_study`, with ``setup.options.load``) and make its
+    encoder input, as :meth:`medsearch.search.Searcher.search` does; never raises."""
+    try:
+        _, volume = load_study(path, load=setup.options.load)
+        images = encoder_input(volume, setup.encoder, setup.config).numpy()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except MemoryError:
+        return StudyError("InvalidStudyError", f"{path} needs more memory to decode than the service may use; give a smaller study")
+    except EncoderMismatchError as e:
+        return StudyError("EncoderMismatchError", str(e))
+    except InvalidStudyError as e:
+        return StudyError("InvalidStudyError", str(e))
+    except MedsearchError as e:
+        return StudyError("MedsearchError", str(e))
+    except BaseException as exc:  # noqa: BLE001 - a decoder bug: its message may quote the upload, so its type only
+        return StudyError("internal", type(exc).__name__)
+    return PreparedStudy(np.ascontiguousarray(images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]))

@@ -4,7 +4,7 @@
 these stages, and :class:`~medsearch.indexing.IndexReport` says how long each took:
 
 1. **File states.** Each file's size and modification time are looked up in the local file-state
-   cache (:class:`~medsearch.indexing.FileStateCache`, ``INDEX/local-file-state.sqlite``); a file
+   cache (:class:`~medsearch.indexing.FileStateCache`, ``INDEX/local/file-state.sqlite``); a file
    unchanged since an earlier run is not read again.
 2. **Headers** of new or changed files are read in worker processes, in chunks
    (:func:`~medsearch.io.summarize_file`), and grouped into cases in this process
@@ -17,10 +17,13 @@ these stages, and :class:`~medsearch.indexing.IndexReport` says how long each to
    exactly as :func:`medsearch.embedding.embed_volume` pools them.
 5. **Commits** write the index atomically (:meth:`IndexStore.commit`) every ``commit_every`` cases or
    ``commit_seconds`` seconds, but never so often that rewriting a large index takes more than about
-   a tenth of the run.
+   a tenth of the run. The time-based commit fires whatever the workers are doing: while the case
+   next in line is still decoding (a worker stuck on a huge file until ``case_timeout``), the cases
+   that are ready are encoded and committed once ``commit_seconds`` have passed, out of their order.
 
-Memory stays bounded: at most a few cases per worker are decoded at a time, and only compact header
-summaries (path, UIDs, frame count) are kept for the whole archive, never headers or pixels.
+Memory stays bounded: at most a few cases per worker are decoded at a time, each worker's memory is
+capped (``IndexOptions.worker_memory_gib``), and only compact header summaries (path, UIDs, frame
+count) are kept for the whole archive, never headers or pixels.
 
 Worker processes are started with the ``forkserver`` method (``spawn`` where it is missing), never by
 forking a process that already runs the encoder's threads. With ``workers=0`` everything runs in this
@@ -48,7 +51,7 @@ from medsearch.indexing.cases import CaseJob, FailedCase, PreparedCase, _cover, 
 from medsearch.indexing.filecache import FILE_STATE, FileStateCache, _Cached, _file_states, _FileState, _Tokens
 from medsearch.indexing.options import IndexOptions
 from medsearch.indexing.report import IndexReport, default_workers
-from medsearch.indexing.workers import _Failure, _WorkerPool
+from medsearch.indexing.workers import WorkersUnavailable, _Failure, _WorkerPool
 from medsearch.io import CaseFiles, CaseRef, HeaderSummary, SkippedFile, SkipReason, Volume, group_headers, summarize_file
 from medsearch.io.quiet import pydicom_silenced
 from medsearch.sharing import LinkTable
@@ -65,6 +68,8 @@ _COMMIT_OVERHEAD = 10.0
 # Header reading: files per worker task, and how often scanned headers go to the cache.
 _SCAN_CHUNK = 64
 _CACHE_EVERY_S = 5.0
+# How long the case stage waits for a worker before it looks at the clock (a due commit).
+_TICK_S = 0.5
 
 
 @dataclass
@@ -111,6 +116,13 @@ class _Committer:
             return
         if len(self.chunk) >= self._every or since >= self._seconds:
             self.commit(force=False)
+
+    def due(self) -> bool:
+        """Whether a time-based commit is due: ``seconds`` since the last one, and the throttle allows it."""
+        since = self._clock() - self._last_end
+        if self._last_cost > _FREE_COMMIT_S and since < _COMMIT_OVERHEAD * self._last_cost:
+            return False
+        return since >= self._seconds
 
     def commit(self, *, force: bool) -> None:
         started = self._clock()
@@ -217,12 +229,20 @@ def index_files(
         todo = [p for p in files if p not in cached]
         tokens = _Tokens(key)
 
-        def get_pool() -> _WorkerPool:
-            nonlocal pool
-            if pool is None:
+        unavailable = False
+
+        def get_pool() -> _WorkerPool | None:
+            """The worker pool, started on first use; None where workers cannot be used (this process does the work)."""
+            nonlocal pool, unavailable
+            if pool is None and not unavailable:
                 started = time.perf_counter()
-                pool = _WorkerPool(n_workers, setup, timeout=options.case_timeout)
+                try:
+                    pool = _WorkerPool(n_workers, setup, timeout=options.case_timeout)
+                except WorkersUnavailable as e:
+                    unavailable = True
+                    log.warning("worker processes cannot be used here (%s); indexing in this process instead", e)
                 report.stage_seconds["startup"] += time.perf_counter() - started
+                report.workers = pool.size if pool is not None else 0
             return pool
 
         scanned = _read_headers(todo, states, cache, tokens, report, get_pool if n_workers else None, setup, options.progress)
@@ -236,7 +256,8 @@ def index_files(
         jobs = _plan(groups, cached, tokens, store, key, decode_skips, report, links, options.retry_skipped, states, cache)
         bar = _Progress(report, settled=report.n_files - sum(len(j.case.files) for j in jobs), enabled=options.progress)
         committer = _Committer(commit, cache, report, every=options.commit_every, seconds=options.commit_seconds)
-        results = _prepared(jobs, setup, get_pool() if n_workers and jobs else None, report, batch_images=options.batch_images)
+        results = _prepared(jobs, setup, get_pool() if n_workers and jobs else None, report,
+                            batch_images=options.batch_images, patience=options.commit_seconds)
         _encode_all(results, jobs, states, encoder, config, committer, report, bar, links, options.batch_images)
         committer.commit(force=must_commit)
         if cache is not None:
@@ -267,7 +288,7 @@ def _read_headers(
     cache: FileStateCache | None,
     tokens: _Tokens,
     report: IndexReport,
-    get_pool: Callable[[], _WorkerPool] | None,
+    get_pool: Callable[[], _WorkerPool | None] | None,
     setup: _Setup,
     progress: bool,
 ) -> list[HeaderSummary | SkippedFile]:
@@ -297,11 +318,11 @@ def _read_headers(
             last_save = time.monotonic()
 
     try:
-        if get_pool is None or not paths:
+        pool = get_pool() if get_pool is not None and paths else None
+        if pool is None:
             for start in range(0, len(paths), _SCAN_CHUNK):
                 take(*_scan_files(paths[start : start + _SCAN_CHUNK], setup))
         else:
-            pool = get_pool()
             size = max(1, min(_SCAN_CHUNK, len(paths) // (4 * pool.size)))
             outstanding = 0
             for seq, start in enumerate(range(0, len(paths), size)):
@@ -425,40 +446,62 @@ def _link(table: LinkTable, cid: str, case: CaseFiles) -> None:
 
 
 def _prepared(
-    jobs: list[CaseJob], setup: _Setup, pool: _WorkerPool | None, report: IndexReport, *, batch_images: int
-) -> Iterator[PreparedCase | FailedCase]:
-    """Each job's result, in job order, with at most ``ahead`` cases decoded ahead of the encoder.
+    jobs: list[CaseJob], setup: _Setup, pool: _WorkerPool | None, report: IndexReport, *, batch_images: int, patience: float
+) -> Iterator[tuple[int, PreparedCase | FailedCase] | None]:
+    """Each job's index and result, in job order, with at most ``ahead`` cases decoded ahead of the encoder.
 
     ``ahead`` covers one encoder batch of one-image cases plus two cases per worker, so that the
-    workers keep going while this process encodes.
+    workers keep going while this process encodes. While no result comes, a ``None`` is yielded
+    every :data:`_TICK_S` seconds, so that the caller can commit on time. When the case next in line
+    has been waited for longer than ``patience`` seconds (a worker stuck on one file), the results
+    that are in are handed over out of order, and more cases are sent to the other workers.
     """
     if pool is None:
-        for job in jobs:
+        for seq, job in enumerate(jobs):
             with pydicom_silenced():
                 result = prepare_case(job, setup)
-            yield result
+            yield seq, result
         return
     ahead = batch_images + 2 * pool.size
     waiting: dict[int, Any] = {}
-    sent = 0
-    for seq in range(len(jobs)):
-        while sent < len(jobs) and sent < seq + ahead:
+    early: set[int] = set()  # handed over before the case ahead of them
+    sent = handed = head = 0
+    head_since = time.monotonic()
+    while head < len(jobs):
+        while sent < len(jobs) and sent - handed < ahead:
             pool.submit(sent, "case", jobs[sent])
             sent += 1
-        while seq not in waiting:
-            started = time.perf_counter()
-            task, result = pool.get()
-            report.stage_seconds["wait"] += time.perf_counter() - started
-            waiting[task.seq] = result
-        result = waiting.pop(seq)
-        if isinstance(result, _Failure):
-            job = jobs[seq]
-            result = FailedCase(job.case_id, _cover(job.case.files, [], result.detail), transient=True)
-        yield result
+        started = time.perf_counter()
+        got = pool.get(timeout=_TICK_S)
+        report.stage_seconds["wait"] += time.perf_counter() - started
+        if got is not None:
+            task, result = got
+            waiting[task.seq] = _result(jobs[task.seq], result)
+        while head in waiting or head in early:
+            if head in waiting:
+                yield head, waiting.pop(head)
+                handed += 1
+            early.discard(head)
+            head += 1
+            head_since = time.monotonic()
+        if waiting and time.monotonic() - head_since > patience:  # the case next in line is stuck
+            for seq in sorted(waiting):
+                yield seq, waiting.pop(seq)
+                early.add(seq)
+                handed += 1
+        if got is None:
+            yield None
+
+
+def _result(job: CaseJob, result: Any) -> PreparedCase | FailedCase:
+    """A worker's result for ``job``: a case that timed out or crashed its worker fails (transiently)."""
+    if isinstance(result, _Failure):
+        return FailedCase(job.case_id, _cover(job.case.files, [], result.detail), transient=True)
+    return result
 
 
 def _encode_all(
-    results: Iterable[PreparedCase | FailedCase],
+    results: Iterable[tuple[int, PreparedCase | FailedCase] | None],
     jobs: list[CaseJob],
     states: Mapping[Path, _FileState],
     encoder: Encoder,
@@ -469,7 +512,11 @@ def _encode_all(
     links: LinkTable | None,
     batch_images: int,
 ) -> None:
-    """Encode prepared cases in batches of about ``batch_images`` images; hand each case to the committer."""
+    """Encode prepared cases in batches of about ``batch_images`` images; hand each case to the committer.
+
+    ``results`` gives ``(job index, result)``, or None while the workers are busy: then, if a commit
+    is due, the cases waiting for a full batch are encoded and committed now.
+    """
     waiting: list[tuple[CaseJob, PreparedCase]] = []
     n_images = 0
 
@@ -504,7 +551,13 @@ def _encode_all(
         waiting.clear()
         n_images = 0
 
-    for job, result in zip(jobs, results):
+    for item in results:
+        if item is None:  # no case came for a while: commit the ones waiting, if a commit is due
+            if committer.due():
+                encode()
+                committer.maybe_commit()
+            continue
+        job, result = jobs[item[0]], item[1]
         report.stage_seconds["decode"] += result.decode_s
         if isinstance(result, FailedCase):
             report.n_cases_failed += 1

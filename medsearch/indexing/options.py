@@ -38,6 +38,11 @@ class IndexOptions:
         Decode again the cases whose files were all left out by an earlier run.
     progress
         Show the live bar on stderr.
+    worker_memory_gib
+        Memory each worker process may allocate beyond what it holds once started (its libraries,
+        about 0.4 GB resident): its address space is capped, so a file that needs more is skipped
+        (``too_large``, or ``decode_error`` from a decoder) instead of exhausting the machine; None:
+        no cap. One file decodes to at most 1 GiB of float32 pixels, which fits in the default.
     load
         The decoder (default :func:`~medsearch.io.load_volume`, which then decodes only the slices
         the encoder and the thumbnail use, see :func:`~medsearch.indexing.prepare_case`); it runs in
@@ -52,4 +57,5 @@ class IndexOptions:
     file_cache: bool = True
     retry_skipped: bool = False
     progress: bool = False
+    worker_memory_gib: float | None = 2.0
     load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] = load_volume

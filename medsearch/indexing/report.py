@@ -50,6 +50,26 @@ class IndexReport:
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     seconds: float = 0.0
     key_created: Path | None = None
+    # the labels CSV, when one was given: its columns, those left out (column -> why), its rows
+    label_columns: list[str] = field(default_factory=list)
+    label_columns_dropped: dict[str, str] = field(default_factory=dict)
+    label_rows: int = 0
+    n_cases_labelled: int = 0  # cases added this run that a row of the CSV labels
+    label_rows_matched: set[str] = field(default_factory=set, repr=False)  # keys (file names, UIDs): never saved
+
+    @property
+    def labels(self) -> dict[str, Any] | None:
+        """How the labels CSV matched this run's cases, or None without one (counts and column names only)."""
+        if not self.label_rows and not self.label_columns:
+            return None
+        return {
+            "columns": list(self.label_columns),
+            "dropped": dict(self.label_columns_dropped),
+            "rows": self.label_rows,
+            "rows_matched": len(self.label_rows_matched),
+            "cases_labelled": self.n_cases_labelled,
+            "cases_added": self.n_cases_added,
+        }
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
@@ -66,7 +86,9 @@ class IndexReport:
         ``stage_seconds``: ``scan``, ``decode`` and ``preprocess`` are summed over the worker
         processes (they overlap, and may add up to more than ``seconds``); ``discover``, ``startup``
         (starting the worker processes), ``encode``, ``store`` (commits) and ``wait`` (this process
-        waiting for workers) are wall-clock time here.
+        waiting for workers) are wall-clock time here. ``labels`` (None without a labels CSV): the
+        label columns, those left out with why, the CSV's rows, how many of them named a case added
+        by this run, and how many of those cases have labels.
         """
         rate = self.seconds if self.seconds > 0 else float("nan")
         return {
@@ -90,6 +112,7 @@ class IndexReport:
             "files_per_second": round(self.n_files / rate, 2) if self.seconds > 0 else None,
             "cases_per_second": round(self.n_cases_added / rate, 2) if self.seconds > 0 else None,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "labels": self.labels,
         }
 
 

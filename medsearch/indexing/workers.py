@@ -5,34 +5,51 @@ missing), never by forking a process that already runs the encoder's threads, an
 own pipe, so that the task a worker is running is always known. A worker that overruns the task
 timeout is stopped, one that crashes is replaced, and the task it was running comes back as a
 :class:`_Failure`. A worker runs the tasks of :mod:`medsearch.indexing.cases` (``"scan"``: a chunk
-of headers, ``"case"``: one case), with one thread, Ctrl-C left to the main process, and pydicom
-silenced for good.
+of headers, ``"case"``: one case, ``"study"``: a query study for ``medsearch serve``), with one
+thread, Ctrl-C left to the main process, and pydicom silenced for good.
+
+A worker never runs the calling script again (:func:`_main_kept_out`): a script that calls
+``build_index`` without an ``if __name__ == "__main__":`` guard works as one with it. Where worker
+processes cannot be used at all (none starts, or this process may not have children), the pool
+raises :class:`WorkersUnavailable` and the run goes on in the calling process, saying so in one line;
+where only some start, the pool works with those.
+
+A worker may allocate at most ``IndexOptions.worker_memory_gib`` beyond what it holds once started
+(:func:`_limit_memory`): its address space is capped, so a decoder that misbehaves on a hostile file
+fails that file (a ``MemoryError``, an error from the decoder, or at worst the worker's own crash)
+instead of growing until the machine runs out of memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from medsearch.errors import MedsearchError
-from medsearch.indexing.cases import _one_line, _scan_files, _Setup, prepare_case
+from medsearch.indexing.cases import _one_line, _scan_files, _Setup, prepare_case, prepare_study
 from medsearch.io.quiet import silence_pydicom
 
 log = logging.getLogger(__name__)
+
+
+class WorkersUnavailable(MedsearchError):
+    """No worker process can be used here; the caller runs the work itself."""
 
 
 @dataclass
@@ -42,7 +59,7 @@ class _Failure:
     detail: str
 
 
-_TASKS: dict[str, Callable[[Any, _Setup], Any]] = {"scan": _scan_files, "case": prepare_case}
+_TASKS: dict[str, Callable[[Any, _Setup], Any]] = {"scan": _scan_files, "case": prepare_case, "study": prepare_study}
 _READY = -1  # the first message of a worker that has started
 _STARTUP_LIMIT_S = 300.0
 
@@ -87,6 +104,28 @@ def _become_worker(setup: _Setup) -> None:
     # pydicom quotes header values in its warnings; the skip report already says what matters.
     silence_pydicom()
     logging.basicConfig(level=setup.log_level, format="%(levelname)s %(name)s: %(message)s")
+    budget = setup.options.worker_memory_gib
+    _limit_memory(None if budget is None else int(budget * 2**30))
+
+
+def _limit_memory(budget: int | None) -> None:
+    """Cap this process's address space at what it holds now plus ``budget`` bytes (Linux only).
+
+    The address space is what the process has mapped, resident or not, so the cap bounds its
+    resident memory too. It is measured once the libraries (torch, MONAI) are loaded, so ``budget``
+    is what decoding and preprocessing may use. An allocation over the cap fails: a ``MemoryError``
+    in Python, an error code in a C decoder.
+    """
+    if budget is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = mapped + budget if hard == resource.RLIM_INFINITY else min(mapped + budget, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (OSError, ValueError) as e:  # no /proc, or a limit the system refuses: run without one
+        log.warning("cannot limit a worker's memory (%s); it runs without a limit", e)
 
 
 def _die_with_parent() -> None:
@@ -103,6 +142,40 @@ def _die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent went before prctl took effect
         os._exit(1)
+
+
+@contextlib.contextmanager
+def _main_kept_out(setup: _Setup) -> Iterator[None]:
+    """While a worker starts, hide the calling script from it, so that it does not run the script again.
+
+    A process started with ``forkserver`` or ``spawn`` imports the main module first: a script that
+    calls ``build_index`` without an ``if __name__ == "__main__":`` guard would then start indexing
+    again in every worker (and fail there). Workers run medsearch's functions only, so they need
+    nothing of the script, unless a function of it was handed to them (a decoder passed as
+    ``IndexOptions.load``): then the script is imported, as multiprocessing does by default.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or _uses_main(setup):
+        yield
+        return
+    saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+def _uses_main(setup: _Setup) -> bool:
+    """Whether a function the workers call is defined in the main module (so they must import it)."""
+    for func in (setup.describe, setup.options.load):
+        while isinstance(func, functools.partial):
+            func = func.func
+        if func is not None and getattr(func, "__module__", None) == "__main__":
+            return True
+    return False
 
 
 def _context() -> Any:  # a multiprocessing context (its Process type is not in BaseContext's stubs)
@@ -156,26 +229,68 @@ class _WorkerPool:
         self._results: queue.Queue[tuple[_Task, Any] | BaseException] = queue.Queue()
         self._closing = threading.Event()
         self._failed_starts = 0
-        self._workers = [self._start() for _ in range(n)]
+        if multiprocessing.current_process().daemon:
+            raise WorkersUnavailable("this process is itself a daemon process, which may not start others")
+        self._workers: list[_Worker] = []
+        for _ in range(n):
+            try:
+                self._workers.append(self._start())
+            except (OSError, ValueError, RuntimeError) as e:  # no semaphores, no fork, a process limit...
+                if not self._workers:
+                    raise WorkersUnavailable(f"a worker process cannot start ({_one_line(e)})") from e
+                log.warning("started %d of %d worker processes (%s); going on with %d", len(self._workers), n, _one_line(e),
+                            len(self._workers))
+                break
         self._thread = threading.Thread(target=self._run, name="medsearch-dispatcher", daemon=True)
         self._thread.start()
+        self._await_first_worker()
 
     @property
     def size(self) -> int:
         return len(self._workers)
 
+    def _await_first_worker(self) -> None:
+        """Wait until a worker is ready to take tasks.
+
+        Raises
+        ------
+        WorkersUnavailable
+            The workers die as they start (three times), or none starts within the startup limit.
+        """
+        deadline = time.monotonic() + _STARTUP_LIMIT_S
+        while not any(w.ready for w in self._workers):
+            failed = not self._thread.is_alive()  # the dispatcher stops after three failed starts
+            if failed or time.monotonic() > deadline:
+                try:
+                    why = str(self._results.get_nowait()) if failed else f"none started within {_STARTUP_LIMIT_S:g} s"
+                except queue.Empty:
+                    why = "the worker dispatcher stopped"
+                self.close(kill=True)
+                raise WorkersUnavailable(why)
+            time.sleep(0.05)
+
     def submit(self, seq: int, kind: str, payload: Any) -> None:
         with self._lock:
             self._pending.append(_Task(seq, kind, payload))
 
-    def get(self) -> tuple[_Task, Any]:
-        """The next finished task and its result (in the order they finish)."""
+    @overload
+    def get(self) -> tuple[_Task, Any]: ...
+
+    @overload
+    def get(self, timeout: float) -> tuple[_Task, Any] | None: ...
+
+    def get(self, timeout: float | None = None) -> tuple[_Task, Any] | None:
+        """The next finished task and its result (in the order they finish); None after ``timeout`` s without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            wait_s = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
             try:
-                item = self._results.get(timeout=1.0)
+                item = self._results.get(timeout=wait_s)
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise MedsearchError("the worker dispatcher stopped; run again with --workers 0") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
                 continue
             if isinstance(item, BaseException):
                 raise item
@@ -202,7 +317,13 @@ class _WorkerPool:
     def _start(self) -> _Worker:
         ours, theirs = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_worker_main, args=(theirs, self._setup), name="medsearch-worker", daemon=True)
-        process.start()
+        try:
+            with _main_kept_out(self._setup):
+                process.start()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
         theirs.close()
         return _Worker(process=process, conn=ours, started=time.monotonic())
 
@@ -278,10 +399,7 @@ class _WorkerPool:
             # that starts indexing on import, without an ``if __name__ == "__main__":`` guard).
             self._failed_starts += 1
             if self._failed_starts >= 3:
-                raise MedsearchError(
-                    f"worker processes cannot start ({why}); run with --workers 0, and in a script call "
-                    "build_index under 'if __name__ == \"__main__\":'"
-                )
+                raise MedsearchError(f"worker processes cannot start ({why}); run with --workers 0")
         elif w.tasks and (blame is None or w.tasks[0].seq == blame):
             lost = w.tasks.popleft()
             self._results.put((lost, _Failure(why)))

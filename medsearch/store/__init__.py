@@ -20,6 +20,7 @@ from medsearch.store.faiss_index import (
 )
 from medsearch.store.files import (
     FORMAT_VERSION,
+    LOCAL_DIR,
     MANIFEST,
     VERIFIED_CACHE,
     FileEntry,
@@ -36,6 +37,7 @@ __all__ = [
     "HNSW_M",
     "IVFPQ_MIN_VECTORS",
     "IVFPQ_RERANK",
+    "LOCAL_DIR",
     "MANIFEST",
     "RETRAIN_GROWTH",
     "VERIFIED_CACHE",

@@ -8,9 +8,12 @@ Layout of an index directory::
     raw-<gen>.npy          ivfpq indexes only: the exact vectors, memory-mapped
     cases-<gen>.csv        one row per case: pseudonymous case id and allow-listed metadata
     thumbs-<gen>.npy       optional: one small uint8 gray thumbnail per case, for result sheets
-    <extra files>          reports written with a commit (skip report, run summary)
+    <extra files>          reports written with a commit
     local-verified.json    which data files were checked against their SHA-256 on this machine
-                           (see :class:`VerifiedFiles`); local, left behind by an export
+                           (see :class:`VerifiedFiles`); names no source file, left behind by an export
+    local/                 site-only state of the indexing runs (:data:`LOCAL_DIR`): the skip report
+                           and the file-state cache, which name source files; owner-only, never
+                           exported. Everything else in the folder names no patient and no source file.
 
 Every commit writes a new generation of data files (:func:`generation_file`), then replaces
 ``manifest.json`` atomically (:func:`write_manifest`); :func:`drop_old_generations` keeps the
@@ -45,6 +48,7 @@ __all__ = [
     "DISTANCE_TEXT",
     "FORMAT",
     "FORMAT_VERSION",
+    "LOCAL_DIR",
     "MANIFEST",
     "VERIFIED_CACHE",
     "FileEntry",
@@ -68,6 +72,9 @@ log = logging.getLogger(__name__)
 FORMAT = "medsearch-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: the sub-folder of site-only state (skip report, file-state cache): it names source files, so it
+#: is created owner-only and never leaves the site; the rest of an index folder may
+LOCAL_DIR = "local"
 #: owner-only, local to this machine: data files whose SHA-256 was checked here (see VerifiedFiles)
 VERIFIED_CACHE = "local-verified.json"
 DISTANCE_TEXT = {

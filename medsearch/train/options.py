@@ -6,8 +6,9 @@ and the checkpoint to write, and checks them on entry::
     options = TrainOptions(mode="selfsupervised", epochs=8, size=128)
     train_encoder("breastmnist.npz", "runs/breast.pt", options=options)
 
-Enums accept their string values (``mode="supervised"``). What depends on the data (``auto`` mode,
-the default ``head_epochs`` and ``freeze_norm``) is resolved when the run starts.
+Enums accept their string values (``mode="supervised"``). What is left unset and depends on the
+data (the mode, input size, epochs and loss: :mod:`medsearch.train.recipe`; the default
+``head_epochs`` and ``freeze_norm``) is resolved when the run starts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ VAL_METRICS = ("hit@1", "map_hits@5", "mmv@5", "precision@10", "knn_acc@11")
 
 
 class TrainMode(str, enum.Enum):
-    """What the training learns from."""
+    """What the training learns, and from what.
 
+    ``adapter``: a small projection on the frozen encoder's embeddings, from labels.
+    ``supervised``: the network itself, fine-tuned on labels. ``selfsupervised``: the network,
+    from the images alone (SimCLR). ``auto``: the recipe picks from the data.
+    """
+
+    ADAPTER = "adapter"
     SUPERVISED = "supervised"
     SELFSUPERVISED = "selfsupervised"
     AUTO = "auto"
@@ -54,13 +61,19 @@ class TrainOptions:
     config : Config, str or Path, optional
         Preprocessing (and a starting ``encoder.checkpoint``, if any); a TOML file or a preset.
     size : int, optional
-        Overrides ``preprocess.size`` (encoder input in pixels; 28-64 keeps a CPU run to minutes).
+        Overrides ``preprocess.size`` (encoder input in pixels). Default: the ``config``'s when one
+        is given, else the recipe's choice from the image size.
     mode : TrainMode or str, default "auto"
-        ``supervised``, ``selfsupervised``, or ``auto`` (supervised when labels are at hand).
-    loss : SupervisedLoss or str, default "multisimilarity"
-        Loss of a supervised run: ``multisimilarity``, ``supcon`` or ``classifier``.
-    epochs : int, default 20
-        Passes over the training images (at most; see ``patience``).
+        ``adapter``, ``supervised``, ``selfsupervised``, or ``auto`` (the recipe picks).
+    loss : SupervisedLoss or str, optional
+        Loss of an adapter or supervised run: ``multisimilarity``, ``supcon`` or ``classifier``
+        (fine-tuning only). Default: the recipe's choice.
+    epochs : int, optional
+        Passes over the training images (at most; see ``patience``). Default: the recipe's
+        choice (for an adapter: chosen by cross-validation; given, the adapter trains that long).
+    budget_minutes : float, default 30
+        The time the whole run may take; the recipe plans within it and fine-tuning stops when
+        the next epoch would pass it.
     batch_size : int, default 64
         Images per step (a self-supervised step sees two views of each).
     lr, weight_decay : float
@@ -73,8 +86,9 @@ class TrainOptions:
         Fraction held out for validation when the data has no val split (by patient for an archive).
     patience : int, default 10
         Stop after this many epochs without a better validation score (0: never stop early).
-    select_metric : str, default "knn_acc@11"
-        Validation metric that picks the best epoch of a supervised run; one of :data:`VAL_METRICS`.
+    select_metric : str, default "map_hits@5"
+        Validation metric that compares the candidates (the frozen encoder, adapters, epochs of a
+        supervised run); one of :data:`VAL_METRICS`.
     flips : bool, default False
         Allow horizontal flips among the augmentations (not where laterality matters).
     augment : float, default 1.0
@@ -105,8 +119,9 @@ class TrainOptions:
     config: Config | str | Path | None = None
     size: int | None = None
     mode: TrainMode = TrainMode.AUTO
-    loss: SupervisedLoss = SupervisedLoss.MULTISIMILARITY
-    epochs: int = 20
+    loss: SupervisedLoss | None = None
+    epochs: int | None = None
+    budget_minutes: float = 30.0
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -114,7 +129,7 @@ class TrainOptions:
     seed: int = 0
     val_split: float = 0.15
     patience: int = 10
-    select_metric: str = "knn_acc@11"
+    select_metric: str = "map_hits@5"
     flips: bool = False
     augment: float = 1.0
     steps_per_epoch: int | None = None
@@ -126,9 +141,14 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", parse_enum(TrainMode, self.mode, "mode"))
-        object.__setattr__(self, "loss", parse_enum(SupervisedLoss, self.loss, "loss"))
-        if int(self.epochs) < 1:
+        if self.loss is not None:
+            object.__setattr__(self, "loss", parse_enum(SupervisedLoss, self.loss, "loss"))
+        if self.epochs is not None and int(self.epochs) < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if not float(self.budget_minutes) > 0:
+            raise ConfigError(f"budget_minutes must be positive, got {self.budget_minutes}")
+        if self.size is not None and not 16 <= int(self.size) <= 2048:
+            raise ConfigError(f"size must be between 16 and 2048 pixels, got {self.size}")
         if int(self.batch_size) < 4:
             raise ConfigError(f"batch size must be at least 4, got {self.batch_size}")
         if not 0 < float(self.lr) < 1:
@@ -143,7 +163,7 @@ class TrainOptions:
             raise ConfigError(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
         if float(self.temperature) <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.head_epochs is not None and not 0 <= self.head_epochs < self.epochs:
+        if self.head_epochs is not None and self.epochs is not None and not 0 <= self.head_epochs < self.epochs:
             raise ConfigError(f"head_epochs must be at least 0 and below epochs ({self.epochs}), got {self.head_epochs}")
         if self.select_metric not in VAL_METRICS:
             raise ConfigError(f"select_metric must be one of {', '.join(VAL_METRICS)}, got {self.select_metric!r}")

@@ -1,9 +1,11 @@
 """The training loop of one run: the network, its heads and losses, the schedule, checkpoints, resume.
 
 :class:`Trainer` takes the loaded data and the :class:`RunSettings` (everything that decides a
-run's result, as resolved from :class:`~medsearch.train.options.TrainOptions`), trains epoch by
-epoch, validates after each (validation cases query the training cases; the result is scored with
-:mod:`medsearch.metrics`), and writes the best weights and the resume state atomically.
+run's result, as resolved from :class:`~medsearch.train.options.TrainOptions`), validates the
+network as loaded (epoch 0: the frozen candidate), trains epoch by epoch, validates after each
+(validation cases query the training cases; :func:`medsearch.train.select.score_queries`), keeps
+the per-query values of epoch 0 and of the best epoch for the final choice, and writes the best
+weights and the resume state atomically. A deadline stops it when the next epoch would pass it.
 
 Randomness is re-seeded at the start of every epoch from ``(seed, epoch)``, so a resumed run repeats
 exactly the epochs an uninterrupted run would have. A resume state written with other settings or
@@ -31,18 +33,17 @@ from tqdm.auto import tqdm
 
 from medsearch import _files
 from medsearch.errors import ConfigError, MedsearchError, WriteError, first_line
-from medsearch.metrics import compute_metrics
 from medsearch.train.augment import Augmentation
 from medsearch.train.data import Split, TrainData
-from medsearch.train.options import VAL_METRICS, SupervisedLoss, TrainMode
+from medsearch.train.options import SupervisedLoss, TrainMode
+from medsearch.train.select import pool_rows, score_queries
 
 __all__ = ["FORMAT", "RunSettings", "Trainer"]
 
 log = logging.getLogger(__name__)
 
 #: Version of the resume state and of the JSON record a run writes.
-FORMAT = 1
-_VAL_KS = (1, 5, 10, 11)
+FORMAT = 2
 # Gallery of the validation search: at most this many training cases (a seeded subset), so that a
 # large training set does not make every epoch's validation as slow as the epoch itself.
 _VAL_GALLERY = 2000
@@ -110,6 +111,13 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.bad_epochs = 0
         self.train_seconds = 0.0
+        # Per-query validation values of the network as loaded (epoch 0) and at the best epoch:
+        # what the run's choice between the frozen and the trained encoder compares.
+        self.start_values: dict[str, list[float]] = {}
+        self.best_values: dict[str, list[float]] = {}
+        self.stopped_by_budget = False
+        self._last_values: dict[str, list[float]] = {}
+        self._best_weights: dict[str, torch.Tensor] | None = None
 
     # -- parts
 
@@ -145,6 +153,9 @@ class Trainer:
             "data_sha256": self.data.sha256,
             "epoch": self.epoch,
             "model": self._weights(),
+            # the best epoch's weights too: the run may withdraw <out>.pt when it keeps the frozen
+            # encoder, and a later resume must still know the best epoch
+            "best_model": self._best_weights if self._best_weights is not None else self._weights(),
             "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -152,6 +163,8 @@ class Trainer:
             "best_value": list(self.best_value),
             "bad_epochs": self.bad_epochs,
             "history": json.dumps(self.history),
+            "start_values": json.dumps(self.start_values),
+            "best_values": json.dumps(self.best_values),
             "train_seconds": self.train_seconds,
             # Each epoch re-seeds from (seed, epoch); torch's state is kept for code outside the loop.
             "rng_torch": torch.get_rng_state(),
@@ -169,7 +182,7 @@ class Trainer:
         except Exception as e:  # torch raises many types for a damaged file
             raise ConfigError(f"cannot read the resume state {path} ({first_line(e)}); delete it or pass --no-resume") from e
         if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a medsearch training state; delete it or pass --no-resume")
+            raise ConfigError(f"{path} is not a training state of this medsearch version; delete it or pass --no-resume")
         # settings added since a state was written take their defaults (the behaviour of that time)
         defaults = {f.name: f.default for f in fields(RunSettings) if f.default is not MISSING}
         theirs, ours = {**defaults, **dict(state["settings"])}, asdict(self.settings)
@@ -186,6 +199,7 @@ class Trainer:
                 "schedule depends on it); use the same --epochs, or pass --no-resume"
             )
         self.net.get_submodule("model").load_state_dict(state["model"], strict=True)
+        self._best_weights = state["best_model"]
         self.head.load_state_dict(state["head"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -194,6 +208,8 @@ class Trainer:
         self.best_value = (float(state["best_value"][0]), float(state["best_value"][1]))
         self.bad_epochs = int(state["bad_epochs"])
         self.history = json.loads(state["history"])
+        self.start_values = json.loads(state["start_values"])
+        self.best_values = json.loads(state["best_values"])
         self.train_seconds = float(state["train_seconds"])
         torch.set_rng_state(state["rng_torch"])
         log.info("resuming %s after epoch %d", path, self.epoch)
@@ -201,11 +217,25 @@ class Trainer:
 
     # -- the loop
 
-    def fit(self, paths: dict[str, Path], *, progress: bool) -> bool:
+    def fit(self, paths: dict[str, Path], *, progress: bool, deadline: float | None = None) -> bool:
+        """Train up to ``settings.epochs``; True when it stopped early (patience, or ``deadline`` passed).
+
+        Before the first epoch the network as loaded is validated and recorded as epoch 0: the
+        frozen candidate. ``deadline`` is a ``time.perf_counter()`` value: the run stops when the
+        next epoch, as long as the last one, would end after it.
+        """
         s = self.settings
+        if self.epoch == 0 and not self.history:
+            t0 = time.perf_counter()
+            start: dict[str, Any] = {"epoch": 0, "loss": None}
+            start.update(self._validate(0, frozen=True))
+            start["seconds"] = round(time.perf_counter() - t0, 2)
+            self.start_values = self._last_values
+            self.history.append(start)
+            log.info("epoch 0 (the encoder as loaded): %s", start)
         if self.epoch >= s.epochs or (s.patience and self.bad_epochs >= s.patience):
             if not paths["best"].is_file():
-                _save(self._weights(), paths["best"])
+                _save(self._best_weights if self._best_weights is not None else self._weights(), paths["best"])
             return self.epoch < s.epochs
         bar = tqdm(total=s.epochs, initial=self.epoch, desc=f"training ({s.mode})", unit="epoch", disable=not progress)
         stopped = False
@@ -222,7 +252,9 @@ class Trainer:
                 value = self._score(record)
                 if value > self.best_value:
                     self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
-                    _save(self._weights(), paths["best"])
+                    self.best_values = self._last_values
+                    self._best_weights = self._weights()
+                    _save(self._best_weights, paths["best"])
                 else:
                     self.bad_epochs += 1
                 _save(self.state(), paths["last"])
@@ -233,6 +265,10 @@ class Trainer:
                 if s.patience and self.bad_epochs >= s.patience and self.epoch < s.epochs:
                     log.info("no better %s for %d epochs: stopping", s.select_metric, s.patience)
                     stopped = True
+                    break
+                if deadline is not None and self.epoch < s.epochs and time.perf_counter() + record["seconds"] > deadline:
+                    log.info("the next epoch would pass the time budget: stopping after epoch %d", self.epoch)
+                    stopped = self.stopped_by_budget = True
                     break
         finally:
             bar.close()
@@ -331,36 +367,34 @@ class Trainer:
         for start in range(0, split.images.shape[0], 256):
             feats = self._forward(split.images[start : start + 256])
             out.append(torch.nn.functional.normalize(feats.float(), dim=1).cpu().numpy())
-        vectors = np.concatenate(out)
-        pooled = np.zeros((split.n_cases, vectors.shape[1]), dtype=np.float32)
-        if self.settings.preprocess.get("pool") == "max":
-            pooled[:] = -np.inf
-            np.maximum.at(pooled, split.case, vectors)
-        else:
-            np.add.at(pooled, split.case, vectors)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pool_rows(np.concatenate(out), split.case, split.n_cases, str(self.settings.preprocess.get("pool", "mean")))
 
-    def _validate(self, epoch: int) -> dict[str, float]:
+    def validation_cases(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled training cases searched (at most a seeded :data:`_VAL_GALLERY`) and the val cases querying."""
+        train, val = self.data.train, self.data.val
+        g_rows = np.flatnonzero(train.labels >= 0)
+        if g_rows.size > _VAL_GALLERY:
+            g_rows = np.sort(np.random.default_rng(self.settings.seed).choice(g_rows, _VAL_GALLERY, replace=False))
+        return g_rows, np.flatnonzero(val.labels >= 0)
+
+    def _validate(self, epoch: int, *, frozen: bool = False) -> dict[str, float]:
+        """Validation means (val cases query training cases); the per-query values go to ``_last_values``.
+
+        ``frozen``: the network as loaded, before any training (no self-supervised val loss: its
+        projection head is not trained yet).
+        """
         out: dict[str, float] = {}
-        if not self.supervised:
+        self._last_values = {}
+        if not self.supervised and not frozen:
             out["val_loss"] = round(self._val_ssl_loss(epoch), 5)
         train, val = self.data.train, self.data.val
         if not (val.labels >= 0).any() or not (train.labels >= 0).any():
             return out
-        g_rows = np.flatnonzero(train.labels >= 0)
-        if g_rows.size > _VAL_GALLERY:
-            g_rows = np.sort(np.random.default_rng(self.settings.seed).choice(g_rows, _VAL_GALLERY, replace=False))
-        q_rows = np.flatnonzero(val.labels >= 0)
+        g_rows, q_rows = self.validation_cases()
         gallery = self._embed(_subset(train, g_rows))
         queries = self._embed(_subset(val, q_rows))
-        g_lab, q_lab = train.labels[g_rows], val.labels[q_rows]
-        k = min(max(_VAL_KS), g_rows.size)
-        sims = queries @ gallery.T
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        n_rel = np.bincount(g_lab, minlength=len(self.data.classes))[q_lab]
-        ks = tuple(x for x in _VAL_KS if x <= k)
-        names = [m for m in VAL_METRICS if int(m.rsplit("@", 1)[1]) <= k]
-        values = compute_metrics(g_lab[top], q_lab, n_rel, ks=ks, names=names)
+        values = score_queries(gallery, train.labels[g_rows], queries, val.labels[q_rows], len(self.data.classes))
+        self._last_values = {name: [round(float(x), 6) for x in v] for name, v in values.items()}
         out.update({name: round(float(v.mean()), 5) for name, v in values.items()})
         return out
 

@@ -111,14 +111,18 @@ SECRETS = [
     "Nested",
 ]
 
-# (BodyPartExamined, StudyDescription, clean_descriptors) -> body_part
+# (BodyPartExamined, StudyDescription, clean_descriptors) -> body_part: a defined term, or OTHER
 BODY_PART_CASES = [
     ("CHEST", None, False, "CHEST"),
     ("chest", None, False, "CHEST"),
-    ("ABDOMEN_PELVIS", None, False, "ABDOMEN PELVIS"),
-    ("C-SPINE", None, False, None),
-    ("HEAD 2", None, False, None),
-    ("A VERY LONG BODY PART", None, False, None),
+    ("ABDOMEN_PELVIS", None, False, "ABDOMENPELVIS"),
+    ("C-SPINE", None, False, "CSPINE"),
+    ("WHOLE BODY", None, False, "WHOLEBODY"),
+    ("THORAX", None, False, "CHEST"),
+    ("HEAD 2", None, False, "HEAD"),
+    ("A VERY LONG BODY PART", None, False, "OTHER"),
+    ("QUORBELLE", None, False, "OTHER"),  # any 16 letters used to pass as a token
+    ("SMITH", None, False, "OTHER"),
     ("", "CT CHEST", False, None),
     (None, "CT CHEST", False, None),
     ("C-SPINE", None, True, "CSPINE"),
@@ -127,7 +131,7 @@ BODY_PART_CASES = [
     (None, "CT CHEST ABDOMEN PELVIS", True, "CHESTABDPELVIS"),
     (None, "MR Head and neck", True, "HEADNECK"),
     (None, "CT Liver and chest", True, None),
-    ("SMITH", "Dr Leakcheck's protocol", True, None),
+    ("SMITH", "Dr Leakcheck's protocol", True, "OTHER"),
     ("SMITH", "abdomen", True, "ABDOMEN"),
 ]
 
@@ -145,14 +149,21 @@ AGE_FROM_HEADER_CASES = [
     (None, "19530315", None, None),
 ]
 
-# (PatientSize, PatientWeight) -> (patient_size_m, patient_weight_kg)
+# (PatientSize, PatientWeight) -> (patient_size_m, patient_weight_kg): 10 cm and 10 kg bands
 SIZE_WEIGHT_CASES = [
-    ("1.83", "81.7", 1.8, 80.0),
-    ("1.85", "82.5", 1.9, 85.0),  # half up
-    ("1.549", "82.4", 1.5, 80.0),
+    ("1.83", "81.7", "1.80-1.89", "80-89"),
+    ("1.85", "82.5", "1.80-1.89", "80-89"),
+    ("1.549", "89.99", "1.50-1.59", "80-89"),
+    ("1.7", "70", "1.70-1.79", "70-79"),  # a band's lower edge is in it
+    ("0.52", "2.2", "0.50-0.59", "2-9"),  # a newborn: 2.2 kg is not 0
+    ("0.4", "2", "0.40-0.49", "2-9"),
+    ("0.39", "1.9", None, None),  # under the plausible range
+    ("2.31", "312", "2.20+", "250+"),  # extremes are pooled into the top band
+    ("3.0", "700", "2.20+", "250+"),
     ("0", "0", None, None),  # zero is what scanners write for unknown
     ("-1.7", "-70", None, None),
     ("170", "900", None, None),  # centimetres in a metres field; not a weight
+    ("nan", "inf", None, None),
     (None, None, None, None),
 ]
 
@@ -238,8 +249,8 @@ EXAMPLE_CASES = [
             "sex": "O",
             "age_band": "0",
             "patient_weight_kg": None,  # the file says 0
-            "manufacturer": "GE MEDICAL SYSTEMS",
-            "model": "RHAPSODE",
+            "manufacturer": "GE",  # the file says GE MEDICAL SYSTEMS
+            "model": "OTHER",  # RHAPSODE: not a scanner model of the vocabulary
             "sop_class": "CT Image Storage",
             "photometric": "MONOCHROME2",
             "study_date_shifted": None,
@@ -251,8 +262,8 @@ EXAMPLE_CASES = [
             "modality": "MR",
             "sex": "F",
             "age_band": None,
-            "patient_weight_kg": 80.0,
-            "manufacturer": "TOSHIBA_MEC",
+            "patient_weight_kg": "80-89",
+            "manufacturer": "Canon/Toshiba",  # the file says TOSHIBA_MEC
             "model": "MRT50H1",
             "sop_class": "MR Image Storage",
             "photometric": "MONOCHROME2",
@@ -309,10 +320,10 @@ def test_options_toggle_fields(key):
     everything = case_metadata(header, key=key, options=DeidOptions(True, True, True, True))
     assert everything["sex"] == "M"
     assert everything["age_band"] == "60-69"
-    assert everything["patient_size_m"] == 1.8
-    assert everything["patient_weight_kg"] == 80.0
-    assert everything["manufacturer"] == "ACME MEDICAL"
-    assert everything["model"] == "Scanotron 9000"
+    assert everything["patient_size_m"] == "1.80-1.89"
+    assert everything["patient_weight_kg"] == "80-89"
+    assert everything["manufacturer"] == "OTHER"  # ACME MEDICAL: in no vocabulary
+    assert everything["model"] == "OTHER"
     assert everything["body_part"] == "CHEST"
     assert everything["study_date_shifted"] is not None
 
@@ -326,7 +337,7 @@ def test_options_toggle_fields(key):
     assert [no_patient[k] for k in ("sex", "age_band", "patient_size_m", "patient_weight_kg")] == [
         None
     ] * 4
-    assert no_patient["manufacturer"] == "ACME MEDICAL"
+    assert no_patient["manufacturer"] == "OTHER"
 
     default = case_metadata(header, key=key)
     assert default["study_date_shifted"] is None
@@ -383,7 +394,7 @@ def test_age_band_from_header(key, age, birth, study, expected):
 
 
 @pytest.mark.parametrize(("size", "weight", "size_m", "weight_kg"), SIZE_WEIGHT_CASES)
-def test_size_and_weight_are_rounded(key, size, weight, size_m, weight_kg):
+def test_size_and_weight_are_banded(key, size, weight, size_m, weight_kg):
     header = _synthetic_header()
     del header.PatientSize, header.PatientWeight
     if size is not None:
@@ -402,8 +413,13 @@ def test_size_and_weight_are_rounded(key, size, weight, size_m, weight_kg):
         ("PatientSex", "", "sex", None),
         ("Modality", "CT\\MR", "modality", None),  # VM 1 expected: a list is not a modality
         ("SOPClassUID", "1.2.826.0.1.3680043.8.498.999", "sop_class", None),  # private class
-        ("Manufacturer", "ACME\x1b[31m", "manufacturer", None),  # control characters
-        ("Manufacturer", "  ACME   Medical  ", "manufacturer", "ACME Medical"),
+        ("Manufacturer", "GE\x1b[31m", "manufacturer", "GE"),  # the vendor, never the control characters
+        ("Manufacturer", "  Philips   Medical Systems  ", "manufacturer", "Philips"),
+        ("Manufacturer", "Dr Quorbelle Imaging", "manufacturer", "OTHER"),
+        ("ManufacturerModelName", "Dr Quorbelle Imaging", "model", "OTHER"),
+        ("ManufacturerModelName", "sensation   16", "model", "Sensation 16"),
+        ("Modality", "QUORBELLE", "modality", "OT"),
+        ("PhotometricInterpretation", "QUORBELLE", "photometric", None),
     ],
 )
 def test_values_outside_the_vocabulary_are_dropped(key, keyword, value, field, expected):

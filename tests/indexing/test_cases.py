@@ -1,22 +1,25 @@
 """The per-case work (medsearch.indexing.cases): decoding only the slices that are used gives the same
-encoder input; which slices those are; headers read in this process let no pydicom log line out."""
+encoder input; which slices those are; a case or a query study that needs more memory than a worker
+may use, or meets a bug, fails with a reason that quotes nothing; headers read in this process let no
+pydicom log line out."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE
+from hostile.files import SEEDED, seeded_value
 from indexing.archives import CT, FAST, _derive
 from pydicom.uid import generate_uid
 
 from medsearch import Config
-from medsearch.deid import DeidOptions
+from medsearch.embedding import encoder_input
 from medsearch.encoders import load_encoder
-from medsearch.indexing import IndexOptions, build, cases
-from medsearch.io import find_files, group_headers, load_volume, summarize_file
+from medsearch.indexing import IndexOptions, cases
+from medsearch.io import SkipReason, find_files, group_headers, load_study, load_volume, summarize_file
 
 # -- only the slices that are used get decoded, and they are the same ------------------------------------
 
@@ -24,6 +27,12 @@ from medsearch.io import find_files, group_headers, load_volume, summarize_file
 def _load_whole(case):
     """The loader without slice selection (a different function, so prepare_case decodes everything)."""
     return load_volume(case)
+
+
+def _describe(cid, case, volume):
+    """The parts of a case row that depend on the volume (a module-level function: it runs in workers)."""
+    return {"case_id": cid, "n_slices": int(volume.pixels.shape[0]), "shape": volume.pixels.shape[1:],
+            "spacing": volume.spacing, "modality": volume.modality}
 
 
 def _series_from_sample(root: Path, n: int) -> Path:
@@ -38,7 +47,7 @@ def _prepared_both_ways(folder: Path, config: Config, encoder, key, limit: int =
     groups, _ = group_headers(summarize_file(p) for p in find_files(folder))
     groups = [g for g in groups if len(g.files) > 1][:limit]
     assert groups, f"no series of several files under {folder}"
-    describe = functools.partial(build._case_row, key=key, deid=DeidOptions(), labels=None, archive=folder)
+    describe = _describe
     out = []
     for i, group in enumerate(groups):
         job = cases.CaseJob(i, f"case-{i}", group)
@@ -86,14 +95,59 @@ def test_used_slices_follow_the_preprocessing(preprocess, spatial_dims, expected
     assert (select(8) if select is not None else None) == expected
 
 
+# -- what does not fit, or meets a bug, fails with a reason -------------------------------------------
+
+
+def _needs_too_much(case):
+    raise MemoryError
+
+
+def _buggy(case):
+    raise RuntimeError("unexpected value 'SLOPEZQX' in the header")
+
+
+def _setup(**options) -> cases._Setup:
+    return cases._Setup(config=FAST, encoder=load_encoder(FAST.encoder, input_size=64).info, describe=None,
+                        options=IndexOptions(**options))
+
+
+def test_a_case_that_needs_more_memory_than_a_worker_may_use_is_too_large(mixed_archive):
+    groups, _ = group_headers(summarize_file(p) for p in find_files(mixed_archive / "series4"))
+    failed = cases.prepare_case(cases.CaseJob(0, "c0", groups[0]), _setup(load=_needs_too_much))
+    assert isinstance(failed, cases.FailedCase) and not failed.transient
+    assert {s.reason for s in failed.skipped} == {SkipReason.TOO_LARGE} and len(failed.skipped) == 4
+    assert "more memory to decode than a worker process may use" in failed.skipped[0].detail
+
+
+def test_a_query_study_becomes_the_encoder_input_of_a_search():
+    path = min((SAMPLE / "tcga-luad-ct").glob("*.dcm"))
+    setup = _setup()
+    prepared = cases.prepare_study(path, setup)
+    assert isinstance(prepared, cases.PreparedStudy) and prepared.modality == "CT" and prepared.n_slices == 1
+    expected = encoder_input(load_study(path)[1], setup.encoder, FAST).numpy()
+    np.testing.assert_array_equal(prepared.images, expected)
+
+
+@pytest.mark.parametrize(("load", "kind", "message"), [
+    (None, "InvalidStudyError", "Rescale Slope or Rescale Intercept is not a number"),
+    (_needs_too_much, "InvalidStudyError", "needs more memory to decode than the service may use"),
+    (_buggy, "internal", "RuntimeError"),
+])
+def test_a_query_study_that_fails_says_why_and_quotes_nothing(tmp_path, load, kind, message):
+    path = seeded_value(tmp_path / "seeded.dcm")
+    failed = cases.prepare_study(path, _setup(**({"load": load} if load else {})))
+    assert isinstance(failed, cases.StudyError) and failed.kind == kind
+    assert message in failed.message and SEEDED not in failed.message
+
+
 # -- pydicom's log lines --------------------------------------------------------------------------
 
 
 def test_headers_read_here_leave_no_pydicom_log_lines(mixed_archive, caplog, monkeypatch):
     # pydicom's log lines quote header values; reading headers in this process must not let them out
-    def chatty(path):
+    def chatty(path, **options):
         logging.getLogger("pydicom").warning("PatientName=Doe^Jane in %s", path)
-        return summarize_file(path)
+        return summarize_file(path, **options)
 
     monkeypatch.setattr(cases, "summarize_file", chatty)
     caplog.set_level(logging.DEBUG)

@@ -4,6 +4,7 @@ the progress bar and summary; commits spaced out on large indexes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,8 +12,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +30,7 @@ from medsearch import build_index, search
 from medsearch.cli import app
 from medsearch.deid import case_id
 from medsearch.encoders import load_encoder
-from medsearch.indexing import FILE_STATE, IndexReport, cases, engine
+from medsearch.indexing import FILE_STATE, SKIP_REPORT, IndexOptions, IndexReport, build, cases, engine, workers
 from medsearch.io import SkipReason, find_files, load_volume, scan
 from medsearch.store import IndexStore
 
@@ -42,7 +45,7 @@ def test_workers_give_the_serial_index_and_account_for_every_file(serial_index, 
     a, b = IndexStore.open(serial), IndexStore.open(parallel)
     pd.testing.assert_frame_equal(a.cases, b.cases)
     assert np.array_equal(a.thumbnails, b.thumbnails)
-    assert (serial / "skipped.csv").read_bytes() == (parallel / "skipped.csv").read_bytes()
+    assert (serial / SKIP_REPORT).read_bytes() == (parallel / SKIP_REPORT).read_bytes()
 
     # ... and the vectors of the one-case-at-a-time loop (scan, load_volume, embed_volume)
     encoder = load_encoder(FAST.encoder, input_size=FAST.preprocess.size)
@@ -64,9 +67,9 @@ def test_workers_give_the_serial_index_and_account_for_every_file(serial_index, 
         assert len({s.path for s in r.skipped}) == len(r.skipped)
     reasons = {s.path.name: s.reason for s in report.skipped}
     assert reasons["README.txt"] is SkipReason.NOT_DICOM
-    assert reasons["report-sr.dcm"] is SkipReason.NO_PIXEL_DATA
+    assert reasons["report-sr.dcm"] is SkipReason.NOT_AN_IMAGE
     assert reasons["truncated.dcm"] is SkipReason.TRUNCATED
-    assert reasons["huge.dcm"] is SkipReason.DECODE_ERROR
+    assert reasons["huge.dcm"] is SkipReason.TOO_LARGE
     assert reasons["ID_0006_AGE_0075_CONTRAST_1_CT.dcm"] is SkipReason.DUPLICATE
     summary = report.to_dict()
     assert summary["files_accounted"] and summary["workers"] == 2
@@ -155,14 +158,14 @@ def test_rerun_reads_only_what_changed_and_remembers_failed_cases(mixed_archive,
     read, decoded = [], []
     real_summarize, real_prepare = engine.summarize_file, engine.prepare_case
     for module in (cases, engine):  # headers are read by the scan (cases) and, for a lost UID, by the planner
-        monkeypatch.setattr(module, "summarize_file", lambda p: read.append(p) or real_summarize(p))
+        monkeypatch.setattr(module, "summarize_file", lambda p, **options: read.append(p) or real_summarize(p, **options))
     monkeypatch.setattr(engine, "prepare_case", lambda job, setup: decoded.append(job) or real_prepare(job, setup))
-    skipped_before = (index / "skipped.csv").read_bytes()
+    skipped_before = (index / SKIP_REPORT).read_bytes()
     again = build_index(archive, index, key=sample_key, workers=0)
     assert read == [] and decoded == []
     assert again.n_cases_added == 0 and again.accounted
     assert again.skipped_by_reason == first.skipped_by_reason
-    assert (index / "skipped.csv").read_bytes() == skipped_before
+    assert (index / SKIP_REPORT).read_bytes() == skipped_before
 
     # a new slice of an indexed series, a changed file and a removed one
     read.clear()
@@ -176,7 +179,7 @@ def test_rerun_reads_only_what_changed_and_remembers_failed_cases(mixed_archive,
     assert decoded == [] and changed.n_cases_added == 0  # the series is indexed: not decoded again
     assert changed.n_files == first.n_files and changed.accounted
     with sqlite3.connect(index / FILE_STATE) as db:
-        names = {Path(p).name for (p,) in db.execute("SELECT path FROM headers")}
+        names = {Path(os.fsdecode(p)).name for (p,) in db.execute("SELECT path FROM headers")}
     assert "README.txt" not in names and "slice4.dcm" in names
 
     # the case that failed is not decoded again unless asked
@@ -202,6 +205,87 @@ def test_cli_progress_bar_json_summary_and_a_quick_rerun(tmp_path, sample_key):
     again = runner.invoke(app, [*args, "-q"])
     assert again.exit_code == 0 and again.stderr == ""
     assert "nothing new to index" in again.stdout and "12 already indexed + 1 skipped = 13 found" in again.stdout
+
+
+# -- progress is committed while a worker is stuck ---------------------------------------------------
+
+
+def _stuck_on_first(case):
+    """Decodes every case, except that the first one waits for a file named ``release`` (runs in a worker)."""
+    first = case.files[0]
+    if first.name.startswith("ID_0000"):
+        (first.parent / "stuck").touch()
+        deadline = time.monotonic() + 300
+        while not (first.parent / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return load_volume(case)
+
+
+@pytest.mark.slow
+def test_progress_is_committed_while_a_worker_is_stuck(tmp_path, sample_key, monkeypatch):
+    """A worker sits on the first case (as on a huge sparse file, until --case-timeout): the cases the
+    other worker decoded meanwhile are encoded and committed after commit_seconds, not after it."""
+    archive = tmp_path / "archive"
+    shutil.copytree(SAMPLE / "tcga-luad-ct", archive)
+    index = tmp_path / "index"
+    monkeypatch.setattr(build, "IndexOptions", functools.partial(IndexOptions, load=_stuck_on_first))
+    run: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: run.setdefault("report", build_index(
+        archive, index, key=sample_key, config=FAST, workers=2, commit_seconds=0.5, commit_every=1000, case_timeout=600)))
+    thread.start()
+    try:
+        # 12 cases: all but the stuck one and the one queued behind it on the same worker
+        deadline = time.monotonic() + 120
+        while _cases_on_disk(index) < 10 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.1)
+        committed_while_stuck = _cases_on_disk(index)
+        assert (archive / "stuck").exists() and not (archive / "release").exists()
+    finally:
+        (archive / "release").touch()
+        thread.join(timeout=300)
+    assert committed_while_stuck >= 10, "the cases decoded while a worker was stuck were not committed"
+    report = run["report"]
+    assert report.n_cases_added == 12 and report.accounted and report.n_commits >= 2
+    assert len(IndexStore.open(index)) == 12
+
+
+class _OneStuckPool:
+    """A stand-in worker pool: every case is done at once, except ``stuck`` until it is released."""
+
+    size = 1
+
+    def __init__(self, stuck: int) -> None:
+        self.stuck, self.ready, self.released = stuck, [], False
+
+    def submit(self, seq, kind, payload):
+        if seq != self.stuck:
+            self.ready.append(seq)
+
+    def get(self, timeout=None):
+        if self.released:
+            self.released = False
+            return workers._Task(self.stuck, "case", None), f"case {self.stuck}"
+        return (workers._Task(self.ready[0], "case", None), f"case {self.ready.pop(0)}") if self.ready else None
+
+
+def test_results_wait_for_the_case_ahead_of_them_only_until_a_commit_is_due():
+    jobs = [cases.CaseJob(i, f"c{i}", None) for i in range(5)]
+    pool = _OneStuckPool(stuck=0)
+    report = IndexReport(index_dir=Path("."))
+    handed = []
+    results = engine._prepared(jobs, None, pool, report, batch_images=1, patience=0.0)
+    for item in results:
+        handed.append(item)
+        if item is None and len([i for i in handed if i is not None]) == 4:
+            pool.released = True  # the others are handed over: now the stuck worker finishes
+    assert [i for i in handed if i is not None] == [(1, "case 1"), (2, "case 2"), (3, "case 3"), (4, "case 4"), (0, "case 0")]
+    assert handed.index(None) > 0  # ticks came while the first case was awaited, so a commit could run
+
+    # with patience, the same results come in job order
+    pool = _OneStuckPool(stuck=0)
+    pool.released = True
+    in_order = [i for i in engine._prepared(jobs, None, pool, report, batch_images=1, patience=60.0) if i is not None]
+    assert [seq for seq, _ in in_order] == [0, 1, 2, 3, 4]
 
 
 # -- commits of a large index are spaced out ---------------------------------------------------------

@@ -1,24 +1,31 @@
 """The worker processes (medsearch.indexing.workers): a case that hangs or crashes its worker is
-skipped and the run goes on; a pool that cannot start fails the run with the reason."""
+skipped and the run goes on; a worker's memory is capped, so a file that needs more is skipped; a
+pool that cannot start fails the run with the reason."""
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import pytest
 from conftest import SAMPLE
+from hostile.files import sparse_multiframe
 from indexing.archives import FAST
 
 from medsearch import build_index
-from medsearch.deid import DeidOptions
-from medsearch.encoders import load_encoder
 from medsearch.errors import MedsearchError
-from medsearch.indexing import IndexOptions, IndexReport, build, index_files, workers
-from medsearch.io import SkipReason, find_files, load_volume
+from medsearch.indexing import IndexOptions, build, workers
+from medsearch.io import SkipReason, load_volume
 from medsearch.store import IndexStore
 
 # -- workers that hang or crash ----------------------------------------------------------------------
@@ -34,23 +41,19 @@ def _unreliable_decoder(case):
     return load_volume(case)
 
 
+def _with_options(monkeypatch: pytest.MonkeyPatch, **changes: object) -> None:
+    """Make ``build_index`` run with IndexOptions it takes no argument for (a test's decoder, a memory cap)."""
+    monkeypatch.setattr(build, "IndexOptions", functools.partial(IndexOptions, **changes))
+
+
 @pytest.mark.slow
-def test_a_case_that_hangs_or_crashes_its_worker_is_skipped_and_the_run_goes_on(tmp_path, sample_key):
+def test_a_case_that_hangs_or_crashes_its_worker_is_skipped_and_the_run_goes_on(tmp_path, sample_key, monkeypatch):
     archive = SAMPLE / "tcga-luad-ct"
-    files = list(find_files(archive))
     index = tmp_path / "index"
-    encoder = load_encoder(FAST.encoder, input_size=FAST.preprocess.size)
-    store = IndexStore.create(index, dim=encoder.dim, encoder=encoder.info.to_dict(),
-                              preprocess=FAST.to_dict()["preprocess"], key_check=sample_key.check_value())
-    report = IndexReport(index_dir=index, n_files=len(files))
     before = _workers()
     started = time.monotonic()
-    index_files(
-        files, root=archive, store=store, encoder=encoder, config=FAST, key=sample_key,
-        describe=functools.partial(build._case_row, key=sample_key, deid=DeidOptions(), labels=None, archive=archive),
-        commit=functools.partial(build._flush, store, report=report, archive=archive, link_table=None),
-        report=report, must_commit=True, options=IndexOptions(workers=2, case_timeout=5.0, load=_unreliable_decoder),
-    )
+    _with_options(monkeypatch, load=_unreliable_decoder)
+    report = build_index(archive, index, key=sample_key, config=FAST, workers=2, case_timeout=5.0)
     assert time.monotonic() - started < 120
     reasons = {s.path.name[:7]: s for s in report.skipped}
     assert reasons["ID_0002"].reason is SkipReason.DECODE_ERROR and "no result within 5 s" in reasons["ID_0002"].detail
@@ -64,12 +67,82 @@ def test_a_case_that_hangs_or_crashes_its_worker_is_skipped_and_the_run_goes_on(
     assert _workers() - before == set()
 
 
+# -- a worker's memory is capped ----------------------------------------------------------------------
+
+
+def test_a_worker_caps_its_address_space_at_its_start_plus_the_budget():
+    code = (
+        "import resource, numpy as np\n"
+        "from medsearch.indexing import workers\n"
+        "workers._limit_memory(256 * 2**20)\n"
+        "soft, _ = resource.getrlimit(resource.RLIMIT_AS)\n"
+        "try:\n"
+        "    np.ones(2**30, dtype=np.uint8)\n"
+        "except MemoryError:\n"
+        "    print('refused', soft)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused"), out.stdout
+
+
+@pytest.mark.slow
+def test_a_file_that_needs_more_memory_than_a_worker_may_use_is_skipped(tmp_path, sample_key, monkeypatch):
+    """A valid multi-frame whose pixels need 1.5 GiB to decode, under a 0.5 GiB cap: skipped, not a crash."""
+    archive = tmp_path / "archive"
+    sparse_multiframe(archive / "large.dcm")
+    shutil.copy(min((SAMPLE / "tcga-luad-ct").glob("*.dcm")), archive / "ct.dcm")
+    _with_options(monkeypatch, worker_memory_gib=0.5)
+    peaks = _peak_worker_rss(lambda: build_index(archive, tmp_path / "index", key=sample_key, config=FAST, workers=1))
+    report = peaks.result
+    (skip,) = report.skipped
+    assert skip.path.name == "large.dcm" and skip.reason is SkipReason.TOO_LARGE
+    assert "more memory than" in skip.detail
+    assert report.n_cases_added == 1 and report.accounted
+    assert max(peaks.rss.values()) < 0.5 * 2**30 + _START_RSS
+
+
+# What a worker holds once started (torch and MONAI loaded), with a margin.
+_START_RSS = 0.6 * 2**30
+
+
+@dataclass
+class _Peaks:
+    result: Any
+    rss: dict[int, int]  # pid -> peak resident bytes (VmHWM) of each process started below this one
+
+
+def _peak_worker_rss(run: Callable[[], Any]) -> _Peaks:
+    """Call ``run`` in a thread while this one records the peak RSS of every child process."""
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", run()), daemon=True)
+    thread.start()
+    peaks: dict[int, int] = {}
+    me = psutil.Process()
+    while thread.is_alive():
+        for child in me.children(recursive=True):
+            peaks[child.pid] = max(peaks.get(child.pid, 0), _hwm(child.pid))
+        thread.join(0.05)
+    if "result" not in out:
+        raise AssertionError("the run failed (see the log above)")
+    return _Peaks(out["result"], peaks)
+
+
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def _workers() -> set[int]:
-    """Processes started below this one, the multiprocessing fork server left aside."""
+    """Processes started below this one, multiprocessing's fork server and resource tracker left aside."""
     pids = set()
     for p in psutil.Process().children(recursive=True):
         try:
-            if "forkserver" not in " ".join(p.cmdline()):
+            command = " ".join(p.cmdline())
+            if "forkserver" not in command and "resource_tracker" not in command:
                 pids.add(p.pid)
         except psutil.Error:
             continue

@@ -14,13 +14,17 @@ from medsearch.train import SupervisedLoss, TrainMode, TrainOptions, train_encod
 def test_enums_accept_their_string_values():
     options = TrainOptions(mode="selfsupervised", loss="supcon")
     assert options.mode is TrainMode.SELFSUPERVISED and options.loss is SupervisedLoss.SUPCON
-    assert TrainOptions().mode is TrainMode.AUTO
+    assert TrainOptions().mode is TrainMode.AUTO and TrainOptions(mode="adapter").mode is TrainMode.ADAPTER
+    # left unset, the recipe picks them from the data
+    assert (TrainOptions().epochs, TrainOptions().loss, TrainOptions().size) == (None, None, None)
     with pytest.raises(FrozenInstanceError):
         options.epochs = 3
 
 
 BAD_OPTIONS = [
-    ({"mode": "magic"}, "mode must be one of 'supervised', 'selfsupervised', 'auto', got 'magic'"),
+    ({"mode": "magic"}, "mode must be one of 'adapter', 'supervised', 'selfsupervised', 'auto', got 'magic'"),
+    ({"budget_minutes": 0}, "budget_minutes must be positive, got 0"),
+    ({"size": 8}, "size must be between 16 and 2048 pixels, got 8"),
     ({"loss": "triplet-ish"}, "loss must be one of"),
     ({"epochs": 0}, "epochs must be at least 1, got 0"),
     ({"batch_size": 2}, "batch size must be at least 4, got 2"),

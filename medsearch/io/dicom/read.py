@@ -5,14 +5,22 @@ endian (:func:`_parse`). A file that cannot be used raises :class:`_Skip` inside
 becomes a :class:`SkippedFile`, with a :class:`SkipReason` and a one-line detail, at the public
 functions. The helpers at the end read header values that may be absent or fail to parse.
 
-No message or log line carries a header value that could identify a patient (names, IDs, dates,
-UIDs): :func:`_one_line` shortens a library's message and removes such values from it.
+What is read is bounded by what the header declares, whatever the file holds: reading stops at the
+pixel data (a header) or just after it (a whole file), so trailing padding and elements after the
+pixels are never read; zero bytes where an element should start end the data set; a pixel data
+value is read only as far as its image needs, and a file whose image would decode to more than
+:data:`_MAX_DECODED_BYTES` is refused before its pixel data is read (:func:`_read_pixel_value`).
+
+No message or log line carries a header value: :func:`_one_line` shortens a library's message,
+removes what it quotes and any text value of the header it repeats.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
+import re
 import struct
 import warnings
 from collections.abc import Iterable
@@ -21,9 +29,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_partial
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.tag import BaseTag, SequenceDelimiterTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -50,6 +61,12 @@ class SkipReason(str, enum.Enum):
     DUPLICATE = "duplicate"
     INCONSISTENT_SERIES = "inconsistent_series"
     UNREADABLE = "unreadable"
+    TOO_LARGE = "too_large"  # claims (or needs) more memory than one file may take here
+    CODESTREAM_MISMATCH = "codestream_mismatch"  # the compressed image's own size is not the header's
+    NOT_A_FILE = "not_a_file"  # a FIFO, socket or device: never opened
+    BROKEN_LINK = "broken_link"  # a symbolic link whose target does not exist
+    SYMLINK_LOOP = "symlink_loop"  # a link that leads back to itself or to a folder above it
+    NOT_AN_IMAGE = "not_an_image"  # not an image storage SOP Class (SEG, RT, SR, KO, PR...), or too small
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,11 @@ class LoadFailure(InvalidStudyError):
 # Reading one file
 
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
+# The float32 pixels one file may decode to (268 million values: a 1,024-frame 512 x 512 volume).
+# Decoding holds these and the stored pixels, so a worker's memory stays bounded whatever a file claims.
+_MAX_DECODED_BYTES = 2**30
+# Walking the items of an encapsulated value (only where the file is far larger than its image).
+_MAX_FRAGMENTS = 2**20
 _TRUNCATION_HINTS = ("end of file", "less than expected", "too short", "truncated")
 # Header values that identify a patient or a visit; scrubbed from library messages we pass on.
 _IDENTIFYING_KEYWORDS = (
@@ -112,26 +134,64 @@ class _Header:
 
 
 def _one_line(exc: BaseException | str, ds: Dataset | None = None, limit: int = 200) -> str:
-    """First line of a library message, shortened, with identifying header values removed."""
+    """A library's message on one line, shortened, quoting nothing read from a file.
+
+    Whatever the message quotes (``could not convert string to float: 'SLOPEZQX'``) becomes
+    ``<value>``, and with ``ds`` any text value of its header that the message repeats becomes
+    ``<redacted>``: a decoder's or a parser's message may repeat any header value.
+    """
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     text = text or type(exc).__name__
+    text = _QUOTED.sub("<value>", text)
     if ds is not None:
         text = _redact(text, ds)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# A quoted span: 'x', "x", b'x' (an apostrophe inside a word, as in "doesn't", opens none).
+_QUOTED = re.compile(r"""(?<![\w'"])b?(?:'[^'\n]*'|"[^"\n]*")(?!\w)""")
+# Text value representations: what a header value a message could repeat is written in.
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+
+
 def _redact(text: str, ds: Dataset) -> str:
+    for value in sorted(_header_texts(ds), key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, "<redacted>")
+    return text
+
+
+def _header_texts(ds: Dataset) -> set[str]:
+    """The text values (3 characters or more) of the top level of ``ds``, and of the identifying keywords."""
+    found: set[str] = set()
     for keyword in _IDENTIFYING_KEYWORDS:
         try:
             value = ds.get(keyword)
         except Exception:  # noqa: BLE001, S112 - a value that does not parse cannot leak
             continue
         values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
-        for item in values:
-            s = str(item or "").strip()
-            if len(s) >= 3 and s in text:
-                text = text.replace(s, "<redacted>")
-    return text
+        found.update(str(item or "").strip() for item in values)
+    for dataset in (getattr(ds, "file_meta", None) or Dataset(), ds):
+        for tag in list(dataset.keys()):
+            try:
+                elem = dataset.get_item(tag)
+            except Exception:  # noqa: BLE001, S112 - as above
+                continue
+            if elem is None or (elem.VR or _dictionary_vr(int(tag))) not in _TEXT_VRS:
+                continue
+            raw = elem.value
+            if isinstance(raw, bytes):
+                raw = raw.decode("latin-1")
+            values = raw if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else str(raw or "").split("\\")
+            found.update(str(item).strip(" \0") for item in values)
+    return {value for value in found if len(value) >= 3}
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(pydicom.datadict.dictionary_VR(tag))
+    except KeyError:  # a private element: its VR is unknown
+        return ""
 
 
 def _looks_like_dataset(ds: Dataset) -> bool:
@@ -166,12 +226,36 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return tsyntax
 
 
-def _stop_at_pixels(tag: Any, vr: str | None, length: int) -> bool:
-    return int(tag) in _PIXEL_TAGS
+class _StopReading:
+    """Where pydicom stops reading the top level of a data set (its ``stop_when``).
+
+    Always before an element of group 0000: command elements never belong in a stored file, and
+    zero bytes there are padding, which pydicom would otherwise parse 8 bytes at a time. Then
+    either before the pixel data (``before_pixels``), or just after it, so that trailing padding
+    is never read.
+    """
+
+    def __init__(self, *, before_pixels: bool) -> None:
+        self.before_pixels = before_pixels
+        self.after_pixels = False
+
+    def __call__(self, tag: Any, vr: str | None, length: int) -> bool:
+        if self.after_pixels:
+            return True
+        if int(tag) >> 16 == 0:
+            return True
+        if int(tag) in _PIXEL_TAGS:
+            if self.before_pixels:
+                return True
+            self.after_pixels = True
+        return False
 
 
-def _parse(fp: BinaryIO, path: Path, *, header_only: bool) -> Dataset:
-    """Read a dataset from ``fp``: normally, then without preamble, then as headerless big endian.
+def _parse(fp: BinaryIO, path: Path) -> Dataset:
+    """Read a header from ``fp``: normally, then without preamble, then as headerless big endian.
+
+    Reading stops before the pixel data, or at zero bytes where an element should start; the file
+    is left at that element.
 
     Raises
     ------
@@ -182,14 +266,14 @@ def _parse(fp: BinaryIO, path: Path, *, header_only: bool) -> Dataset:
     fp.seek(0)
     has_marker = head[128:132] == b"DICM"
     try:
-        return pydicom.dcmread(fp, stop_before_pixels=header_only)
+        return read_partial(fp, stop_when=_StopReading(before_pixels=True))
     except InvalidDicomError:
         if has_marker:
             raise
     # No preamble or file meta (older archives): let pydicom guess implicit/explicit little endian.
     try:
         fp.seek(0)
-        forced = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
+        forced = read_partial(fp, stop_when=_StopReading(before_pixels=True), force=True)
         if _looks_like_dataset(forced):
             return forced
     except Exception as exc:  # noqa: BLE001 - noise fails the parser in many ways; not DICOM
@@ -197,12 +281,7 @@ def _parse(fp: BinaryIO, path: Path, *, header_only: bool) -> Dataset:
     # pydicom does not guess big endian; headerless explicit big endian files exist.
     try:
         fp.seek(0)
-        ds = read_dataset(
-            fp,
-            is_implicit_VR=False,
-            is_little_endian=False,
-            stop_when=_stop_at_pixels if header_only else None,
-        )
+        ds = read_dataset(fp, is_implicit_VR=False, is_little_endian=False, stop_when=_StopReading(before_pixels=True))
         if _looks_like_dataset(ds):
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
@@ -212,10 +291,18 @@ def _parse(fp: BinaryIO, path: Path, *, header_only: bool) -> Dataset:
     raise _Skip(SkipReason.NOT_DICOM, "not a DICOM file (no 'DICM' marker and no readable header)")
 
 
+def _read_deflated(fp: BinaryIO) -> Dataset:
+    """A whole Deflated Explicit VR file (pydicom inflates it in memory), up to its pixel data's end."""
+    fp.seek(0)
+    return read_partial(fp, stop_when=_StopReading(before_pixels=False), force=True)
+
+
 def _read_errors(path: Path, exc: BaseException, caught: list[warnings.WarningMessage]) -> _Skip:
     """Classify an exception raised while reading a file that claims to be DICOM."""
     if isinstance(exc, _Skip):
         return exc
+    if isinstance(exc, MemoryError):
+        return _Skip(SkipReason.TOO_LARGE, "reading it needs more memory than this process may use")
     if isinstance(exc, OSError):
         return _Skip(SkipReason.UNREADABLE, f"cannot open the file: {exc.strerror or exc}")
     text = _one_line(exc)
@@ -240,14 +327,13 @@ def _read_header(path: Path) -> _Header:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            size = path.stat().st_size
             with path.open("rb") as fp:
-                ds = _parse(fp, path, header_only=True)
+                size = os.fstat(fp.fileno()).st_size
+                ds = _parse(fp, path)
                 tsyntax = _transfer_syntax(ds)
                 if tsyntax == DeflatedExplicitVRLittleEndian:
                     # The stream position is inside the inflated copy: read it all to know.
-                    fp.seek(0)
-                    full = pydicom.dcmread(fp, force=True)
+                    full = _read_deflated(fp)
                     tag = next((t for t in _PIXEL_TAGS if t in full), None)
                     return _Header(ds, tag)
                 tag, missing = _locate_pixels(fp, ds, size)
@@ -319,19 +405,29 @@ def _locate_pixels(fp: BinaryIO, ds: Dataset, size: int) -> tuple[int | None, in
 
 
 def _read_full(path: Path) -> Dataset:
-    """Read a whole file, pixel data included.
+    """Read a whole file: its header, then its pixel data element (:func:`_read_pixel_value`).
+
+    Nothing after the pixel data is read (trailing padding, signatures).
 
     Raises
     ------
     _Skip
-        When the file cannot be read or ends early.
+        When the file cannot be read or ends early; TOO_LARGE when its image would decode to more
+        than :data:`_MAX_DECODED_BYTES`, or its compressed pixel data is far larger than its image.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with path.open("rb") as fp:
-                ds = _parse(fp, path, header_only=False)
-            _transfer_syntax(ds)
+                size = os.fstat(fp.fileno()).st_size
+                ds = _parse(fp, path)
+                if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+                    full = _read_deflated(fp)
+                    full.file_meta = ds.file_meta
+                    _check_declared(full)
+                    ds = full
+                else:
+                    _read_pixel_value(fp, ds, size)
         except Exception as exc:
             raise _read_errors(path, exc, caught) from exc
     if any("end of file" in str(w.message).lower() for w in caught):
@@ -339,6 +435,105 @@ def _read_full(path: Path) -> Dataset:
             SkipReason.TRUNCATED, "the file ends inside its pixel data (end of file reached)"
         )
     return ds
+
+
+def _check_declared(ds: Dataset) -> None:
+    """Refuse a header whose image would decode to more than :data:`_MAX_DECODED_BYTES`.
+
+    Raises
+    ------
+    _Skip
+        TOO_LARGE.
+    """
+    declared = _decoded_pixel_bytes(ds)
+    if declared > _MAX_DECODED_BYTES:
+        # A damaged header (or a hostile file) must not make the decoder allocate gigabytes.
+        raise _Skip(
+            SkipReason.TOO_LARGE,
+            f"the header declares {declared / 2**30:.1f} GiB of decoded pixels (as float32), more than "
+            f"the {_MAX_DECODED_BYTES / 2**30:.0f} GiB one file may hold here",
+        )
+
+
+def _read_pixel_value(fp: BinaryIO, ds: Dataset, size: int) -> None:
+    """Read the pixel data element at the file's position into ``ds``, and nothing after it.
+
+    A defined-length value is read only as far as the header's image needs (pydicom ignores bytes
+    beyond it; a file may declare gigabytes there). An undefined-length (encapsulated) value is read
+    up to its sequence delimiter; where the file is far larger than the image, its item headers are
+    walked first, so that neither a huge value nor the padding after it is read.
+
+    Raises
+    ------
+    _Skip
+        TOO_LARGE (see :func:`_read_full`); DECODE_ERROR when the items of a huge encapsulated value
+        are malformed.
+    """
+    start = fp.tell()
+    raw = fp.read(12)
+    if len(raw) < 8:
+        return
+    little = ds.original_encoding[1] in (True, None)
+    end = "<" if little else ">"
+    group, elem = struct.unpack(end + "HH", raw[:4])
+    tag = group << 16 | elem
+    if tag not in _PIXEL_TAGS:
+        return
+    _check_declared(ds)
+    implicit = not raw[4:6].isalpha()  # the bytes decide (some files say explicit and are not)
+    if implicit:
+        vr, (length,), value_tell = None, struct.unpack(end + "L", raw[4:8]), start + 8
+    else:
+        if len(raw) < 12:
+            raise _Skip(SkipReason.TRUNCATED, "the file ends inside its pixel data element")
+        vr, (length,), value_tell = raw[4:6].decode("ascii"), struct.unpack(end + "L", raw[8:12]), start + 12
+    fp.seek(value_tell)
+    if length != 0xFFFFFFFF:
+        needed = _stored_pixel_bytes(ds)
+        if 0 < needed < length:
+            length = needed + needed % 2
+        value = fp.read(length)
+        ds[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, value_tell, implicit, little)
+        return
+    limit = 2 * _stored_pixel_bytes(ds) + 4096 * _frames(ds) + 2**20
+    if size - value_tell > limit:
+        _check_encapsulated(fp, little, limit)
+        fp.seek(value_tell)
+    try:
+        items = read_undefined_length_value(fp, little, SequenceDelimiterTag)
+    except EOFError as exc:
+        raise _Skip(SkipReason.TRUNCATED, "the file ends inside its pixel data (end of file reached)") from exc
+    ds[tag] = RawDataElement(BaseTag(tag), vr, 0xFFFFFFFF, items, value_tell, implicit, little)
+
+
+def _check_encapsulated(fp: BinaryIO, little: bool, limit: int) -> None:
+    """Walk the item headers of an encapsulated value (seeking, not reading) up to its delimiter.
+
+    Raises
+    ------
+    _Skip
+        TOO_LARGE when the items hold more than ``limit`` bytes, or there are more than
+        :data:`_MAX_FRAGMENTS` of them; DECODE_ERROR when something else than an item is found.
+    """
+    fmt = "<HHL" if little else ">HHL"
+    total = 0
+    for _ in range(_MAX_FRAGMENTS):
+        head = fp.read(8)
+        if len(head) < 8:
+            return  # the file ends first: the reader says it is truncated
+        group, elem, length = struct.unpack(fmt, head)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise _Skip(SkipReason.DECODE_ERROR, "the encapsulated pixel data is malformed (an item header is missing)")
+        total += 8 + length
+        if total > limit:
+            raise _Skip(
+                SkipReason.TOO_LARGE,
+                "the compressed pixel data is far larger than the image its header declares",
+            )
+        fp.seek(length, os.SEEK_CUR)
+    raise _Skip(SkipReason.TOO_LARGE, f"the compressed pixel data has more than {_MAX_FRAGMENTS} fragments")
 
 
 def _sop_class_name(ds: Dataset) -> str:
@@ -358,6 +553,27 @@ def _str(ds: Dataset, keyword: str) -> str:
     except Exception:  # noqa: BLE001 - an element whose value does not parse counts as absent
         return ""
     return str(value).strip() if value is not None else ""
+
+
+def _frames(ds: Dataset) -> int:
+    return max(_int(_get(ds, "NumberOfFrames"), 1), 1)
+
+
+def _stored_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of pixel data the header declares (rows x columns x frames x samples x bytes per sample)."""
+    rows, columns = _int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0)
+    samples = max(_int(_get(ds, "SamplesPerPixel"), 1), 1)
+    allocated = max(_int(_get(ds, "BitsAllocated"), 8), 1)
+    return max(rows, 0) * max(columns, 0) * _frames(ds) * samples * ((allocated + 7) // 8)
+
+
+def _decoded_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of the float32 pixels the header's image decodes to (palette colour gives three channels)."""
+    rows, columns = _int(_get(ds, "Rows"), 0), _int(_get(ds, "Columns"), 0)
+    samples = max(_int(_get(ds, "SamplesPerPixel"), 1), 1)
+    if _str(ds, "PhotometricInterpretation") == "PALETTE COLOR":
+        samples = 3
+    return max(rows, 0) * max(columns, 0) * _frames(ds) * samples * 4
 
 
 def _int(value: Any, default: int) -> int:

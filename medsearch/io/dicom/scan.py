@@ -1,6 +1,8 @@
 """Finding the files under a path and grouping them into cases, from their headers only.
 
-:func:`find_files` lists the files; :func:`summarize_file` reads one header into a small
+:func:`walk_archive` lists every path under a folder (following links to folders, each folder
+once) and says why each one that is not a regular file is left out; :func:`find_files` keeps the
+regular files of that walk. :func:`summarize_file` reads one header into a small
 :class:`HeaderSummary`, or says why the file is left out; :func:`group_headers` groups summaries
 into :class:`CaseFiles` (one per series, or per multi-frame object) and finds duplicates.
 :func:`scan` does all three and keeps the first header of each case in a :class:`CaseRef`.
@@ -9,8 +11,12 @@ No pixel data is decoded here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import math
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +25,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medsearch.errors import InvalidStudyError
+from medsearch.io.dicom.classes import MIN_IMAGE_SIZE, not_an_image
 from medsearch.io.dicom.decode import _decoder_problem
+from medsearch.io.dicom.mosaic import mosaic_count
 from medsearch.io.dicom.read import (
     LoadFailure,
     SkippedFile,
@@ -43,7 +51,9 @@ __all__ = [
     "find_files",
     "group_headers",
     "scan",
+    "printable_path",
     "summarize_file",
+    "walk_archive",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +116,10 @@ class CaseFiles:
         """
         skipped = []
         for index, path in enumerate(self.files):
+            odd = _not_regular(path)  # replaced by a FIFO since the scan: never open one
+            if odd is not None:
+                skipped.append(odd)
+                continue
             try:
                 ds = _read_header(path).ds
             except _Skip as skip:
@@ -144,16 +158,89 @@ class ScanResult:
     n_files: int
 
 
-def find_files(root: Path | str) -> Iterator[Path]:
-    """Yield the files at ``root``: the file itself, or every regular file below a folder.
+def walk_archive(root: Path | str) -> Iterator[Path | SkippedFile]:
+    """Yield every path met at ``root``: each regular file as a Path, anything else as a SkippedFile.
 
-    Files and folders whose name starts with '.' are skipped; the names of DICOM files are not
-    checked (archives hold ``.dcm``, extension-less and ``i123.MRDC.4`` files alike).
+    Links to folders are followed, and each folder (by device and inode) is walked once: a link
+    back to a folder above it is SYMLINK_LOOP, a second way into a folder already walked is
+    DUPLICATE. FIFOs, sockets and devices are NOT_A_FILE (never opened), links whose target does
+    not exist BROKEN_LINK, a link that leads to itself SYMLINK_LOOP, a folder that cannot be
+    listed UNREADABLE. Files and folders whose name starts with '.' are not looked at; the names
+    of DICOM files are not checked (archives hold ``.dcm``, extension-less and ``i123.MRDC.4``
+    files alike). The folder tree is walked without recursion, so its depth is not limited.
 
     Parameters
     ----------
     root : Path or str
         A file or a folder.
+
+    Yields
+    ------
+    Path or SkippedFile
+        In path order; a path under a followed link goes through the link (``root/link/file``).
+
+    Raises
+    ------
+    InvalidStudyError
+        If ``root`` does not exist, or is a folder that cannot be listed.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InvalidStudyError(f"{root} does not exist; check the path")
+    if not root.is_dir():
+        yield _not_regular(root) or root
+        return
+    top = root.stat()
+    found: list[Path | SkippedFile] = []
+    visited: dict[tuple[int, int], Path] = {}
+    # Folders to walk, with the folders above each (to tell a loop from a second way in); popped
+    # in path order, so that of two ways into one folder the first in path order is walked.
+    stack: list[_Folder] = [_Folder(root, (top.st_dev, top.st_ino), None)]
+    while stack:
+        folder = stack.pop()
+        if folder.key in visited:
+            found.append(_walked_already(folder, visited[folder.key]))
+            continue
+        visited[folder.key] = folder.path
+        try:
+            with os.scandir(folder.path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            if folder.parent is None:
+                raise InvalidStudyError(
+                    f"{root} cannot be listed ({e.strerror or type(e).__name__}); check its permissions"
+                ) from e
+            found.append(SkippedFile(folder.path, SkipReason.UNREADABLE, f"the folder cannot be listed: {e.strerror or e}"))
+            continue
+        below: list[_Folder] = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder.path / entry.name
+            if entry.is_file(follow_symlinks=False):  # the common case: no system call
+                found.append(path)
+                continue
+            try:
+                st = entry.stat()  # follows a link
+            except OSError as e:
+                found.append(_unusable(path, e))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                below.append(_Folder(path, (st.st_dev, st.st_ino), folder))
+            else:
+                found.append(path if stat.S_ISREG(st.st_mode) else SkippedFile(path, SkipReason.NOT_A_FILE, _what(st.st_mode)))
+        stack.extend(reversed(below))
+    found.sort(key=_path_of)
+    yield from found
+
+
+def find_files(root: Path | str) -> Iterator[Path]:
+    """Yield the regular files at ``root``: the file itself, or every one :func:`walk_archive` finds.
+
+    Parameters
+    ----------
+    root : Path or str
+        A file or a folder. A root that is not a regular file or a folder (a FIFO...) yields nothing.
 
     Yields
     ------
@@ -165,40 +252,53 @@ def find_files(root: Path | str) -> Iterator[Path]:
     InvalidStudyError
         If ``root`` does not exist.
     """
-    root = Path(root)
-    if not root.exists():
-        raise InvalidStudyError(f"{root} does not exist; check the path")
-    if not root.is_dir():
-        yield root
-        return
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.is_file():
-            found.append(path)
-    yield from sorted(found)
+    for entry in walk_archive(root):
+        if isinstance(entry, Path):
+            yield entry
 
 
-def summarize_file(path: Path | str) -> HeaderSummary | SkippedFile:
+def printable_path(path: Path | str) -> str:
+    """``path`` as text that any UTF-8 file or terminal takes: a byte of a name that is not UTF-8
+    (which Python keeps as a surrogate escape) is written ``\\xNN``.
+
+    >>> printable_path(os.fsdecode(b"caf\\xe9.dcm"))
+    'caf\\\\xe9.dcm'
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file system gave (not an escaped byte)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def summarize_file(path: Path | str, *, min_size: int = MIN_IMAGE_SIZE) -> HeaderSummary | SkippedFile:
     """Read one file's header (never its pixels) and say how it would be grouped, or why it is left out.
 
     This is the per-file half of :func:`scan`, for callers that read headers in parallel or keep
     the result between runs; :func:`group_headers` is the other half. It never raises: a file that
-    cannot be used is a :class:`SkippedFile` (NOT_DICOM, UNREADABLE, TRUNCATED, NO_PIXEL_DATA,
-    UNSUPPORTED_TRANSFER_SYNTAX). Duplicates are found by :func:`group_headers`, which sees all files.
+    cannot be used is a :class:`SkippedFile` (NOT_DICOM, UNREADABLE, TRUNCATED, NOT_AN_IMAGE,
+    NO_PIXEL_DATA, UNSUPPORTED_TRANSFER_SYNTAX). Duplicates are found by :func:`group_headers`,
+    which sees all files.
 
     Parameters
     ----------
     path : Path or str
         A file.
+    min_size : int
+        The smallest image side, in pixels, of an image that is kept (0: no minimum); a smaller
+        one is NOT_AN_IMAGE (see :mod:`medsearch.io.dicom.classes`).
 
     Returns
     -------
     HeaderSummary or SkippedFile
+        A Siemens mosaic counts its slices as ``frames`` (see :mod:`medsearch.io.dicom.mosaic`).
     """
-    found = _summarize(Path(path))
+    found = _summarize(Path(path), min_size)
     return found if isinstance(found, SkippedFile) else found[0]
 
 
@@ -240,7 +340,7 @@ def group_headers(items: Iterable[HeaderSummary | SkippedFile]) -> tuple[list[Ca
     return cases, skipped
 
 
-def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
+def scan(paths: Path | str | Iterable[Path], *, min_size: int = MIN_IMAGE_SIZE) -> ScanResult:
     """Read the headers of files and group the images into cases.
 
     Only headers are read (``stop_before_pixels``); pixel data is never decoded here. Each case
@@ -251,17 +351,21 @@ def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
     ----------
     paths : Path, str or iterable of Path
         A root (file or folder, walked with :func:`find_files`) or an explicit list of files.
+    min_size : int
+        As for :func:`summarize_file`.
 
     Returns
     -------
     ScanResult
         Cases, one per (StudyInstanceUID, SeriesInstanceUID), sorted by their first file; a
-        multi-frame object that shares its series with other files is a case of its own, with
-        ``part`` set to ``"mf1"``, ``"mf2"``... A file without those UIDs is a case of its own,
-        keyed by a hash of its path. Files left out are in ``skipped`` with a reason:
-        NOT_DICOM, UNREADABLE, TRUNCATED, NO_PIXEL_DATA (detail names the SOP class),
-        UNSUPPORTED_TRANSFER_SYNTAX (detail names the UID) or DUPLICATE (a second file with the
-        same SOP Instance UID).
+        multi-frame object (or a Siemens mosaic) that shares its series with other files is a case
+        of its own, with ``part`` set to ``"mf1"``, ``"mf2"``... A file without those UIDs is a case
+        of its own, keyed by a hash of its path. Files left out are in ``skipped`` with a reason:
+        NOT_DICOM, UNREADABLE, TRUNCATED, NOT_AN_IMAGE (not an image storage SOP Class, or under
+        ``min_size``; detail names the class), NO_PIXEL_DATA (detail names the SOP class),
+        UNSUPPORTED_TRANSFER_SYNTAX (detail names the UID), DUPLICATE (a second file with the
+        same SOP Instance UID), or one of :func:`walk_archive`'s (NOT_A_FILE, BROKEN_LINK,
+        SYMLINK_LOOP). ``n_files`` counts every path met, skipped ones included.
 
     Raises
     ------
@@ -269,17 +373,21 @@ def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
         If ``paths`` is a root that does not exist.
     """
     if isinstance(paths, (str, Path)):
-        files = list(find_files(paths))
+        files = list(walk_archive(paths))
     else:
-        listed: list[Path] = []
+        listed: dict[Path, Path | SkippedFile] = {}
         for item in paths:
             item = Path(item)
-            listed.extend(find_files(item) if item.is_dir() else [item])
-        files = sorted(dict.fromkeys(listed))
+            for entry in walk_archive(item) if item.is_dir() else [item]:
+                listed.setdefault(_path_of(entry), entry)
+        files = [listed[p] for p in sorted(listed)]
     headers: dict[Path, Dataset] = {}
     items: list[HeaderSummary | SkippedFile] = []
     for path in files:
-        found = _summarize(path)
+        if isinstance(path, SkippedFile):
+            items.append(path)
+            continue
+        found = _summarize(path, min_size)
         if isinstance(found, SkippedFile):
             items.append(found)
         else:
@@ -302,9 +410,13 @@ def scan(paths: Path | str | Iterable[Path]) -> ScanResult:
     return ScanResult(cases=cases, skipped=skipped, n_files=len(files))
 
 
-def _summarize(path: Path) -> tuple[HeaderSummary, Dataset] | SkippedFile:
+def _summarize(path: Path, min_size: int = MIN_IMAGE_SIZE) -> tuple[HeaderSummary, Dataset] | SkippedFile:
+    odd = _not_regular(path)  # a FIFO would block the read: never open one
+    if odd is not None:
+        logger.debug("skip %s: %s (%s)", path, odd.reason.value, odd.detail)
+        return odd
     try:
-        ds = _usable_header(path)
+        ds = _usable_header(path, min_size)
     except _Skip as skip:
         logger.debug("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
         return SkippedFile(path, skip.reason, skip.detail)
@@ -315,16 +427,22 @@ def _summarize(path: Path) -> tuple[HeaderSummary, Dataset] | SkippedFile:
     return _summary(path, ds), ds
 
 
-def _usable_header(path: Path) -> Dataset:
-    """The header of a file that holds decodable pixel data.
+def _usable_header(path: Path, min_size: int = MIN_IMAGE_SIZE) -> Dataset:
+    """The header of an image (by SOP Class and size) that holds decodable pixel data.
 
     Raises
     ------
     _Skip
-        As :func:`_read_header`, or NO_PIXEL_DATA, or UNSUPPORTED_TRANSFER_SYNTAX.
+        As :func:`_read_header`, or NOT_AN_IMAGE, NO_PIXEL_DATA, UNSUPPORTED_TRANSFER_SYNTAX.
     """
     header = _read_header(path)
     ds = header.ds
+    count = mosaic_count(ds)
+    grid = math.ceil(math.sqrt(count)) if count else 1
+    tile = (_int(_get(ds, "Rows"), 0) // grid, _int(_get(ds, "Columns"), 0) // grid) if count else None
+    why = not_an_image(ds, min_size=min_size, tile=tile)
+    if why is not None:
+        raise _Skip(SkipReason.NOT_AN_IMAGE, why)
     if header.pixel_tag is None:
         raise _Skip(SkipReason.NO_PIXEL_DATA, f"{_sop_class_name(ds)} has no pixel data")
     problem = _decoder_problem(_transfer_syntax(ds))
@@ -334,13 +452,14 @@ def _usable_header(path: Path) -> Dataset:
 
 
 def _summary(path: Path, ds: Dataset) -> HeaderSummary:
+    slices = mosaic_count(ds)  # a mosaic is a volume of its own, read whole (no per-slice geometry)
     return HeaderSummary(
         path=path,
         study_uid=_str(ds, "StudyInstanceUID"),
         series_uid=_str(ds, "SeriesInstanceUID"),
         sop_uid=_str(ds, "SOPInstanceUID"),
-        frames=_int(_get(ds, "NumberOfFrames"), 1),
-        geometry=_geometry(ds),
+        frames=slices or _int(_get(ds, "NumberOfFrames"), 1),
+        geometry=None if slices else _geometry(ds),
     )
 
 
@@ -350,7 +469,7 @@ def _case_key(entry: HeaderSummary) -> tuple[str, str]:
         return study, series
     # No UIDs to group by: the file is a case of its own, under a key that stays the same
     # from run to run for the same path.
-    digest = hashlib.sha1(str(entry.path.resolve()).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(os.fsencode(entry.path.resolve())).hexdigest()[:16]
     return study or f"nouid-{digest}", f"nouid-{digest}"
 
 
@@ -377,3 +496,57 @@ def _split(key: tuple[str, str], entries: list[HeaderSummary]) -> list[CaseFiles
     if single:
         cases.append(make(single))
     return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Walking a folder: what is not a regular file
+
+
+@dataclass(frozen=True)
+class _Folder:
+    path: Path
+    key: tuple[int, int]  # (st_dev, st_ino)
+    parent: _Folder | None
+
+
+def _path_of(entry: Path | SkippedFile) -> Path:
+    return entry.path if isinstance(entry, SkippedFile) else entry
+
+
+def _what(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a file; it is never opened"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a file"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    return "not a regular file"
+
+
+def _unusable(path: Path, error: OSError) -> SkippedFile:
+    """Why ``path`` cannot be stat'ed (following links)."""
+    if error.errno == errno.ELOOP:
+        return SkippedFile(path, SkipReason.SYMLINK_LOOP, "the link leads back to itself")
+    if error.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path):
+        return SkippedFile(path, SkipReason.BROKEN_LINK, "the link's target does not exist")
+    return SkippedFile(path, SkipReason.UNREADABLE, f"the file cannot be read: {error.strerror or type(error).__name__}")
+
+
+def _not_regular(path: Path) -> SkippedFile | None:
+    """None for a regular file (or a link to one); else why it is skipped."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return _unusable(path, e)
+    return None if stat.S_ISREG(st.st_mode) else SkippedFile(path, SkipReason.NOT_A_FILE, _what(st.st_mode))
+
+
+def _walked_already(folder: _Folder, first: Path) -> SkippedFile:
+    above = folder.parent
+    while above is not None:
+        if above.key == folder.key:
+            return SkippedFile(folder.path, SkipReason.SYMLINK_LOOP, "the link leads back to a folder above it")
+        above = above.parent
+    return SkippedFile(folder.path, SkipReason.DUPLICATE, f"the same folder as {first}, walked already")

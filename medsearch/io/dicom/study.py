@@ -20,9 +20,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from medsearch.deid.vocabulary import modality_term
 from medsearch.errors import InvalidStudyError
 from medsearch.io.dicom.decode import _decode
+from medsearch.io.dicom.mosaic import mosaic_count, split_mosaic
 from medsearch.io.dicom.read import (
+    _PIXEL_TAGS,
     LoadFailure,
     SkippedFile,
     SkipReason,
@@ -37,6 +40,7 @@ from medsearch.io.dicom.read import (
 )
 from medsearch.io.dicom.scan import CaseRef, find_files, scan
 from medsearch.io.dicom.stack import SliceGeometry, _geometry, _Image, _images, _stack
+from medsearch.io.dicom.window import display_window
 
 __all__ = ["Volume", "load_study", "load_volume"]
 
@@ -49,7 +53,9 @@ class Volume:
 
     ``decoded`` is None when every slice was decoded. A volume loaded with ``load_volume(case,
     select=...)`` has the full shape, but only the slices listed in ``decoded`` hold pixels; the
-    others are zero.
+    others are zero. ``window``: the (center, width) in HU a CT is shown in (the file's own, or its
+    body part's: :func:`~medsearch.io.dicom.window.display_window`), None where not known; pictures
+    only, the encoder's input does not depend on it.
     """
 
     pixels: np.ndarray
@@ -57,6 +63,7 @@ class Volume:
     modality: str
     rgb: bool
     decoded: tuple[int, ...] | None = None
+    window: tuple[float, float] | None = None
 
 
 def load_volume(
@@ -67,7 +74,8 @@ def load_volume(
     Each image is decoded with pydicom (YBR becomes RGB), the modality LUT or rescale is applied
     (per frame for Enhanced objects, from the Pixel Value Transformation functional group),
     PALETTE COLOR becomes RGB, and MONOCHROME1 is inverted so that higher is brighter.
-    A multi-frame object gives one image per frame. Images are stacked along Z as described in
+    A multi-frame object gives one image per frame, a Siemens mosaic one image per tile
+    (:mod:`medsearch.io.dicom.mosaic`). Images are stacked along Z as described in
     :func:`_stack`: sorted by position on the slice normal, one image kept per position (the first
     by InstanceNumber, AcquisitionNumber) so the volume is one spatial stack.
 
@@ -131,7 +139,12 @@ def load_volume(
     for index, path, ds in read:
         try:
             pixels = _decode(ds)
+            tiles = mosaic_count(ds)
+            if tiles:  # a Siemens mosaic: its tiles are the slices of a volume, in order
+                pixels = split_mosaic(pixels, tiles)
             decoded.append((path, ds, pixels, _images(ds, pixels, index)))
+            for tag in _PIXEL_TAGS & set(ds.keys()):  # the stored pixels are not needed any more
+                del ds[tag]
         except _Skip as skip:
             logger.info("skip %s: %s (%s)", path, skip.reason.value, skip.detail)
             failed.append((index, SkippedFile(path, skip.reason, skip.detail)))
@@ -158,10 +171,35 @@ def load_volume(
         images.extend(file_images)
         kept_ds.append(ds)
     stacked, gap = _stack(images)
-    pixels = np.stack([im.pixels for im in stacked]).astype(np.float32, copy=False)  # type: ignore[misc]
+    if len(kept_ds) == 1:  # one file (a multi-frame volume): its frames are put in order in place
+        pixels = _in_order(next(p for _, d, p, _ in decoded if d is kept_ds[0]), [im.order[3] for im in stacked])
+    else:
+        pixels = np.stack([im.pixels for im in stacked]).astype(np.float32, copy=False)  # type: ignore[misc]
     volume = _volume(case, pixels, kept_ds[0], gap)
     skipped.sort(key=lambda s: s.path)
     return volume, skipped
+
+
+def _in_order(frames: np.ndarray, order: list[int]) -> np.ndarray:
+    """``frames[order]``, reordered in place rather than copied (a multi-frame volume may be 1 GiB).
+
+    ``order`` lists distinct frame indices; frames it leaves out end up past ``len(order)``.
+    """
+    listed = set(order)
+    target = order + [i for i in range(frames.shape[0]) if i not in listed]
+    done = [False] * len(target)
+    for start, source in enumerate(target):
+        if done[start] or source == start:
+            continue
+        first = frames[start].copy()
+        here = start
+        while target[here] != start:  # follow the cycle: each slot takes the frame it wants
+            frames[here] = frames[target[here]]
+            done[here] = True
+            here = target[here]
+        frames[here] = first
+        done[here] = True
+    return frames[: len(order)]
 
 
 def _load_selected(
@@ -174,6 +212,8 @@ def _load_selected(
     one grayscale image, geometry that does not parse, or a selected slice that does not decode to
     its header's shape.
     """
+    if any(mosaic_count(ds) for _, _, ds in read):
+        return None  # a mosaic is one file of many slices: decoded whole
     geometry = {index: _geometry(ds) for index, _, ds in read}
     known = {index: g for index, g in geometry.items() if g is not None}
     if len(known) < len(geometry):
@@ -265,9 +305,11 @@ def _volume(
     return Volume(
         pixels=pixels,
         spacing=(z or 1.0, y or 1.0, x or 1.0),
-        modality=_str(case.header, "Modality") or "OT",
+        # a defined term only: a free-text Modality could carry a name into a query's answer
+        modality=modality_term(_str(case.header, "Modality")) or "OT",
         rgb=pixels.ndim == 4,
         decoded=decoded,
+        window=display_window(case.header),
     )
 
 
@@ -302,6 +344,12 @@ _ADVICE = {
     SkipReason.DECODE_ERROR: "convert the file to Explicit VR Little Endian or give another study",
     SkipReason.DUPLICATE: "remove the copy",
     SkipReason.INCONSISTENT_SERIES: "give one series folder",
+    SkipReason.TOO_LARGE: "give a smaller study, or check that the file is not damaged",
+    SkipReason.CODESTREAM_MISMATCH: "copy the file again from its archive or PACS; it is damaged",
+    SkipReason.NOT_AN_IMAGE: "give a DICOM image (CT, MR, CR, US...), not a report, segmentation or RT object",
+    SkipReason.NOT_A_FILE: "give a regular file or a folder of them",
+    SkipReason.BROKEN_LINK: "repair the link or give the file it should point to",
+    SkipReason.SYMLINK_LOOP: "give the folder itself, not a link that leads back into it",
 }
 
 
@@ -313,14 +361,19 @@ def _skip_message(skip: SkippedFile) -> str:
         )
     what = {
         SkipReason.NO_PIXEL_DATA: "holds no image",
+        SkipReason.NOT_AN_IMAGE: "holds no image",
         SkipReason.TRUNCATED: "is truncated",
         SkipReason.UNREADABLE: "cannot be read",
         SkipReason.UNSUPPORTED_TRANSFER_SYNTAX: "cannot be decoded here",
+        SkipReason.TOO_LARGE: "is too large",
     }.get(skip.reason, f"was skipped ({skip.reason.value})")
-    return f"{skip.path} {what}: {skip.detail}; {_ADVICE[skip.reason]}"
+    advice = _ADVICE.get(skip.reason, "give a DICOM file or a series folder")
+    return f"{skip.path} {what}: {skip.detail}; {advice}"
 
 
-def load_study(path: Path | str) -> tuple[CaseRef, Volume]:
+def load_study(
+    path: Path | str, *, load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None = None
+) -> tuple[CaseRef, Volume]:
     """Load one query study: a DICOM file or a folder that holds one series.
 
     Parameters
@@ -328,6 +381,8 @@ def load_study(path: Path | str) -> tuple[CaseRef, Volume]:
     path : Path or str
         A DICOM file, or a folder with the files of one series (other files, such as a
         LICENSE or a report, are skipped).
+    load : callable, optional
+        The decoder of the study's case (default :func:`load_volume`), as ``build_index`` takes one.
 
     Returns
     -------
@@ -341,7 +396,8 @@ def load_study(path: Path | str) -> tuple[CaseRef, Volume]:
     InvalidStudyError
         If the path does not exist, holds no file, holds no DICOM image (the message gives the
         reason for the first file: not DICOM, no pixel data with its SOP class, truncated,
-        unsupported transfer syntax), or holds several series.
+        unsupported transfer syntax), or holds several series, or several volumes of one series
+        (multi-frame objects, mosaics).
     LoadFailure
         If no file of the series decodes (a subclass of InvalidStudyError).
     """
@@ -360,11 +416,17 @@ def load_study(path: Path | str) -> tuple[CaseRef, Volume]:
             f"first: {_skip_message(result.skipped[0])}"
         )
     if len(result.cases) > 1:
+        series = {(c.study_uid, c.series_uid) for c in result.cases}
+        if len(series) == 1:  # one series of several multi-frame objects or mosaics, each a volume
+            raise InvalidStudyError(
+                f"{path} holds one series of {len(result.cases)} multi-frame or mosaic files, each a volume of "
+                "its own; give one of its files"
+            )
         raise InvalidStudyError(
-            f"{path} holds {len(result.cases)} series; give one series folder or one file"
+            f"{path} holds {len(series)} series; give one series folder or one file"
         )
     case = result.cases[0]
-    volume, skipped = load_volume(case)
+    volume, skipped = (load or load_volume)(case)
     for skip in result.skipped + skipped:
         logger.info("%s left out of the study: %s (%s)", skip.path, skip.reason.value, skip.detail)
     return case, volume

@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 
 from medsearch.io.dicom import ScanResult
 
@@ -51,8 +51,11 @@ def _as_mpeg2(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _corrupt_j2k(path: Path) -> Path:
+    """A real JPEG 2000 file whose codestream keeps its main header (its size is the header's) and
+    loses its image data to zeros."""
     ds = pydicom.dcmread(_testfile("MR_small_jp2klossless.dcm"))
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 200])
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:100] + b"\x00" * 200])
     ds["PixelData"].VR = "OB"
     return _write(ds, path)
 

@@ -235,3 +235,84 @@ def test_gray_in_float32_is_the_float64_result(
     slow = dicom._gray(arr, ds)
     assert fast.dtype == slow.dtype == np.float32
     assert fast.tobytes() == slow.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# A compressed image must be the size its header declares, before any decoder runs
+
+BOMBS = ["j2k", "jpeg", "jpegls"]
+
+
+@pytest.fixture
+def decoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of the pixel decoder (pydicom's frame iterator)."""
+    from medsearch.io.dicom import decode
+
+    calls: list[int] = []
+    real = decode._frames_of
+    monkeypatch.setattr(decode, "_frames_of", lambda ds: calls.append(1) or real(ds))
+    return calls
+
+
+@pytest.mark.parametrize("kind", BOMBS)
+def test_a_codestream_that_claims_60000_x_60000_is_too_large_before_decoding(
+    tmp_path: Path, kind: str, testfile: Callable[[str], Path], decoder_calls: list[int]
+) -> None:
+    """A 6 KB JPEG 2000 file whose SIZ claims 60000 x 60000 under a 64 x 64 header drove a worker to 7.9 GB."""
+    from hostile.files import _BOMB_SOURCES, codestream_bomb
+
+    testfile(_BOMB_SOURCES[kind])
+    path = codestream_bomb(tmp_path / f"{kind}.dcm", kind)
+    with pytest.raises(LoadFailure) as info:
+        _load_one(path)
+    (skip,) = info.value.skipped
+    assert skip.reason is SkipReason.TOO_LARGE and "frame 1 claims more pixels than the 1 GiB" in skip.detail
+    assert "60000" not in skip.detail and decoder_calls == []
+
+
+@pytest.mark.parametrize("kind", BOMBS)
+def test_a_codestream_of_another_size_than_the_header_is_a_mismatch(
+    tmp_path: Path, kind: str, testfile: Callable[[str], Path], decoder_calls: list[int]
+) -> None:
+    from hostile.files import _BOMB_SOURCES, codestream_bomb
+
+    testfile(_BOMB_SOURCES[kind])
+    path = codestream_bomb(tmp_path / f"{kind}.dcm", kind, size=96)
+    with pytest.raises(LoadFailure) as info:
+        _load_one(path)
+    (skip,) = info.value.skipped
+    assert skip.reason is SkipReason.CODESTREAM_MISMATCH and "is not the size the header declares" in skip.detail
+    assert decoder_calls == []
+
+
+COMPRESSED = [
+    "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "emri_small_jpeg_2k_lossless.dcm", "US1_J2KR.dcm", "RG3_J2KR.dcm",
+    "JPEG-LL.dcm", "JPEG-lossy.dcm", "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_small_odd_jpeg.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm",
+    "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm", "emri_small_jpeg_ls_lossless.dcm",
+]
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_real_compressed_files_pass_the_codestream_check(name: str, testfile: Callable[[str], Path]) -> None:
+    from pydicom.encaps import generate_frames
+
+    from medsearch.io.dicom import decode
+
+    ds = pydicom.dcmread(testfile(name))
+    decode._check_codestreams(ds)  # raises nothing
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    found = decode._codestream_size(next(generate_frames(ds.PixelData, number_of_frames=frames))[: 2**20])
+    assert found is not None and found[1:] == (ds.Columns, ds.Rows, ds.SamplesPerPixel)
+
+
+def test_frames_are_decoded_one_at_a_time_into_one_array(testfile: Callable[[str], Path], decoder_calls: list[int]) -> None:
+    """A multi-frame file gives the frames pydicom's whole-array decode gives, bit for bit."""
+    from medsearch.io.dicom.decode import _decode
+    from medsearch.io.dicom.read import _read_full
+
+    for name in ("emri_small.dcm", "emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"):
+        ds = _read_full(testfile(name))
+        out = _decode(ds)
+        assert out.dtype == np.float32 and out.shape == (10, 64, 64)
+        assert np.array_equal(out, pydicom.dcmread(testfile(name)).pixel_array.astype(np.float32))
+    assert len(decoder_calls) == 3

@@ -141,7 +141,7 @@ STUDY_ERRORS = [
     (
         "sr",
         InvalidStudyError,
-        r"reportsi\.dcm holds no image: Basic Text SR Storage has no pixel data; give",
+        r"reportsi\.dcm holds no image: Basic Text SR Storage is not an image storage class .*; give",
     ),
     ("truncated", InvalidStudyError, r"cut\.dcm is truncated: .*; copy the file again"),
     ("several", InvalidStudyError, r"holds 2 series; give one series folder or one file"),
@@ -233,12 +233,18 @@ def test_ge_mrdc_files_load(shared_dicom: Path) -> None:
     assert vol.pixels.shape == (2, 256, 256)  # 2 slice positions x 7 diffusion volumes
 
 
-@pytest.mark.parametrize("folder", ["ax/axasc36", "axmb/AxAsc36mb2a", "axmb/AxInt36mb"])
-def test_siemens_mosaic_loads(shared_dicom: Path, folder: str) -> None:
-    case, vol = load_study(shared_dicom / "mr-siemens-mosaic" / "In" / "Orientation" / folder)
-    assert len(case.files) == 2
-    assert vol.pixels.ndim == 3 and vol.pixels.shape[0] == 1  # both time points at one position
-    assert vol.pixels.max() > 0
+@pytest.mark.parametrize(("folder", "tile"), [("ax/axasc36", 64), ("axmb/AxAsc36mb2a", 86), ("axmb/AxInt36mb", 86)])
+def test_siemens_mosaic_loads_as_its_slices(shared_dicom: Path, folder: str, tile: int) -> None:
+    """Issue 17: a mosaic was one tiled picture; each file is now a volume of its 36 slices (JPEG and
+    JPEG 2000 ones too), and the series folder of two time points says to give one file."""
+    series = shared_dicom / "mr-siemens-mosaic" / "In" / "Orientation" / folder
+    first = sorted(p for p in series.iterdir() if p.is_file())[0]
+    case, vol = load_study(first)
+    assert vol.pixels.shape == (36, tile, tile)
+    assert all(vol.pixels[i].max() > 0 for i in range(36))
+    assert vol.spacing[1] == vol.spacing[2] and vol.spacing[0] > 0
+    with pytest.raises(InvalidStudyError, match=r"holds one series of 2 multi-frame or mosaic files, each a volume of its own; give one of its files"):
+        load_study(series)
 
 
 def test_philips_enhanced_64_frames(shared_dicom: Path) -> None:
@@ -247,6 +253,15 @@ def test_philips_enhanced_64_frames(shared_dicom: Path) -> None:
     assert case.header.NumberOfFrames == 64
     assert vol.pixels.shape == (32, 64, 64)  # 2 frames at each of 32 positions
     assert vol.spacing == pytest.approx((4.0, 4.0, 4.0))
+
+
+def test_one_series_of_several_volumes_is_not_called_several_series(shared_dicom: Path) -> None:
+    """Issue 17: the message said "holds 4 series" for one series of 4 multi-frame objects."""
+    folder = shared_dicom / "mr-enhanced-multiframe" / "In" / "Siemens"
+    with pytest.raises(InvalidStudyError) as info:
+        load_study(folder)
+    assert "holds one series of 4 multi-frame or mosaic files, each a volume of its own; give one of its files" in str(info.value)
+    assert "4 series" not in str(info.value)
 
 
 def test_siemens_xa_enhanced_objects_are_cases_of_their_own(shared_dicom: Path) -> None:
@@ -522,3 +537,25 @@ def test_select_indices_out_of_range_raise(tmp_path: Path, sample_series: Callab
     (case,) = scan(sample_series(tmp_path / "series", list(range(3)))).cases
     with pytest.raises(ValueError, match=r"slice indices \[3\] for a stack of 3"):
         load_volume(case, select=lambda depth: [depth])
+
+
+# ---------------------------------------------------------------------------------------------
+# A multi-frame volume is put in order in place, not copied
+
+IN_ORDER_TABLE = [
+    [0, 1, 2, 3, 4],
+    [4, 3, 2, 1, 0],
+    [1, 2, 3, 4, 0],
+    [2, 0, 4],  # frames at one position dropped: only the kept ones, in their order
+    [3],
+]
+
+
+@pytest.mark.parametrize("order", IN_ORDER_TABLE)
+def test_frames_are_reordered_in_place(order: list[int]) -> None:
+    from medsearch.io.dicom.study import _in_order
+
+    frames = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    expected = frames[order].copy()
+    out = _in_order(frames, order)
+    assert np.array_equal(out, expected) and np.shares_memory(out, frames)

@@ -1,0 +1,566 @@
+// medsearch: the page of `medsearch serve`. Drop a study, see its most similar cases.
+// Vanilla JavaScript, no library, no request to anywhere but this service.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    drop: $("drop"), files: $("files"), folder: $("folder"), chooseFiles: $("choose-files"), chooseFolder: $("choose-folder"),
+    pacs: $("pacs"), viewer: $("viewer"), canvas: $("image"), viewerOpen: $("viewer-open"), caption: $("viewer-caption"),
+    window: $("window"), presets: $("presets"), windowValue: $("window-value"),
+    slicer: $("slicer"), slice: $("slice"), sliceOut: $("slice-out"),
+    form: $("query"), k: $("k"), ageMin: $("age-min"), ageMax: $("age-max"), labelFields: $("label-fields"),
+    exclude: $("exclude"), excludeLabel: $("exclude-label"), one: $("one"), oneLabel: $("one-label"), reset: $("reset"),
+    error: $("error"), status: $("status"), empty: $("empty"), results: $("results"), note: $("note"), summary: $("summary"),
+    info: $("index-info"), signout: $("signout"), user: $("user"),
+    detail: $("detail"), detailTitle: $("detail-title"), detailPicture: $("detail-picture"), detailFields: $("detail-fields"),
+    detailNote: $("detail-note"),
+  };
+  const CHOICES = ["modality", "body_part", "sex"];
+  const HEADINGS = {
+    modality: "Modality", body_part: "Body part", sex: "Sex", age_band: "Age", model: "Scanner model",
+    manufacturer: "Manufacturer", n_slices: "Slices", spacing_mm: "Spacing (mm)", rows: "Rows", columns: "Columns",
+    patient_size_m: "Size (m)", patient_weight_kg: "Weight (kg)", sop_class: "Kind of image", photometric: "Photometric",
+    patient: "Patient (pseudonym)", n_files: "Files", study_date_shifted: "Study date (shifted)",
+  };
+  const state = {
+    options: null,
+    study: null,        // token of the study the service keeps
+    preview: null,      // how to draw it
+    slices: new Map(),  // preview slice index -> typed array
+    current: 0,         // preview slice shown
+    window: null,       // {center, width}
+    preset: "auto",
+    busy: 0,
+    lastQuery: "",
+  };
+
+  // -- talking to the service ------------------------------------------------------------------
+
+  async function api(url, init) {
+    let response;
+    try {
+      response = await fetch(url, { credentials: "same-origin", ...init });
+    } catch (e) {
+      throw new Error("The medsearch service does not answer. Check that `medsearch serve` is running, then try again.");
+    }
+    if (response.status === 401) {
+      window.location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+      throw new Error("Please sign in again.");
+    }
+    const type = response.headers.get("content-type") || "";
+    if (!response.ok) {
+      let message = `The service answered ${response.status}.`;
+      if (type.includes("application/json")) {
+        const body = await response.json().catch(() => null);
+        if (body && typeof body.error === "string") message = body.error;
+      }
+      const error = new Error(message);
+      error.status = response.status;
+      throw error;
+    }
+    return type.includes("application/json") ? response.json() : response.arrayBuffer();
+  }
+
+  function showError(message) {
+    els.error.textContent = message ? sentence(message) : "";
+    els.error.hidden = !message;
+  }
+
+  function sentence(text) {
+    const t = String(text).trim();
+    return t.charAt(0).toUpperCase() + t.slice(1);
+  }
+
+  function setStatus(text) { els.status.textContent = text || ""; }
+
+  // -- filters and the URL ----------------------------------------------------------------------
+
+  function fillOptions(options) {
+    state.options = options;
+    const tally = options.cases === 1 ? "1 case" : `${options.cases.toLocaleString()} cases`;
+    els.info.textContent = `${tally} · encoder ${options.encoder}`;
+    els.empty.textContent = `Drop a study to see the cases of this index (${tally}) that look most like it.`;
+    els.k.max = String(options.k.max);
+    for (const name of CHOICES) {
+      const select = $("f-" + name);
+      const values = (options.fields || {})[name] || [];
+      for (const [value, count] of values) select.append(new Option(`${value} (${count})`, value));
+      select.closest(".field").hidden = values.length === 0;
+    }
+    if (options.age) {
+      for (const input of [els.ageMin, els.ageMax]) { input.min = "0"; input.max = String(options.age.max + 10); }
+    } else {
+      els.ageMin.closest("fieldset").hidden = true;
+    }
+    for (const [name, values] of Object.entries(options.labels || {})) {
+      const wrap = document.createElement("div");
+      wrap.className = "field";
+      const id = "l-" + name.replace(/[^A-Za-z0-9_-]/g, "_");
+      const label = document.createElement("label");
+      label.htmlFor = id;
+      label.textContent = name;
+      let control;
+      if (values) {
+        control = document.createElement("select");
+        control.append(new Option("any", ""));
+        for (const [value, count] of values) control.append(new Option(`${value} (${count})`, value));
+      } else {
+        control = document.createElement("input");
+        control.placeholder = "any";
+      }
+      control.id = id;
+      control.dataset.label = name;
+      wrap.append(label, control);
+      els.labelFields.append(wrap);
+    }
+    const features = options.features || {};
+    els.excludeLabel.hidden = !features.exclude_same_patient;
+    els.oneLabel.hidden = !features.one_per_patient;
+    els.pacs.hidden = !features.dicomweb;
+    if (options.user) {
+      els.user.textContent = `Signed in as ${options.user}`;
+      els.signout.hidden = false;
+    }
+  }
+
+  function labelControls() { return Array.from(els.labelFields.querySelectorAll("[data-label]")); }
+
+  // The query as URL parameters: what the address bar keeps, so a result page can be shared and reloaded.
+  function formParams() {
+    const p = new URLSearchParams();
+    if (state.study) p.set("study", state.study);
+    p.set("k", String(clampK(els.k.value)));
+    for (const name of CHOICES) { const v = $("f-" + name).value; if (v) p.set(name, v); }
+    if (els.ageMin.value !== "") p.set("age_min", els.ageMin.value);
+    if (els.ageMax.value !== "") p.set("age_max", els.ageMax.value);
+    for (const control of labelControls()) if (control.value.trim()) p.set("label." + control.dataset.label, control.value.trim());
+    if (els.exclude.checked && !els.excludeLabel.hidden) p.set("exclude_same_patient", "1");
+    if (els.one.checked && !els.oneLabel.hidden) p.set("one_per_patient", "1");
+    if (state.preset !== "auto") p.set("window", state.preset);
+    return p;
+  }
+
+  function applyParams(p) {
+    if (p.has("k")) els.k.value = String(clampK(p.get("k")));
+    for (const name of CHOICES) {
+      const select = $("f-" + name);
+      const v = p.get(name) || "";
+      if (v && !Array.from(select.options).some((o) => o.value === v)) select.append(new Option(v, v));
+      select.value = v;
+    }
+    els.ageMin.value = p.get("age_min") || "";
+    els.ageMax.value = p.get("age_max") || "";
+    for (const control of labelControls()) {
+      const v = p.get("label." + control.dataset.label) || "";
+      if (control.tagName === "SELECT" && v && !Array.from(control.options).some((o) => o.value === v)) control.append(new Option(v, v));
+      control.value = v;
+    }
+    els.exclude.checked = p.get("exclude_same_patient") === "1";
+    els.one.checked = p.get("one_per_patient") === "1";
+    state.preset = p.get("window") || "auto";
+  }
+
+  function clampK(value) {
+    const max = state.options ? state.options.k.max : 1000;
+    const n = Math.round(Number(value));
+    return Number.isFinite(n) ? Math.min(Math.max(n, 1), max) : 10;
+  }
+
+  // The filters as `where` terms, as `medsearch query --where` takes them.
+  function queryString() {
+    const q = new URLSearchParams();
+    q.set("k", String(clampK(els.k.value)));
+    for (const name of CHOICES) { const v = $("f-" + name).value; if (v) q.append("where", `${name}=${v}`); }
+    if (els.ageMin.value !== "") q.append("where", `age>=${Number(els.ageMin.value)}`);
+    if (els.ageMax.value !== "") q.append("where", `age<=${Number(els.ageMax.value)}`);
+    for (const control of labelControls()) {
+      const v = control.value.trim();
+      if (v) q.append("where", `${control.dataset.label}=${v}`);
+    }
+    if (els.exclude.checked && !els.excludeLabel.hidden) q.set("exclude_same_patient", "true");
+    if (els.one.checked && !els.oneLabel.hidden) q.set("one_per_patient", "true");
+    return q;
+  }
+
+  function remember(push) {
+    const url = location.pathname + "?" + formParams().toString();
+    if (url === location.pathname + location.search) return;
+    if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+  }
+
+  // -- sending a study -------------------------------------------------------------------------
+
+  async function sendFiles(files) {
+    files = files.filter((f) => f && f.size > 0);
+    if (!files.length) { showError("No file was dropped: drop a DICOM file, several files, or a series folder."); return; }
+    const total = files.reduce((sum, f) => sum + f.size, 0);
+    const limit = state.options ? state.options.max_upload_bytes : Infinity;
+    if (total > limit) {
+      showError(`These files hold ${mb(total)}, more than the ${mb(limit)} this service accepts; give one series.`);
+      return;
+    }
+    const form = new FormData();
+    // File names are not sent: a name on a clinician's disk may name the patient.
+    files.forEach((file, i) => form.append("file", file, `file-${i + 1}.dcm`));
+    const what = files.length === 1 ? `1 file (${mb(total)})` : `${files.length} files (${mb(total)})`;
+    await run(`Sending ${what} and searching…`, async () => {
+      const answer = await api("/api/search?" + queryString().toString(), { method: "POST", body: form });
+      state.study = answer.study;
+      await showStudy(answer.preview, answer.query);
+      showResults(answer);
+      remember(true);
+    });
+  }
+
+  async function searchAgain(push) {
+    if (!state.study) { remember(false); return; }
+    const q = queryString();
+    q.set("study", state.study);
+    await run("Searching…", async () => {
+      const answer = await api("/api/search?" + q.toString());
+      if (!state.preview && answer.preview) await showStudy(answer.preview, answer.query);
+      showResults(answer);
+      remember(push);
+    });
+  }
+
+  async function run(message, work) {
+    const mine = ++state.busy;
+    showError("");
+    setStatus(message);
+    document.body.classList.add("working");
+    try {
+      await work();
+      if (mine === state.busy) setStatus("");
+    } catch (e) {
+      if (mine === state.busy) { setStatus(""); showError(e.message); }
+      if (e.status === 404 && state.study) { state.study = null; remember(false); }
+    } finally {
+      if (mine === state.busy) document.body.classList.remove("working");
+    }
+  }
+
+  function mb(bytes) {
+    return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(bytes >= 1e8 ? 0 : 1)} MB` : `${Math.max(1, Math.round(bytes / 1e3))} kB`;
+  }
+
+  // Every file under a dropped folder (the browser's file system entries, read in batches).
+  async function droppedFiles(transfer) {
+    const entries = Array.from(transfer.items || []).map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+    if (!entries.length) return Array.from(transfer.files || []);
+    const out = [];
+    async function walk(entry) {
+      if (entry.isFile) {
+        out.push(await new Promise((resolve, reject) => entry.file(resolve, reject)));
+      } else if (entry.isDirectory) {
+        const reader = entry.createReader();
+        for (;;) {
+          const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+          if (!batch.length) break;
+          for (const child of batch) await walk(child);
+        }
+      }
+    }
+    for (const entry of entries) await walk(entry);
+    return out;
+  }
+
+  // -- the query's image -------------------------------------------------------------------------
+
+  async function showStudy(preview, query) {
+    state.preview = preview;
+    state.slices = new Map();
+    if (!preview) { els.viewer.hidden = true; els.window.hidden = true; els.slicer.hidden = true; return; }
+    const n = preview.slices.length;
+    els.canvas.width = preview.columns;
+    els.canvas.height = preview.rows;
+    const [, dy, dx] = preview.spacing;
+    els.canvas.style.aspectRatio = `${preview.columns * dx} / ${preview.rows * dy}`;
+    buildPresets(preview);
+    state.window = windowOf(state.preset, preview);
+    els.slicer.hidden = n < 2;
+    els.slice.max = String(n - 1);
+    state.current = Math.floor((n - 1) / 2);
+    els.slice.value = String(state.current);
+    const parts = [query.modality || "", preview.n_slices > 1 ? `${preview.n_slices} slices` : "one image",
+      `${preview.columns} × ${preview.rows} px`];
+    if (n < preview.n_slices) parts.push(`${n} slices shown`);
+    els.caption.textContent = parts.filter(Boolean).join(" · ");
+    els.viewer.hidden = false;
+    els.window.hidden = preview.format !== "int16";
+    els.drop.classList.add("compact");
+    $("drop-title").textContent = "Drop another study here";
+    await drawSlice(state.current);
+  }
+
+  function buildPresets(preview) {
+    els.presets.textContent = "";
+    const names = ["auto", ...Object.keys(preview.presets || {})];
+    if (!names.includes(state.preset)) state.preset = "auto";
+    for (const name of names) {
+      const id = "preset-" + name.replace(/\W+/g, "-");
+      const input = document.createElement("input");
+      Object.assign(input, { type: "radio", name: "preset", id, value: name, checked: name === state.preset });
+      const label = document.createElement("label");
+      label.htmlFor = id;
+      label.textContent = name === "auto" ? (preview.window.source === "header" ? "Auto (from the file)" : "Auto") : sentence(name);
+      input.addEventListener("change", () => {
+        state.preset = name;
+        state.window = windowOf(name, preview);
+        draw();
+        remember(false);
+      });
+      els.presets.append(input, label);
+    }
+  }
+
+  function windowOf(name, preview) {
+    const w = name !== "auto" && preview.presets && preview.presets[name] ? preview.presets[name] : preview.window;
+    return { center: w.center, width: w.width };
+  }
+
+  async function slicePixels(index) {
+    if (!state.slices.has(index)) {
+      const token = state.study;
+      const buffer = await api(`/api/study/${encodeURIComponent(token)}/slice/${index}`);
+      if (token !== state.study) return null;
+      state.slices.set(index, state.preview.format === "int16" ? new Int16Array(buffer) : new Uint8Array(buffer));
+    }
+    return state.slices.get(index);
+  }
+
+  async function drawSlice(index) {
+    const pixels = await slicePixels(index);
+    if (pixels === null || index !== state.current) return;
+    draw();
+    const p = state.preview;
+    els.sliceOut.textContent = `${p.slices[index] + 1} of ${p.n_slices}`;
+    // the neighbours next, so that the slider moves without waiting
+    for (const next of [index + 1, index - 1]) if (next >= 0 && next < p.slices.length) slicePixels(next).catch(() => {});
+  }
+
+  function draw() {
+    const p = state.preview;
+    const pixels = p && state.slices.get(state.current);
+    if (!pixels) return;
+    const ctx = els.canvas.getContext("2d");
+    const image = ctx.createImageData(p.columns, p.rows);
+    const out = image.data;
+    if (p.format === "int16") {
+      // one lookup table over the 65,536 stored values, then one lookup per pixel
+      const lut = new Uint8ClampedArray(65536);
+      const low = state.window.center - state.window.width / 2;
+      const span = Math.max(state.window.width, 1e-6);
+      for (let s = 0; s < 65536; s++) lut[s] = (((s - 32768) * p.scale + p.offset - low) / span) * 255;
+      for (let i = 0, j = 0; i < pixels.length; i++, j += 4) {
+        const g = lut[pixels[i] + 32768];
+        out[j] = g; out[j + 1] = g; out[j + 2] = g; out[j + 3] = 255;
+      }
+      const c = Math.round(state.window.center), w = Math.round(state.window.width);
+      els.windowValue.textContent = `Level ${c}, width ${w}${p.modality === "CT" ? " HU" : ""}`;
+    } else {
+      for (let i = 0, j = 0; i < pixels.length; i += 3, j += 4) {
+        out[j] = pixels[i]; out[j + 1] = pixels[i + 1]; out[j + 2] = pixels[i + 2]; out[j + 3] = 255;
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+    els.canvas.dataset.drawn = "true";
+  }
+
+  // -- results -----------------------------------------------------------------------------------
+
+  function showResults(answer) {
+    const results = answer.results || [];
+    els.results.textContent = "";
+    els.empty.hidden = results.length > 0;
+    if (!results.length) els.empty.textContent = "No case of the index matches these filters. Clear a filter to see more.";
+    const labels = answer.labels || [];
+    for (const match of results) els.results.append(card(match, labels));
+    const excluded = (answer.query && answer.query.excluded) || {};
+    const left = [];
+    if (excluded.same_patient) left.push(`${excluded.same_patient} of the same patient`);
+    if (excluded.other_cases_of_patient) left.push(`${excluded.other_cases_of_patient} more of a patient already shown`);
+    if (excluded.copies) left.push(`${excluded.copies} exact ${excluded.copies === 1 ? "copy" : "copies"}`);
+    const shown = results.length === 1 ? "1 case" : `${results.length} cases`;
+    const matching = answer.query && answer.query.matching_cases !== undefined
+      ? ` of ${answer.query.matching_cases} matching the filters` : "";
+    els.summary.textContent = results.length ? `${shown}${matching}, closest first` : "";
+    const notes = [];
+    if (left.length) notes.push(`Left out: ${left.join(", ")}.`);
+    notes.push(`Distance: ${answer.distance}.`);
+    notes.push("Pictures are the thumbnails the index stored; case ids are keyed pseudonyms.");
+    els.note.textContent = notes.join(" ");
+    state.lastAnswer = answer;
+  }
+
+  function card(match, labels) {
+    const li = document.createElement("li");
+    li.className = "card";
+    li.setAttribute("data-testid", "result");
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "thumb";
+    open.setAttribute("aria-label", `Case ${match.rank}: open larger`);
+    const picture = thumbnail(match, `Thumbnail of case ${match.case_id}`);
+    open.append(picture);
+    open.addEventListener("click", () => openDetail(match, labels));
+    const head = document.createElement("div");
+    head.className = "card-head";
+    const rank = document.createElement("span");
+    rank.className = "rank";
+    rank.textContent = `#${match.rank}`;
+    const distance = document.createElement("span");
+    distance.className = "distance";
+    distance.setAttribute("data-testid", "distance");
+    distance.title = "distance to the query: lower is closer";
+    distance.textContent = Number(match.distance).toFixed(4);
+    head.append(rank, distance);
+    const meta = match.metadata || {};
+    const lines = document.createElement("dl");
+    lines.className = "card-fields";
+    const add = (term, value) => {
+      if (value === null || value === undefined || value === "") return;
+      const dt = document.createElement("dt"); dt.textContent = term;
+      const dd = document.createElement("dd"); dd.textContent = shownValue(value);
+      lines.append(dt, dd);
+    };
+    add("Study", [meta.modality, meta.body_part].filter(Boolean).join(" · "));
+    add("Patient", [meta.sex, meta.age_band ? `${meta.age_band} y` : ""].filter(Boolean).join(" · "));
+    add("Scanner", meta.model);
+    for (const name of labels) add(name, meta[name]);
+    const best = bestSlice(match);
+    if (best) add("Best slice", best);
+    const id = document.createElement("p");
+    id.className = "case-id";
+    id.textContent = match.case_id;
+    li.append(open, head, lines, id);
+    return li;
+  }
+
+  // A value as the index's case table and its filters write it (True, not true).
+  function shownValue(value) {
+    return typeof value === "boolean" ? (value ? "True" : "False") : String(value);
+  }
+
+  // For a series: which slice of the result matched best (when the service says so).
+  function bestSlice(match) {
+    if (match.best_slice === undefined || match.best_slice === null) return "";
+    const of = match.metadata && match.metadata.n_slices ? ` of ${match.metadata.n_slices}` : "";
+    const query = match.query_slice !== undefined && match.query_slice !== null ? ` (query slice ${match.query_slice + 1})` : "";
+    return `${match.best_slice + 1}${of}${query}`;
+  }
+
+  function thumbnail(match, alt) {
+    const img = document.createElement("img");
+    img.alt = alt;
+    img.decoding = "async";
+    img.addEventListener("error", () => {
+      const none = document.createElement("span");
+      none.className = "no-picture";
+      none.textContent = "no picture stored";
+      img.replaceWith(none);
+    });
+    if (match.thumbnail) img.src = match.thumbnail; else img.dispatchEvent(new Event("error"));
+    return img;
+  }
+
+  function openDetail(match, labels) {
+    els.detailTitle.textContent = `#${match.rank} · case ${match.case_id} · distance ${Number(match.distance).toFixed(4)}`;
+    els.detailPicture.textContent = "";
+    els.detailPicture.append(thumbnail(match, `Case ${match.case_id}, larger`));
+    els.detailFields.textContent = "";
+    const meta = match.metadata || {};
+    const names = [...labels, ...Object.keys(meta).filter((n) => !labels.includes(n))];
+    for (const name of names) {
+      const value = meta[name];
+      if (value === null || value === undefined || value === "") continue;
+      const dt = document.createElement("dt"); dt.textContent = HEADINGS[name] || name;
+      const dd = document.createElement("dd"); dd.textContent = shownValue(value);
+      els.detailFields.append(dt, dd);
+    }
+    const best = bestSlice(match);
+    if (best) {
+      const dt = document.createElement("dt"); dt.textContent = "Best-matching slice";
+      const dd = document.createElement("dd"); dd.textContent = best;
+      els.detailFields.append(dt, dd);
+    }
+    els.detailNote.textContent = "The picture is the thumbnail the index stored for this case (its middle slice, windowed as at indexing).";
+    els.detail.showModal();
+  }
+
+  function openQuery() {
+    if (!state.preview) return;
+    els.detailTitle.textContent = "Query study, full resolution";
+    els.detailPicture.textContent = "";
+    const copy = document.createElement("canvas");
+    copy.width = els.canvas.width;
+    copy.height = els.canvas.height;
+    copy.className = "full";
+    copy.style.aspectRatio = els.canvas.style.aspectRatio;
+    copy.getContext("2d").drawImage(els.canvas, 0, 0);
+    copy.setAttribute("role", "img");
+    copy.setAttribute("aria-label", "The query image at full resolution");
+    els.detailPicture.append(copy);
+    els.detailFields.textContent = "";
+    els.detailNote.textContent = els.caption.textContent + (els.windowValue.textContent ? " · " + els.windowValue.textContent : "");
+    els.detail.showModal();
+  }
+
+  // -- wiring ------------------------------------------------------------------------------------
+
+  function wire() {
+    els.chooseFiles.addEventListener("click", () => els.files.click());
+    els.chooseFolder.addEventListener("click", () => els.folder.click());
+    for (const input of [els.files, els.folder]) {
+      input.addEventListener("change", () => { const files = Array.from(input.files || []); input.value = ""; sendFiles(files); });
+    }
+    els.drop.addEventListener("dragover", (e) => { e.preventDefault(); els.drop.classList.add("over"); });
+    els.drop.addEventListener("dragleave", () => els.drop.classList.remove("over"));
+    els.drop.addEventListener("drop", async (e) => {
+      e.preventDefault();
+      els.drop.classList.remove("over");
+      sendFiles(await droppedFiles(e.dataTransfer));
+    });
+    // a file dropped anywhere else would make the browser leave the page
+    window.addEventListener("dragover", (e) => e.preventDefault());
+    window.addEventListener("drop", (e) => e.preventDefault());
+    els.form.addEventListener("submit", (e) => { e.preventDefault(); searchAgain(true); });
+    els.form.addEventListener("change", (e) => { if (e.target !== els.k || els.k.checkValidity()) searchAgain(true); });
+    els.reset.addEventListener("click", () => {
+      for (const name of CHOICES) $("f-" + name).value = "";
+      els.ageMin.value = ""; els.ageMax.value = "";
+      for (const control of labelControls()) control.value = "";
+      els.exclude.checked = false; els.one.checked = false;
+      searchAgain(true);
+    });
+    els.slice.addEventListener("input", () => { state.current = Number(els.slice.value); drawSlice(state.current).catch((e) => showError(e.message)); });
+    els.viewerOpen.addEventListener("click", openQuery);
+    els.pacs.addEventListener("submit", (e) => { e.preventDefault(); showError("Fetching from the PACS is not available on this service."); });
+    window.addEventListener("popstate", () => restore());
+  }
+
+  async function restore() {
+    const p = new URLSearchParams(location.search);
+    applyParams(p);
+    const token = p.get("study");
+    if (token && token !== state.study) { state.study = token; state.preview = null; }
+    if (!token) { state.study = null; return; }
+    if (state.preview) { buildPresets(state.preview); state.window = windowOf(state.preset, state.preview); draw(); }
+    await searchAgain(false);
+  }
+
+  async function start() {
+    wire();
+    try {
+      fillOptions(await api("/api/options"));
+    } catch (e) {
+      showError(e.message);
+      return;
+    }
+    await restore();
+    document.body.dataset.ready = "true";
+  }
+
+  start();
+})();
