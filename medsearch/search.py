@@ -283,11 +283,12 @@ class Searcher:
         if exclude_same_patient:
             self.site_key()  # a missing key fails before the study is decoded too
         case: CaseRef | None = None
+        min_size = self.config.index.min_image_size
         if volume is None:
-            case, volume = load_study(study)
+            case, volume = load_study(study, min_size=min_size)
         patients: tuple[str, ...] = ()
         if exclude_same_patient:
-            patients = (self._patient(case.header if case is not None else _study_header(study)),)
+            patients = (self._patient(case.header if case is not None else _study_header(study, min_size)),)
         vector = embed_volume(volume, self.encoder, self.config)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
         if filters:
@@ -385,7 +386,7 @@ class Searcher:
         KeyFileError
             As :meth:`site_key`.
         """
-        return self._patient(_study_header(study))
+        return self._patient(_study_header(study, self.config.index.min_image_size))
 
     def _patient(self, header: Any) -> str:
         key = self.site_key()
@@ -448,7 +449,7 @@ def _label_value(value: Any) -> Any:
     return value
 
 
-def _study_header(study: str | Path) -> Any:
+def _study_header(study: str | Path, min_size: int) -> Any:
     """The header of a query study's one case (read, not decoded), as the index's row was made from.
 
     Raises
@@ -456,10 +457,10 @@ def _study_header(study: str | Path) -> Any:
     InvalidStudyError
         The study holds no image, or several series.
     """
-    found = scan(Path(study)) if Path(study).exists() else None
+    found = scan(Path(study), min_size=min_size) if Path(study).exists() else None
     if found is None or len(found.cases) != 1:
         # the full loader says precisely what is wrong with the study
-        return load_study(study)[0].header
+        return load_study(study, min_size=min_size)[0].header
     case = found.cases[0]
     header = case.header
     if not str(header.get("PatientID", "") or "") and not str(header.get("StudyInstanceUID", "") or ""):

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 
 from medsearch.deid.vocabulary import modality_term
 from medsearch.errors import InvalidStudyError
+from medsearch.io.dicom.classes import MIN_IMAGE_SIZE
 from medsearch.io.dicom.decode import _decode
 from medsearch.io.dicom.mosaic import mosaic_count, split_mosaic
 from medsearch.io.dicom.read import (
@@ -372,7 +373,10 @@ def _skip_message(skip: SkippedFile) -> str:
 
 
 def load_study(
-    path: Path | str, *, load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None = None
+    path: Path | str,
+    *,
+    load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None = None,
+    min_size: int = MIN_IMAGE_SIZE,
 ) -> tuple[CaseRef, Volume]:
     """Load one query study: a DICOM file or a folder that holds one series.
 
@@ -383,6 +387,8 @@ def load_study(
         LICENSE or a report, are skipped).
     load : callable, optional
         The decoder of the study's case (default :func:`load_volume`), as ``build_index`` takes one.
+    min_size : int
+        The smallest image side kept (an index's ``index.min_image_size``; see :func:`scan`).
 
     Returns
     -------
@@ -405,7 +411,7 @@ def load_study(
     files = list(find_files(path))
     if not files:
         raise InvalidStudyError(f"{path} holds no files; give a DICOM file or a series folder")
-    result = scan(files)
+    result = scan(files, min_size=min_size)
     if not result.cases:
         if len(result.skipped) == 1:
             raise InvalidStudyError(_skip_message(result.skipped[0]))
