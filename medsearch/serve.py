@@ -85,6 +85,7 @@ from medsearch.io import CaseRef, SkippedFile, Volume
 from medsearch.io.quiet import pydicom_silenced
 from medsearch.search import Searcher
 from medsearch.web import AUDIT_FILE, AuditLog, Credentials, PageEngine, Refused, check_exposure, mount_page
+from medsearch.web.uploads import MultipartParts
 
 __all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_REQUEST_TIMEOUT_S", "create_app", "serve"]
 
@@ -595,45 +596,18 @@ async def _receive(request: Request, sink: Any, limit: int) -> str:
     return ""
 
 
-class _FilePart:
-    """Callbacks for python-multipart that copy the first file part of a form into ``sink``."""
+class _FilePart(MultipartParts):
+    """Copy the first file part of a form into ``sink``."""
 
     def __init__(self, sink: Any) -> None:
+        super().__init__()
         self.sink = sink
         self.size = 0
         self.filename = ""
-        self._field = b""
-        self._value = b""
-        self._headers: dict[bytes, bytes] = {}
         self._state = "waiting"  # waiting -> copying -> done
 
-    def callbacks(self) -> dict[str, Any]:
-        return {
-            "on_part_begin": self._part_begin,
-            "on_header_field": self._header_field,
-            "on_header_value": self._header_value,
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-        }
-
-    def _part_begin(self) -> None:
-        self._headers = {}
-
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _header_end(self) -> None:
-        self._headers[self._field.lower()] = self._value
-        self._field, self._value = b"", b""
-
-    def _headers_finished(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if self._state == "waiting" and b"filename" in params:
+    def _file_part(self, params: dict[bytes, bytes]) -> None:
+        if self._state == "waiting":
             self._state = "copying"
             # The base name only: a client's folder names are no business of the service.
             self.filename = PurePath(params[b"filename"].decode("utf-8", "replace").replace("\\", "/")).name

@@ -125,17 +125,18 @@ class _TooManyFiles(Exception):
     pass
 
 
-class _FileParts:
-    """Callbacks for python-multipart that write each file part of a form to its own numbered file."""
+class MultipartParts:
+    """Callbacks for python-multipart: collect each part's headers, then hand it to the subclass.
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.count = 0
-        self.size = 0
+    A subclass says what to do with a part that carries a file (:meth:`_file_part`, given the
+    Content-Disposition parameters) and with its bytes (``_part_data``, ``_part_end``). Plain form
+    fields are ignored.
+    """
+
+    def __init__(self) -> None:
         self._field = b""
         self._value = b""
         self._headers: dict[bytes, bytes] = {}
-        self._sink: BinaryIO | None = None
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -147,11 +148,6 @@ class _FileParts:
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
         }
-
-    def close(self) -> None:
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
 
     def _part_begin(self) -> None:
         self._headers = {}
@@ -168,8 +164,35 @@ class _FileParts:
 
     def _headers_finished(self) -> None:
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if b"filename" not in params:
-            return  # a plain form field: not a file
+        if b"filename" in params:
+            self._file_part(params)
+
+    def _file_part(self, params: dict[bytes, bytes]) -> None:
+        raise NotImplementedError
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        raise NotImplementedError
+
+    def _part_end(self) -> None:
+        raise NotImplementedError
+
+
+class _FileParts(MultipartParts):
+    """Write each file part of a form to its own numbered file."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.count = 0
+        self.size = 0
+        self._sink: BinaryIO | None = None
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def _file_part(self, params: dict[bytes, bytes]) -> None:
         if self.count >= MAX_FILES:
             raise _TooManyFiles
         self.count += 1
