@@ -50,42 +50,33 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import dataclasses
-import itertools
-import json
 import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path, PurePath
-from typing import Annotated, Any, cast
+from pathlib import Path
+from typing import Annotated, Any
 
-import h11
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medsearch.config import Config
 from medsearch.embedding import pool_slices
 from medsearch.errors import ConfigError, EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.filters import Filter, parse_filters
-from medsearch.indexing.cases import PreparedStudy, StudyError, _Setup, prepare_study
-from medsearch.indexing.options import IndexOptions
-from medsearch.indexing.workers import _Failure, _WorkerPool
+from medsearch.indexing.cases import PreparedStudy
 from medsearch.io import CaseRef, SkippedFile, Volume
-from medsearch.io.quiet import pydicom_silenced
 from medsearch.search import Searcher
+from medsearch.serve.decoder import _acquire, _Decoder, _InternalError, _left
+from medsearch.serve.http import _error, _json, _protocol, _receive, _study_error, _UploadError
 from medsearch.web import AUDIT_FILE, AuditLog, Credentials, PageEngine, Refused, check_exposure, mount_page
-from medsearch.web.uploads import MultipartParts
 
 __all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_REQUEST_TIMEOUT_S", "create_app", "serve"]
 
@@ -95,21 +86,6 @@ DEFAULT_MAX_UPLOAD_MB = 512
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 _MAX_K = 1000
-_RAW_TYPES = ("application/dicom", "application/octet-stream", "")
-_ERRORS: dict[str, type[MedsearchError]] = {
-    "InvalidStudyError": InvalidStudyError,
-    "EncoderMismatchError": EncoderMismatchError,
-    "MedsearchError": MedsearchError,
-}
-
-
-class _UploadError(Exception):
-    """A request the service refuses: an HTTP status and a one-line message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 def create_app(
     index_dir: str | Path,
@@ -371,137 +347,6 @@ def uvicorn_config(
                           timeout_keep_alive=5, lifespan="on")
 
 
-# -- helpers ----------------------------------------------------------------------------------------
-
-
-class _InternalError(Exception):
-    """A bug met while decoding an upload in a worker; its message is the error's type only."""
-
-
-class _Decoder:
-    """Uploads decoded and preprocessed in worker processes, each within a time limit and a memory cap.
-
-    A ``"study"`` task of :class:`~medsearch.indexing.workers._WorkerPool` runs
-    :func:`~medsearch.indexing.cases.prepare_study` on the upload's path; a thread hands each result to
-    the request waiting for it. With ``workers=0`` the study is decoded in this process instead.
-    """
-
-    def __init__(
-        self,
-        searcher: Searcher,
-        *,
-        workers: int,
-        timeout: float,
-        memory_gib: float | None,
-        load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None,
-    ) -> None:
-        options = IndexOptions(workers=workers, case_timeout=timeout, worker_memory_gib=memory_gib)
-        if load is not None:
-            options = dataclasses.replace(options, load=load)
-        self._setup = _Setup(config=searcher.config, encoder=searcher.encoder.info, describe=None, options=options,
-                             log_level=logging.getLogger().getEffectiveLevel())
-        self._timeout = timeout
-        self._pool = _WorkerPool(workers, self._setup, timeout=timeout) if workers else None
-        self._waiting: dict[int, concurrent.futures.Future[Any]] = {}
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._broken: BaseException | None = None  # why the workers stopped for good
-        self._thread = threading.Thread(target=self._collect, args=(self._pool,), name="medsearch-decoder", daemon=True)
-        if self._pool is not None:
-            self._thread.start()
-
-    async def prepare(self, path: Path, deadline: float) -> PreparedStudy:
-        """The encoder input of the study at ``path``.
-
-        Raises
-        ------
-        InvalidStudyError, EncoderMismatchError, MedsearchError
-            As :meth:`Searcher.search <medsearch.search.Searcher.search>` raises them.
-        _UploadError
-            422: the study was not decoded in time, or crashed its worker.
-        _InternalError
-            A bug in the decoder (its type only).
-        """
-        if self._broken is not None:
-            raise _UploadError(503, f"the service cannot decode uploads ({self._broken}); restart it")
-        if self._pool is None:
-            result = await run_in_threadpool(self._in_process, path)
-        else:
-            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            with self._lock:
-                seq = next(self._seq)
-                self._waiting[seq] = future
-            self._pool.submit(seq, "study", path)
-            try:
-                result = await asyncio.wait_for(asyncio.wrap_future(future), _left(deadline))
-            except TimeoutError:
-                raise _UploadError(
-                    422,
-                    f"the upload could not be decoded within {self._timeout:g} s; give a smaller study, or start "
-                    "the service with a larger --request-timeout",
-                ) from None
-            finally:
-                with self._lock:
-                    self._waiting.pop(seq, None)
-        if isinstance(result, _Failure):  # stopped after the time limit, or crashed
-            raise _UploadError(422, f"the upload could not be decoded: {result.detail}; give another study")
-        if isinstance(result, StudyError):
-            if result.kind not in _ERRORS:
-                raise _InternalError(result.message)
-            raise _ERRORS[result.kind](result.message)
-        return result
-
-    def _in_process(self, path: Path) -> PreparedStudy | StudyError:
-        with pydicom_silenced():
-            return prepare_study(path, self._setup)
-
-    def _collect(self, pool: _WorkerPool) -> None:
-        """Hand each finished task to the request that waits for it."""
-        while not self._closing.is_set():
-            try:
-                got = pool.get(timeout=0.5)
-            except BaseException as exc:  # noqa: BLE001 - the pool failed: every waiting request learns why
-                if self._closing.is_set():
-                    return
-                log.error("the upload decoder stopped: %s", exc)
-                self._broken = exc
-                with self._lock:
-                    for future in self._waiting.values():
-                        with contextlib.suppress(concurrent.futures.InvalidStateError):
-                            future.set_exception(exc)
-                return
-            if got is None:
-                continue
-            task, result = got
-            with self._lock:
-                waiting = self._waiting.get(task.seq)
-            if waiting is not None:
-                with contextlib.suppress(concurrent.futures.InvalidStateError):  # given up on meanwhile
-                    waiting.set_result(result)
-
-    def close(self) -> None:
-        self._closing.set()
-        if self._pool is not None:
-            self._pool.close(kill=True)
-            self._thread.join(timeout=5)
-
-
-def _left(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-def _acquire(busy: threading.Lock, deadline: float) -> None:
-    """Wait for the query lock until ``deadline``.
-
-    Raises
-    ------
-    _UploadError
-        503: the service stayed busy.
-    """
-    if not busy.acquire(timeout=_left(deadline)):
-        raise _UploadError(503, "the service is busy with other queries; try again, or start it with a larger --request-timeout")
-
 
 def _filters(
     searcher: Searcher, busy: threading.Lock, where: list[str] | None, refresh: Callable[[], None], deadline: float
@@ -542,169 +387,6 @@ def _search(
     finally:
         busy.release()
 
-
-async def _receive(request: Request, sink: Any, limit: int) -> str:
-    """Stream the request body (raw or the first file of a multipart form) into ``sink``.
-
-    Returns the upload's file name (its last component) when the form gave one.
-
-    Raises
-    ------
-    _UploadError
-        The body is too large, empty, of another content type, or a form without a file.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise _UploadError(400, "the Content-Length header is not a whole number")
-        if int(declared) > limit:
-            raise _UploadError(413, _too_large(limit))
-    content_type, params = parse_options_header(request.headers.get("content-type"))
-    kind = content_type.decode("latin-1").lower()
-    write: Callable[[bytes], Any]
-    form: _FilePart | None = None
-    if kind == "multipart/form-data":
-        boundary = params.get(b"boundary")
-        if not boundary:
-            raise _UploadError(400, "the multipart body has no boundary; send the file with curl -F file=@study.dcm")
-        form = _FilePart(sink)
-        parser = MultipartParser(boundary, cast(Any, form.callbacks()))
-        write = parser.write
-    elif kind in _RAW_TYPES:
-        write = sink.write
-    else:
-        raise _UploadError(
-            415,
-            f"content type {kind!r} is not accepted; send the DICOM file as application/dicom, "
-            "application/octet-stream or a multipart/form-data upload",
-        )
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise _UploadError(413, _too_large(limit))
-        try:
-            write(chunk)
-        except Exception as e:  # python-multipart raises its own errors on a malformed body
-            raise _UploadError(400, f"the multipart body cannot be parsed ({type(e).__name__}); send one file") from e
-    if form is not None:
-        if form.size == 0:
-            raise _UploadError(400, "the form holds no file; send the DICOM file with curl -F file=@study.dcm")
-        return form.filename
-    if received == 0:
-        raise _UploadError(400, "the request body is empty; send a DICOM file")
-    return ""
-
-
-class _FilePart(MultipartParts):
-    """Copy the first file part of a form into ``sink``."""
-
-    def __init__(self, sink: Any) -> None:
-        super().__init__()
-        self.sink = sink
-        self.size = 0
-        self.filename = ""
-        self._state = "waiting"  # waiting -> copying -> done
-
-    def _file_part(self, params: dict[bytes, bytes]) -> None:
-        if self._state == "waiting":
-            self._state = "copying"
-            # The base name only: a client's folder names are no business of the service.
-            self.filename = PurePath(params[b"filename"].decode("utf-8", "replace").replace("\\", "/")).name
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._state == "copying":
-            self.sink.write(data[start:end])
-            self.size += end - start
-
-    def _part_end(self) -> None:
-        if self._state == "copying":
-            self._state = "done"
-
-
-def _study_error(error: InvalidStudyError, path: Path) -> tuple[int, str]:
-    """415 for a file that is not DICOM at all, 422 for a DICOM file medsearch cannot use."""
-    message = str(error).replace(str(path), "the upload")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        head = b""
-    if head[128:132] != b"DICM" and "not a DICOM file" in message:
-        return 415, message
-    return 422, message
-
-
-def _too_large(limit: int) -> str:
-    return f"the upload is larger than {limit / 1e6:g} MB; send a single DICOM file, or start the service with a larger --max-upload-mb"
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    # The same encoding as `medsearch query --json` (numpy scalars and dates as strings).
-    return Response(json.dumps(data, default=str), status_code=status, media_type="application/json")
-
-
-def _error(status: int, message: str) -> Response:
-    return _json({"error": " ".join(message.split())}, status)
-
-
-def _protocol(header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with two changes: a connection that sends no complete request headers
-    within ``header_timeout`` seconds (after it opens, or after its last answer) is closed, and a
-    request that is not valid HTTP gets the JSON error of every other answer, not plain text.
-
-    h11 checks the request line and headers (a ``Content-Length`` that is not a number) before the
-    application sees the request, so this is where that answer can be made.
-    """
-
-    class _Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn annotates a Transport
-            self._wait_for_headers()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # a request's headers are in
-                self._stop_waiting()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._wait_for_headers()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_waiting()
-            super().connection_lost(exc)
-
-        def send_400_response(self, msg: str) -> None:
-            body = json.dumps({"error": "the request is not valid HTTP (a malformed request line or header, such as "
-                                        "a Content-Length that is not a whole number); send a well-formed request"}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                          h11.EndOfMessage()):
-                output = self.conn.send(event)
-                if output:
-                    self.transport.write(output)
-            self.transport.close()
-
-        def _wait_for_headers(self) -> None:
-            self._stop_waiting()
-            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
-
-        def _stop_waiting(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_late(self) -> None:
-            self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
-
-    return _Protocol
 
 
 def _version() -> str:

@@ -1,0 +1,5 @@
+"""``python -m medsearch.cli``."""
+
+from medsearch.cli import main
+
+main()
