@@ -25,6 +25,11 @@ Then, in one run (so that all figures share the machine's load):
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/ingest.py [--files 5000] [--workers N] [--json FILE]
+    nice -n 10 .venv/bin/python benchmarks/ingest.py --engine ray ...   # also the Ray engine, ray/local
+
+With ``--engine ray`` the same archive is indexed again by the Ray engine (``pip install
+"medsearch[ray]"``) on a local Ray started before the timing, as a running cluster would be;
+``ray_engine.ray_over_local`` is its time over the local pipeline's (target <= 1.3).
 
 Compare figures only within one run; on a shared machine, compare the ratios. The JSON goes to stdout
 (and ``--json``); a summary in a few lines ends stderr.
@@ -261,6 +266,28 @@ def _bound(report: dict, cpu: dict[str, float], encoder_images_per_s: float, enc
     }
 
 
+def ray_engine_run(archive: Path, work: Path, key: SiteKey, config: Config, args: argparse.Namespace,
+                   local: dict) -> dict[str, object]:
+    """The same archive indexed by the Ray engine (``build_index(engine="ray")``) on a local Ray of all
+    cores, started first (as a running cluster would be); its time over the local pipeline's."""
+    import ray
+
+    started = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    startup = time.perf_counter() - started
+    try:
+        report = build_index(archive, work / "index-ray", key=key, config=config, engine="ray",
+                             batch_images=args.batch_images).to_dict()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work / "index-ray", ignore_errors=True)
+    return {"seconds": report["seconds"], "files_per_second": report["files_per_second"],
+            "cases_added": report["cases_added"], "images_encoded": report["images_encoded"],
+            "stage_seconds": report["stage_seconds"], "ray_start_seconds": round(startup, 2),
+            "same_cases_as_local": report["cases_added"] == local["cases_added"],
+            "ray_over_local": round(report["seconds"] / local["seconds"], 3), "target": "ray_over_local <= 1.3"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=5000, help="archive size in files (default 5000)")
@@ -275,6 +302,9 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=None, help="keep (or reuse) the synthetic archive here")
     parser.add_argument("--commit-sizes", default="1000,4000,16000", help="index sizes for the commit cost")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: also index the same archive with the Ray engine (a local Ray of this machine's "
+                             "cores, started before the timing) and report its time over the local pipeline's")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="medsearch-ingest-"))
@@ -321,6 +351,11 @@ def main() -> None:
                               # core-seconds: this process (the encoder and the run's bookkeeping) and the
                               # whole machine (so the workers and the fork server are the difference)
                               "cpu_seconds": cpu}
+
+        if args.engine == "ray":
+            result["ray_engine"] = ray_engine_run(archive, work, key, config, args, report)
+            print(f"ray engine: {result['ray_engine']['seconds']} s, {result['ray_engine']['ray_over_local']}x the "
+                  "local pipeline's time", file=sys.stderr)
 
         after, core_s_after = encoder_only(encoder, config, archive, batch=args.batch_images, repeats=args.repeats)
         reference = statistics.median(before + after)

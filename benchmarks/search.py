@@ -25,9 +25,13 @@ Single-query timings interleave medsearch and bare faiss, alternating which goes
 load of a shared machine falls on both alike; each configuration gets at most ``--single-seconds``
 of single queries (at least 20). faiss uses every core (``--threads`` to change).
 
+With ``--ondisk``, the on-disk IVF-PQ index (``ivfpq-disk``) is measured instead, at sizes beyond
+memory: see ``benchmarks/search_ondisk.py``.
+
 Usage::
 
     nice .venv/bin/python benchmarks/search.py --sizes 100000,1000000 --dims 1280 --json search.json
+    nice -n 10 .venv/bin/python benchmarks/search.py --ondisk --sizes 100000,1000000 --json ondisk.json
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ import pandas as pd
 
 from medsearch.config import IndexType
 from medsearch.store import IndexStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import search_ondisk  # noqa: E402 - beside this script
 
 K = 10
 
@@ -205,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-seconds", type=float, default=20.0, help="time spent on single queries per configuration")
     parser.add_argument("--threads", type=int, default=None, help="faiss threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="write the records here (rewritten after each one)")
+    parser.add_argument("--ondisk", action="store_true",
+                        help="measure the on-disk IVF-PQ index instead (benchmarks/search_ondisk.py: vectors in chunks)")
+    search_ondisk.add_arguments(parser)
     args = parser.parse_args(argv)
     args.ef = [int(v) for v in args.ef.split(",")]
     args.nprobe = [int(v) for v in args.nprobe.split(",")]
@@ -223,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for dim in (int(d) for d in args.dims.split(",")):
         for n in (int(s) for s in args.sizes.split(",")):
-            run_size(n, dim, args, emit)
+            if args.ondisk:
+                with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+                    search_ondisk.run_ondisk(n, dim, args, emit, workdir=Path(work))
+            else:
+                run_size(n, dim, args, emit)
     return 0
 
 

@@ -62,14 +62,17 @@ class IndexType(str, enum.Enum):
     ``flat``: exact search, every query compares with every case. ``hnsw``: a graph (HNSW32) over the
     exact vectors; approximate, fast, about 4*dim + 270 bytes per case. ``ivfpq``: inverted lists of
     product-quantized codes (with an OPQ rotation), trained on a sample; approximate, tens of bytes
-    per case in memory. ``auto``: flat for small collections, then hnsw, then ivfpq when hnsw would
-    exceed ``index.memory_budget_mb``.
+    per case in memory. ``ivfpq-disk``: the same, with its inverted lists and (float16) exact vectors
+    in files that a query memory-maps, for collections beyond memory. ``auto``: flat for small
+    collections, then hnsw, then ivfpq when hnsw would exceed ``index.memory_budget_mb``, then
+    ivfpq-disk when ivfpq's codes would.
     """
 
     AUTO = "auto"
     FLAT = "flat"
     HNSW = "hnsw"
     IVFPQ = "ivfpq"
+    IVFPQ_DISK = "ivfpq-disk"
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,11 @@ class PreprocessConfig:
     slices: int = 5
     slice_mode: SliceMode = SliceMode.AXIAL
     pool: str = "mean"
+    # Axial slices by density: one slice every this many millimetres (0: ``slices`` evenly spaced
+    # slices instead; also the fallback for a volume whose slice spacing is unknown), at most
+    # ``max_slices`` of them (evenly spaced over the stack beyond that).
+    slice_spacing_mm: float = 0.0
+    max_slices: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slice_mode", parse_enum(SliceMode, self.slice_mode, "preprocess.slice_mode"))
@@ -96,6 +104,12 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.slices must be at least 1, got {self.slices}")
         if self.pool not in ("mean", "max"):
             raise ConfigError(f"preprocess.pool must be 'mean' or 'max', got {self.pool!r}")
+        spacing = self.slice_spacing_mm
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 <= spacing <= 500:
+            raise ConfigError(f"preprocess.slice_spacing_mm must be 0 (a fixed count) or a distance up to 500 mm, got {spacing!r}")
+        object.__setattr__(self, "slice_spacing_mm", float(spacing))
+        if isinstance(self.max_slices, bool) or not isinstance(self.max_slices, int) or not 1 <= self.max_slices <= 1024:
+            raise ConfigError(f"preprocess.max_slices must be a whole number from 1 to 1024, got {self.max_slices!r}")
 
 
 @dataclass(frozen=True)

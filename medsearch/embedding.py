@@ -5,6 +5,11 @@ the resampled volume for a 3D encoder), the encoder embeds each slice, and :func
 pools the slice vectors into one unit-length case vector. :func:`embed_volume` does the three steps
 for one volume; the indexing engine does the same steps for many cases per encoder call.
 
+:func:`embed_slices` keeps the slice vectors too, as a :class:`SliceSet` (which slices of the stack,
+and how far apart in millimetres): the index stores them for late-interaction re-ranking
+(:mod:`medsearch.rerank`). A :class:`Region` narrows a query to a slab of slices, or to a box on
+them: :func:`region_array` gives what the encoder sees of it.
+
 The 2D preprocessing runs in numpy (:mod:`medsearch.transforms.arrays`, the MONAI pipeline's output
 bit for bit), so that a query with the ONNX runtime imports neither MONAI nor torch;
 :func:`encoder_input` gives the same batch as a torch tensor, for training and evaluation.
@@ -12,19 +17,153 @@ bit for bit), so that a query with the ONNX runtime imports neither MONAI nor to
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medsearch.config import Config
+from medsearch.config import Config, SliceMode
 from medsearch.encoders import Encoder, EncoderInfo
+from medsearch.errors import ConfigError, InvalidStudyError
 from medsearch.io import Volume
-from medsearch.transforms import encoder_batch
+from medsearch.transforms import chosen_slices, encoder_batch
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["embed_volume", "encoder_array", "encoder_input", "pool_slices"]
+__all__ = [
+    "Region",
+    "SliceSet",
+    "embed_slices",
+    "embed_volume",
+    "encoder_array",
+    "encoder_input",
+    "pool_slices",
+    "region_array",
+    "slice_indices",
+]
+
+
+@dataclass(frozen=True)
+class SliceSet:
+    """The slice vectors of one case or query: row ``i`` of ``vectors`` embeds slice ``indices[i]``
+    of the stack (0 = the first slice in stack order); ``gap_mm`` is the distance between
+    neighbouring slices of the stack, None where the headers do not say."""
+
+    vectors: np.ndarray  # (S, dim) float32 (float16 when read back from an index), unit length
+    indices: np.ndarray  # (S,) int32, increasing
+    gap_mm: float | None = None
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+    def position_mm(self, index: int) -> float | None:
+        """Where slice ``index`` of the stack lies, in mm from the first slice; None when unknown."""
+        return None if self.gap_mm is None else round(float(index) * self.gap_mm, 2)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A part of a query study: a slab of slices (``slices``: start, stop, as Python slices count,
+    0 = the first slice in stack order), and a box on those slices (``roi``: x0, y0, x1, y1 in
+    pixels of the stored image, x across, y down; x1 and y1 excluded). A box without a slab lies on
+    the middle slice.
+
+    Examples
+    --------
+    >>> Region.parse(slices="40:60", roi="10,20,110,140")
+    Region(slices=(40, 60), roi=(10, 20, 110, 140))
+    >>> Region.parse(slices="45").slices
+    (45, 46)
+    """
+
+    slices: tuple[int, int] | None = None
+    roi: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def parse(
+        cls, *, slices: str | Sequence[int] | None = None, roi: str | Sequence[int] | None = None
+    ) -> Region | None:
+        """A region from ``"40:60"`` (or ``"45"``, or ``(40, 60)``) and ``"X0,Y0,X1,Y1"`` (or a 4-tuple); None for neither.
+
+        Raises
+        ------
+        ConfigError
+            A malformed slab or box.
+        """
+        if slices is None and roi is None:
+            return None
+        return cls(slices=None if slices is None else _parse_slab(slices), roi=None if roi is None else _parse_box(roi))
+
+    def to_dict(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        if self.slices is not None:
+            out["slices"] = list(self.slices)
+        if self.roi is not None:
+            out["roi"] = list(self.roi)
+        return out
+
+    def slab(self, depth: int) -> tuple[int, int]:
+        """The slab of a stack of ``depth``: the one given, else the middle slice (with a box) or all.
+
+        Raises
+        ------
+        InvalidStudyError
+            The slab lies outside the stack.
+        """
+        if self.slices is None:
+            return (depth // 2, depth // 2 + 1) if self.roi is not None else (0, depth)
+        start, stop = self.slices
+        if stop > depth:
+            raise InvalidStudyError(
+                f"slices {start}:{stop} lie outside the study's {depth} slice(s); give a slab within 0:{depth}"
+            )
+        return start, stop
+
+
+_SLAB = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+def _parse_slab(value: str | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, str):
+        found = _SLAB.match(value)
+        if found is None:
+            raise ConfigError(f"slices must be START:STOP (e.g. 40:60) or one slice number, got {value!r}")
+        start = int(found.group(1))
+        stop = int(found.group(2)) if found.group(2) is not None else start + 1
+    else:
+        parts = [int(v) for v in value]
+        if len(parts) not in (1, 2):
+            raise ConfigError(f"slices must be (start, stop) or (slice,), got {tuple(value)!r}")
+        start, stop = parts[0], parts[-1] if len(parts) == 2 else parts[0] + 1
+    if not 0 <= start < stop:
+        raise ConfigError(f"slices {start}:{stop} is empty or negative; give START:STOP with 0 <= START < STOP")
+    return start, stop
+
+
+def _parse_box(value: str | Sequence[int]) -> tuple[int, int, int, int]:
+    try:
+        parts = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"roi must be four whole pixel numbers X0,Y0,X1,Y1, got {value!r}") from None
+    if len(parts) != 4:
+        raise ConfigError(f"roi must be four whole pixel numbers X0,Y0,X1,Y1, got {value!r}")
+    x0, y0, x1, y1 = parts
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise ConfigError(f"roi {x0},{y0},{x1},{y1} must satisfy 0 <= X0 < X1 and 0 <= Y0 < Y1 (pixels; x across, y down)")
+    return x0, y0, x1, y1
+
+
+def slice_indices(volume: Volume, info: EncoderInfo, config: Config) -> list[int] | None:
+    """The stack slices a 2D encoder sees of ``volume`` (axial mode), in order; None for tri-planar
+    images and 3D encoders, which have no slice set."""
+    if info.spatial_dims != 2 or config.preprocess.slice_mode is not SliceMode.AXIAL:
+        return None
+    gap = float(volume.spacing[0]) if volume.z_known else None
+    return chosen_slices(int(volume.pixels.shape[0]), config.preprocess, gap_mm=gap)
 
 
 def encoder_array(volume: Volume, info: EncoderInfo, config: Config) -> np.ndarray:
@@ -40,7 +179,70 @@ def encoder_array(volume: Volume, info: EncoderInfo, config: Config) -> np.ndarr
         mean=info.mean,
         std=info.std,
         volume_shape=config.encoder.volume_shape,
+        indices=slice_indices(volume, info, config),
     )
+
+
+def region_array(volume: Volume, info: EncoderInfo, config: Config, region: Region) -> tuple[np.ndarray, list[int]]:
+    """What a 2D encoder sees of a region of ``volume``, and the stack slices it comes from.
+
+    A slab's slices are chosen as a whole volume's are (by density, or the configured count),
+    within the slab; a box is cut from each chosen slice and goes through the encoder's slice
+    preprocessing as a whole image would (so the crop fills the encoder input, its aspect kept).
+    A CT crop is windowed as the whole slice; other modalities are scaled to the crop's own
+    percentiles.
+
+    Raises
+    ------
+    InvalidStudyError
+        The region lies outside the study, or the index's encoder sees no slices (a 3D encoder,
+        tri-planar images).
+    """
+    if slice_indices(volume, info, config) is None:
+        raise InvalidStudyError(
+            "region queries need an index of axial slices from a 2D encoder; this index was built with "
+            "a 3D encoder or tri-planar images: query the whole study"
+        )
+    depth = int(volume.pixels.shape[0])
+    start, stop = region.slab(depth)
+    gap = float(volume.spacing[0]) if volume.z_known else None
+    inside = [start + i for i in chosen_slices(stop - start, config.preprocess, gap_mm=gap)]
+    pixels = volume.pixels
+    if region.roi is not None:
+        x0, y0, x1, y1 = region.roi
+        height, width = pixels.shape[1:3]
+        if x1 > width or y1 > height:
+            raise InvalidStudyError(
+                f"roi {x0},{y0},{x1},{y1} lies outside the study's {width} x {height} pixel images; "
+                "give a box within them (x across, y down)"
+            )
+        pixels = pixels[:, y0:y1, x0:x1]
+    batch = encoder_batch(
+        pixels, config=config.preprocess, modality=volume.modality, rgb=volume.rgb, spacing=volume.spacing,
+        channels=info.in_channels, mean=info.mean, std=info.std, indices=inside,
+    )
+    return batch, inside
+
+
+def embed_slices(volume: Volume, encoder: Encoder, config: Config, region: Region | None = None) -> SliceSet | None:
+    """The slice vectors of a volume (or of a region of it), with their stack indices; None where the
+    encoder sees no slices (3D encoders, tri-planar images) and no region is asked for.
+
+    Raises
+    ------
+    InvalidStudyError
+        As :func:`region_array`.
+    """
+    if region is not None:
+        batch, indices = region_array(volume, encoder.info, config, region)
+    else:
+        chosen = slice_indices(volume, encoder.info, config)
+        if chosen is None:
+            return None
+        batch, indices = encoder_array(volume, encoder.info, config), chosen
+    vectors = encoder.embed(batch)
+    gap = float(volume.spacing[0]) if volume.z_known and math.isfinite(volume.spacing[0]) else None
+    return SliceSet(np.asarray(vectors, np.float32), np.asarray(indices, np.int32), gap)
 
 
 def encoder_input(volume: Volume, info: EncoderInfo, config: Config) -> torch.Tensor:

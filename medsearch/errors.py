@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DicomWebAuthError",
+    "DicomWebError",
     "EncoderMismatchError",
     "FilterError",
     "IndexCorruptError",
@@ -59,6 +61,14 @@ class ShapeError(MedsearchError, ValueError):
 
 class WriteError(MedsearchError, OSError):
     """A file medsearch writes (a cache, a sheet, a report, a trained encoder) cannot be written."""
+
+
+class DicomWebError(MedsearchError, ConnectionError):
+    """A DICOMweb server (a PACS) cannot be reached, or refuses or fails a request of a whole run."""
+
+
+class DicomWebAuthError(DicomWebError, PermissionError):
+    """A DICOMweb server refused the credentials (HTTP 401 or 403), or none were given where it needs them."""
 
 
 def first_line(error: BaseException) -> str:

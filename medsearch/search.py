@@ -28,11 +28,12 @@ import pandas as pd
 from medsearch._json import plain
 from medsearch.config import Config, as_config, config_for_index
 from medsearch.deid import SiteKey, patient_pseudonym
-from medsearch.embedding import embed_volume
+from medsearch.embedding import Region, SliceSet, embed_slices, embed_volume, pool_slices
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, scan
+from medsearch.rerank import LATE_DISTANCE_TEXT, ON_BY_DEFAULT, candidate_count, late_interaction, location, rerank_rows
 from medsearch.sharing import DEFAULT_K, LinkTable, measure_k_anonymity
 from medsearch.store import MANIFEST, IndexStore
 
@@ -71,9 +72,14 @@ class Match:
     distance: float
     metadata: dict[str, Any]
     source: dict[str, Any] | None = None  # only after QueryResult.resolve() with a link table
+    # where the case matched, when both sides have slice vectors (medsearch.rerank.location):
+    # best_slice, best_slice_mm, query_slice, query_slice_mm, slice_score
+    location: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"rank": self.rank, "case_id": self.case_id, "distance": self.distance, "metadata": self.metadata}
+        if self.location is not None:
+            out.update(self.location)
         if self.source is not None:
             out["source"] = self.source
         return out
@@ -124,8 +130,16 @@ def query(
     one_per_patient: bool = False,
     collapse_copies: bool = True,
     key: SiteKey | str | Path | None = None,
+    slices: str | Sequence[int] | None = None,
+    roi: str | Sequence[int] | None = None,
+    rerank: bool | None = None,
 ) -> QueryResult:
     """The ``k`` cases of an index most similar to a study (a DICOM file or a series folder).
+
+    ``slices`` (``"40:60"`` or ``(40, 60)``: a slab, 0 = the first slice in stack order, the stop
+    excluded) and ``roi`` (``"X0,Y0,X1,Y1"``: a box in pixels on those slices, or on the middle
+    slice) make it a region query; ``rerank`` orders the candidates by their slice vectors
+    (:mod:`medsearch.rerank`; None: the default). See :meth:`Searcher.search`.
 
     ``where`` keeps only the cases whose metadata match every filter, e.g.
     ``["modality=CT", "age>=60", "Contrast=True"]`` (see :mod:`medsearch.filters`); ``k`` results
@@ -154,7 +168,7 @@ def query(
     """
     return Searcher(index_dir, config=config, key=key).search(
         study, k=k, where=where, volume=volume, exclude_same_patient=exclude_same_patient,
-        one_per_patient=one_per_patient, collapse_copies=collapse_copies,
+        one_per_patient=one_per_patient, collapse_copies=collapse_copies, slices=slices, roi=roi, rerank=rerank,
     )
 
 
@@ -237,6 +251,9 @@ class Searcher:
         exclude_same_patient: bool = False,
         one_per_patient: bool = False,
         collapse_copies: bool = True,
+        slices: str | Sequence[int] | None = None,
+        roi: str | Sequence[int] | None = None,
+        rerank: bool | None = None,
     ) -> QueryResult:
         """The ``k`` cases most similar to a study, among those matching ``where`` (see :func:`query`).
 
@@ -259,16 +276,27 @@ class Searcher:
         collapse_copies
             Cases whose pixels are exact copies (the same ``pixel_hash``, recorded at indexing)
             count once: the best-ranked is kept.
+        slices, roi
+            A region of the study to search with (see :class:`~medsearch.embedding.Region`): a slab
+            of slices, a box on them (on the middle slice without a slab). The region's slices are
+            embedded (a box cropped and resized to the encoder input) and matched against the
+            slices of each case; the results say where each case matched.
+        rerank
+            Re-rank the case-vector candidates by late interaction over slice vectors
+            (:mod:`medsearch.rerank`). None: on for region queries, else
+            :data:`~medsearch.rerank.ON_BY_DEFAULT`. An index without slice vectors ranks by case
+            vector, and ``query["rerank"]`` says so.
 
         Returns
         -------
         QueryResult
             Ranks 1..n after the exclusions; ``query["excluded"]`` counts what each option left out.
+            Each match carries ``best_slice`` (and ``query_slice``) where both sides have slice vectors.
 
         Raises
         ------
         ConfigError
-            ``k`` is below 1.
+            ``k`` is below 1, or a malformed ``slices`` or ``roi``.
         FilterError
             A bad filter (checked before the study is read).
         InvalidStudyError
@@ -279,6 +307,7 @@ class Searcher:
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         filters = parse_filters(where)
+        region = Region.parse(slices=slices, roi=roi)  # a malformed region too
         matching = self.store.matching(filters)  # a bad filter fails before the study is decoded and encoded
         if exclude_same_patient:
             self.site_key()  # a missing key fails before the study is decoded too
@@ -289,14 +318,21 @@ class Searcher:
         patients: tuple[str, ...] = ()
         if exclude_same_patient:
             patients = (self._patient(case.header if case is not None else _study_header(study, min_size)),)
-        vector = embed_volume(volume, self.encoder, self.config)
+        query_slices = embed_slices(volume, self.encoder, self.config, region)
+        if query_slices is None:
+            vector = embed_volume(volume, self.encoder, self.config)
+        else:  # the case vector from the same slice vectors, as embed_volume pools them
+            vector = pool_slices(query_slices.vectors, self.config.preprocess.pool)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
+        if region is not None:
+            info["region"] = region.to_dict()
         if filters:
             info["where"] = [str(f) for f in filters]
             info["matching_cases"] = int(matching.sum())
         return self.search_vector(
             vector, k=k, where=filters, query=info, exclude_patients=patients,
-            one_per_patient=one_per_patient, collapse_copies=collapse_copies,
+            one_per_patient=one_per_patient, collapse_copies=collapse_copies, slices=query_slices,
+            rerank=True if region is not None and rerank is None else rerank,
         )
 
     def search_vector(
@@ -309,11 +345,15 @@ class Searcher:
         exclude_patients: Collection[str] = (),
         one_per_patient: bool = False,
         collapse_copies: bool = True,
+        slices: SliceSet | None = None,
+        rerank: bool | None = None,
     ) -> QueryResult:
         """The ``k`` cases nearest to an embedding, among those matching ``where``.
 
         ``exclude_patients`` lists patient pseudonyms whose cases are left out (see
         :meth:`patient_of`); ``one_per_patient`` and ``collapse_copies`` as in :meth:`search`.
+        ``slices``: the query's slice vectors (:func:`~medsearch.embedding.embed_slices`), for
+        re-ranking (``rerank``, as in :meth:`search`) and to say where each result matched.
 
         Raises
         ------
@@ -325,32 +365,80 @@ class Searcher:
             collapse_copies=collapse_copies,
         )
         total = len(self.store)
+        info = dict(query or {})
+        late = self._rerank_plan(slices, rerank, info)
         ask = k if not picker.active else min(total, 2 * k + 16)
+        if late:
+            ask = candidate_count(k, total)
+            info["rerank"]["candidates"] = ask
+        found: dict[int, Any] = {}
         while True:
             hits = self.store.search(vector[None, :], max(ask, 1), where=where)
             valid = hits.ids[0] >= 0
-            kept = picker.pick(hits.ids[0][valid], hits.distances[0][valid], k)
+            rows, distances = hits.ids[0][valid], hits.distances[0][valid]
+            if late and slices is not None:
+                rows, distances, matches = rerank_rows(self.store.slices, slices.vectors, slices.indices, rows, distances)
+                found = dict(zip(rows.tolist(), matches))
+            kept = picker.pick(rows, distances, k)
             # done: k kept, or faiss gave fewer candidates than asked (none left), or all were asked
             if len(kept) >= k or int(valid.sum()) < ask or ask >= total:
                 break
             ask = min(total, ask * 4)
         # only the rows returned: the whole table would cost more than the search on a large index
         records = self.store.cases.iloc[[row for row, _ in kept]].to_dict(orient="records")
-        matches = []
+        places = self._locations(slices, [row for row, _ in kept], found if late else None)
+        results = []
         labels = set(self.store.manifest.label_columns)
-        for rank, (record, (_, distance)) in enumerate(zip(records, kept), start=1):
+        for rank, (record, (_, distance), place) in enumerate(zip(records, kept, places), start=1):
             record = {key: _label_value(v) if key in labels else plain(v) for key, v in record.items()}
             cid = record.pop("case_id")
-            matches.append(Match(rank=rank, case_id=cid, distance=round(float(distance), 6), metadata=record))
-        info = dict(query or {})
+            results.append(Match(rank=rank, case_id=cid, distance=round(float(distance), 6), metadata=record, location=place))
         if picker.active:
             info["excluded"] = picker.counts()
+        # one slice against cases of one slice each: the late score is their cosine, as the text says
+        volumes = late and slices is not None and (len(slices) > 1 or self._any_volume([row for row, _ in kept]))
         return QueryResult(
             query=info,
-            results=matches,
-            distance=self.store.manifest.distance,
+            results=results,
+            distance=LATE_DISTANCE_TEXT if volumes else self.store.manifest.distance,
             labels=list(self.store.manifest.label_columns),
         )
+
+    def _any_volume(self, rows: list[int]) -> bool:
+        """Whether any of these cases keeps more than one slice vector."""
+        table = self.store.slices
+        return table is not None and bool(len(rows)) and bool((np.diff(table.offsets)[rows] > 1).any())
+
+    def _rerank_plan(self, slices: SliceSet | None, rerank: bool | None, info: dict[str, Any]) -> bool:
+        """Whether to re-rank by slice vectors; records the answer, and why not, in ``info["rerank"]``."""
+        wanted = ON_BY_DEFAULT if rerank is None else rerank
+        if not wanted:
+            return False
+        why = ""
+        if self.store.slices is None:
+            why = "the index holds no slice vectors (built before they were kept): ranked by case vector; rebuild the index to re-rank"
+        elif slices is None or not len(slices):
+            why = "the encoder sees no slices (a 3D encoder or tri-planar images): ranked by case vector"
+        info["rerank"] = {"used": not why, **({"note": why} if why else {})}
+        return not why
+
+    def _locations(
+        self, slices: SliceSet | None, rows: list[int], found: dict[int, Any] | None
+    ) -> list[dict[str, Any] | None]:
+        """Where each result matched: from the re-ranking, else computed for these rows alone."""
+        table = self.store.slices
+        if slices is None or table is None or not len(slices) or not rows:
+            return [None] * len(rows)
+        if found is None:
+            found = dict(zip(rows, late_interaction(slices.vectors, slices.indices, table.gather(rows))))
+        gaps, counts = table.gaps, np.diff(table.offsets)
+        # one image against one image: nothing to locate
+        single = len(slices) == 1 and int(slices.indices[0]) == 0
+        return [
+            None if single and counts[row] <= 1 else
+            location(found.get(row), query_gap=slices.gap_mm, case_gap=float(gaps[row]) if np.isfinite(gaps[row]) else None)
+            for row in rows
+        ]
 
     def site_key(self) -> SiteKey:
         """The site key this index was built with (loaded once).
@@ -535,5 +623,21 @@ def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = Fals
         "last_run": m.last_run or {},
         "tallies": tallies,
         "verified": sorted(entry.name for entry in m.files.values()) if verify else [],
+        "slice_vectors": _slice_info(store),
         "k_anonymity": measure_k_anonymity(cases, k=k).to_dict(),
+    }
+
+
+def _slice_info(store: IndexStore) -> dict[str, Any]:
+    """What the index keeps of slice vectors: how many, for how many cases, and their bytes per case."""
+    table = store.slices
+    if table is None:
+        return {"kept": False}
+    with_slices = int((np.diff(table.offsets) > 0).sum())
+    return {
+        "kept": True,
+        "vectors": table.n_slices,
+        "cases_with_slices": with_slices,
+        "mean_per_case": round(table.n_slices / max(with_slices, 1), 1),
+        "bytes_per_case": round(table.nbytes() / max(len(table), 1)),
     }

@@ -57,7 +57,9 @@ DEFAULT_K = 5
 # Data files of a generation (see medsearch.store.files.generation_file).
 _EARLIER_GENERATION = re.compile(r"(vectors|cases|thumbs|raw)-\d{6}\.(faiss|csv|npy)")
 
-LINK_COLUMNS = ("case_id", "study_instance_uid", "series_instance_uid", "part", "files")
+LINK_COLUMNS = ("case_id", "study_instance_uid", "series_instance_uid", "part", "files", "dicomweb_root")
+# A link table written before cases could come from a DICOMweb server: read as one whose column is empty.
+_OLD_LINK_COLUMNS = LINK_COLUMNS[:5]
 # Columns medsearch itself writes into a case table besides the de-identified metadata.
 _OWN_COLUMNS = frozenset({"case_id", "n_files", "n_slices", "rows", "columns", "spacing_mm", "pixel_hash"})
 
@@ -78,6 +80,9 @@ class LinkTable:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: dict[str, dict[str, str]] = {}
+        # folders whose files stand for a DICOMweb server (a sync's spool, emptied after each batch):
+        # a case from one is linked by the server's root and its UIDs, not by files that will be gone
+        self.remote: dict[Path, str] = {}
         if self.path.exists():
             self.rows = {r["case_id"]: r for r in self._read()}
 
@@ -99,12 +104,15 @@ class LinkTable:
         return cls(path)
 
     def add(self, case_id: str, *, study_uid: str, series_uid: str, part: str, files: Iterable[Path]) -> None:
+        paths = [Path(f).resolve() for f in files]
+        root = next((r for folder, r in self.remote.items() if paths and folder in paths[0].parents), "")
         self.rows[case_id] = {
             "case_id": case_id,
             "study_instance_uid": study_uid,
             "series_instance_uid": series_uid,
             "part": part,
-            "files": ";".join(str(Path(f).resolve()) for f in files),
+            "files": "" if root else ";".join(str(p) for p in paths),
+            "dicomweb_root": root,
         }
 
     def save(self) -> None:
@@ -127,7 +135,8 @@ class LinkTable:
             raise WriteError(f"cannot write link table {self.path}: {e.strerror or e}; check the folder and its permissions") from e
 
     def resolve(self, case_id: str) -> dict[str, Any] | None:
-        """Where a case lives: ``{"files": [...], "study_instance_uid", "series_instance_uid"}``."""
+        """Where a case lives: ``{"files": [...], "study_instance_uid", "series_instance_uid", "dicomweb_root"}``
+        (``dicomweb_root`` is empty for a case indexed from files, ``files`` for one from a DICOMweb server)."""
         row = self.rows.get(case_id)
         if row is None:
             return None
@@ -135,13 +144,14 @@ class LinkTable:
             "files": [f for f in row["files"].split(";") if f],
             "study_instance_uid": row["study_instance_uid"],
             "series_instance_uid": row["series_instance_uid"],
+            "dicomweb_root": row.get("dicomweb_root") or "",
         }
 
     def _read(self) -> list[dict[str, str]]:
         try:
             with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                 reader = csv.DictReader(f)
-                if tuple(reader.fieldnames or ()) != LINK_COLUMNS:
+                if tuple(reader.fieldnames or ()) not in (LINK_COLUMNS, _OLD_LINK_COLUMNS):
                     raise ConfigError(f"{self.path} is not a medsearch link table (columns {reader.fieldnames})")
                 return list(reader)
         except OSError as e:

@@ -19,6 +19,10 @@ What is shown, and what is not:
   too. The result pictures are the thumbnails the index stored when it was built
   (``index.thumbnail_size``, 256 px by default); an index without them, or a case without one,
   gets a labelled placeholder instead.
+* Where the result says where each case matched (its slice vectors, :mod:`medsearch.rerank`), the
+  query picture is the query slice that matched the first result, and a result's picture is its
+  best-matching slice when its source files can be read (a result resolved through the link table,
+  ``query --resolve``); otherwise the stored thumbnail, captioned with the slice that matched.
 * Captions sit outside the pictures. Nothing is drawn on a picture: the pixels are the source
   pixels, windowed. Text burned into the source pixels by a scanner or a workstation is the
   archive's to clean before indexing; medsearch neither adds nor removes it.
@@ -44,7 +48,7 @@ import numpy as np
 
 from medsearch.config import PreprocessConfig, config_from_dict
 from medsearch.errors import ConfigError, IndexCorruptError
-from medsearch.io import Volume, load_study
+from medsearch.io import Volume, load_study, load_volume, scan
 from medsearch.io.dicom.window import BODY_PART_WINDOWS, WINDOWS, display_window
 from medsearch.search import QueryResult, Searcher
 from medsearch.store import IndexStore
@@ -262,7 +266,8 @@ def make_sheet(
     size = int(thumbs.shape[1]) if thumbs is not None else _QUERY_SIZE
 
     study = query_study if query_study is not None else result.query.get("path")
-    query_item = _query_item(study, preprocess, size)
+    first = result.results[0].location if result.results else None
+    query_item = _query_item(study, preprocess, size, first["query_slice"] if first else None)
 
     rows = {cid: i for i, cid in enumerate(store.cases["case_id"])} if len(store.cases) else {}
     labels = list(result.labels)
@@ -279,6 +284,14 @@ def make_sheet(
             why = "no thumbnail stored for this case"
         else:
             image = thumbs[row]
+        where = ""
+        if m.location is not None:
+            best = int(m.location["best_slice"])
+            drawn = _source_slice(m.source, best, preprocess, size)
+            of = f" of {m.metadata['n_slices']}" if m.metadata.get("n_slices") else ""
+            where = f"best slice {best + 1}{of}" + ("" if drawn is not None else " (picture: middle slice)")
+            if drawn is not None:
+                image, why = drawn, ""
         values = {f: _text(m.metadata.get(f)) for f in CAPTION_FIELDS}
         label_values = {name: _text(m.metadata.get(name)) for name in labels}
         fields = {"rank": str(m.rank), "distance": f"{m.distance:.4f}", "case id": m.case_id,
@@ -289,8 +302,11 @@ def make_sheet(
             _join(values["modality"], values["body_part"]),
             _join(f"sex {values['sex']}" if values["sex"] else "", f"age {values['age_band']}" if values["age_band"] else ""),
             values["model"],
+            where,
             *(f"{name}: {value}" for name, value in label_values.items() if value),
         ]
+        if where:
+            fields["matched at"] = where
         matches.append(SheetItem(heading=f"#{m.rank}", lines=tuple(x for x in lines if x), fields=fields,
                                  image=image, placeholder=why))
 
@@ -372,7 +388,29 @@ def _preprocess_config(store: IndexStore) -> PreprocessConfig:
     return config_from_dict({"preprocess": dict(data)}, source=f"index {store.path}").preprocess
 
 
-def _query_item(study: str | Path | Volume | None, preprocess: PreprocessConfig, size: int) -> SheetItem:
+def _source_slice(source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int) -> np.ndarray | None:
+    """Slice ``index`` of a result's case, read from its source files (from the link table), as a
+    thumbnail; None where the files are not given or cannot be read (the stored thumbnail is drawn)."""
+    files = [Path(f) for f in (source or {}).get("files", []) if Path(f).is_file()]
+    if not files:
+        return None
+    try:
+        found = scan(files)
+        if len(found.cases) != 1:
+            return None
+        case = found.cases[0]
+        volume, _ = load_volume(case, select=lambda depth: [index] if index < depth else [])
+        if index >= volume.pixels.shape[0]:
+            return None
+        return make_thumbnail(volume.pixels[index:index + 1], config=preprocess, modality=volume.modality, rgb=volume.rgb,
+                              spacing=volume.spacing, size=size, window=display_window(case.header))
+    except Exception:  # noqa: BLE001 - a picture is a courtesy: the stored thumbnail stands in
+        return None
+
+
+def _query_item(
+    study: str | Path | Volume | None, preprocess: PreprocessConfig, size: int, matched: int | None = None
+) -> SheetItem:
     if study is None:
         return SheetItem(heading="query", lines=(), fields={"rank": "query"},
                          placeholder="no query picture: give query_study")
@@ -381,12 +419,16 @@ def _query_item(study: str | Path | Volume | None, preprocess: PreprocessConfig,
     else:
         case, volume = load_study(study)
         window = display_window(case.header)
-    image = make_thumbnail(volume.pixels, config=preprocess, modality=volume.modality, rgb=volume.rgb,
-                           spacing=volume.spacing, size=size, window=window)
-    full = middle_picture(volume.pixels, config=preprocess, modality=volume.modality, rgb=volume.rgb,
-                          spacing=volume.spacing, window=window)
     n = int(volume.pixels.shape[0])
+    # the slice that matched the first result, else the middle one
+    pixels = volume.pixels[matched:matched + 1] if matched is not None and 0 <= matched < n else volume.pixels
+    image = make_thumbnail(pixels, config=preprocess, modality=volume.modality, rgb=volume.rgb,
+                           spacing=volume.spacing, size=size, window=window)
+    full = middle_picture(pixels, config=preprocess, modality=volume.modality, rgb=volume.rgb,
+                          spacing=volume.spacing, window=window)
     where = "1 image" if n == 1 else f"middle of {n} slices"
+    if n > 1 and matched is not None and pixels is not volume.pixels:
+        where = f"slice {matched + 1} of {n} (matched #1)"
     modality = str(volume.modality or "")
     return SheetItem(heading="query", lines=tuple(x for x in (modality, where) if x),
                      fields={"rank": "query", "modality": modality}, image=image, full=full)
@@ -404,7 +446,7 @@ def _notes(preprocess: PreprocessConfig, modalities: set[str], distance: str) ->
     if modalities - {"CT"} or not modalities:
         low, high = preprocess.percentiles
         shown.append(f"other modalities scaled to their {_ordinal(low)} to {_ordinal(high)} percentile")
-    notes = ["; ".join(shown) + "; middle slice of each case"]
+    notes = ["; ".join(shown) + "; the middle slice of each case, or the slice its caption says matched"]
     if distance:
         notes.append(f"distance = {distance}")
     return tuple(notes)

@@ -56,3 +56,19 @@ def sample_index(tmp_path_factory, sample_key) -> Path:
     path = tmp_path_factory.mktemp("sample") / "index"
     build_index(SAMPLE / "tcga-luad-ct", path, labels=SAMPLE / "labels.csv", key=sample_key)
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_index(tmp_path_factory) -> tuple[Path, Path]:
+    """Three synthetic CT series (tests/series.py) indexed with a slice every 2.5 mm: (archive, index);
+    the index's link table is ``index.parent / "links.csv"``."""
+    from series import phantom_archive
+
+    from medsearch.config import load_config
+    from medsearch.indexing import build_index
+
+    root = tmp_path_factory.mktemp("phantoms")
+    archive = phantom_archive(root / "archive")
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": 2.5})
+    build_index(archive, root / "index", config=config, links=root / "links.csv")
+    return archive, root / "index"

@@ -64,7 +64,7 @@ def test_info_verify_hashes_every_file_and_names_a_damaged_one(runner, sample_in
     copy = tmp_path / "index"
     shutil.copytree(sample_index, copy)
     ok = runner.invoke(app, ["info", str(copy), "--verify"])
-    assert ok.exit_code == 0 and "checksums: all 3 data file(s) match the manifest" in ok.output
+    assert ok.exit_code == 0 and "checksums: all 5 data file(s) match the manifest" in ok.output  # with the slice vectors
     data = json.loads(runner.invoke(app, ["info", str(copy), "--verify", "--json"]).stdout)
     assert any(name.startswith("vectors-") for name in data["verified"])
     cases = next(copy.glob("cases-*.csv"))
@@ -154,7 +154,7 @@ def test_an_index_built_with_another_encoder(runner, sample_index, tmp_path):
 
 
 USAGE = [
-    (["query"], "Usage: medsearch query [OPTIONS] STUDY"),
+    (["query"], "Usage: medsearch query [OPTIONS] [STUDY]"),  # or --study-uid with --dicomweb
     (["index"], "Usage: medsearch index [OPTIONS] ARCHIVE"),
     (["info"], "Usage: medsearch info [OPTIONS] INDEX_DIR"),
     (["export-index"], "Usage: medsearch export-index [OPTIONS] INDEX_DIR DESTINATION"),

@@ -65,7 +65,7 @@ def test_replace_changes_one_key():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"index_type": "annoy"}, "index.index_type must be one of 'auto', 'flat', 'hnsw', 'ivfpq', got 'annoy'"),
+    ({"index_type": "annoy"}, "index.index_type must be one of 'auto', 'flat', 'hnsw', 'ivfpq', 'ivfpq-disk', got 'annoy'"),
     ({"nprobe": 0}, "index.nprobe must be a whole number of at least 1, got 0"),
     ({"memory_budget_mb": "lots"}, "index.memory_budget_mb must be a whole number"),
 ])

@@ -33,6 +33,8 @@ RANK = {
     "metrics": 6,
     "store": 7,
     "sharing": 8,
+    "pacs": 8.5,  # DICOMweb: above deid/io (pseudonyms, DICOM files), below indexing and the query side that use it
+    "rerank": 8.7,  # late interaction over slice vectors: reads the store, used by search
     "search": 9,
     "indexing": 10,
     "evaluate": 11,
@@ -61,6 +63,7 @@ FORBIDDEN = {
     "embedding": {"faiss", "pydicom"},
     "filters": {"torch", "monai", "faiss", "pydicom"},
     "store": {"torch", "monai", "pydicom"},
+    "rerank": {"torch", "monai", "faiss", "pydicom"},
     "metrics": {"torch", "monai", "faiss", "pydicom"},
 }
 

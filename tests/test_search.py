@@ -14,7 +14,7 @@ from conftest import SAMPLE
 from mixed.archive import write_patients
 
 from medsearch import Config, build_index, query
-from medsearch.errors import EncoderMismatchError, IndexNotFoundError, InvalidStudyError
+from medsearch.errors import ConfigError, EncoderMismatchError, IndexNotFoundError, InvalidStudyError
 from medsearch.io import SkipReason
 from medsearch.search import Searcher
 
@@ -52,7 +52,7 @@ def test_query_result_as_dict_and_frame(sample_index):
 
 
 def test_other_preprocessing_or_encoder_is_refused(sample_index):
-    with pytest.raises(EncoderMismatchError, match=r"other preprocessing \(ct_window, slices differ\)"):
+    with pytest.raises(EncoderMismatchError, match=r"other preprocessing \(ct_window, slice_spacing_mm, slices differ\)"):
         query(FILES[0], sample_index, config="chest-ct")
     with pytest.raises(EncoderMismatchError, match="slices differ"):
         Searcher(sample_index, config=Config().replace(preprocess={"slices": 3}))
@@ -364,3 +364,126 @@ def test_where_matching_nothing_says_so_and_exits_non_zero(sample_index):
     run = CliRunner().invoke(app, ["query", str(FILES[0]), "--index", str(sample_index), "--where", "modality=PT"])
     assert run.exit_code == 1
     assert f"no case of {sample_index} matches modality=PT; nothing to rank" in run.output
+
+
+# -- volumes and regions: slice vectors, late-interaction re-ranking, region queries -----------------
+
+
+def _slab(volume, start: int, length: int, *, seed: int):
+    """Slices ``start:start + length`` of a volume, with noise and a 2-pixel shift, as a new volume."""
+    from medsearch.io import Volume
+
+    rng = np.random.default_rng(seed)
+    cut = volume.pixels[start:start + length]
+    pixels = np.roll(cut, (2, -2), axis=(1, 2)) + rng.normal(0, 30, cut.shape)
+    return Volume(pixels.astype(np.float32), volume.spacing, volume.modality, volume.rgb, z_known=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_slab_finds_its_series_and_where_it_lies(phantom_index, seed):
+    archive, index = phantom_index
+    result = query(archive / f"s{seed}", index, k=3, slices="6:12")
+    top = result.results[0]
+    assert result.query["region"] == {"slices": [6, 12]} and result.query["rerank"]["used"] is True
+    assert top.distance == pytest.approx(0.0, abs=1e-4)
+    assert top.location["best_slice"] == top.location["query_slice"] and 6 <= top.location["query_slice"] < 12
+    assert top.location["best_slice_mm"] == pytest.approx(2.5 * top.location["best_slice"])
+    assert result.distance.startswith("1 - late-interaction similarity")
+    assert {"best_slice", "best_slice_mm", "query_slice", "query_slice_mm", "slice_score"} <= set(top.to_dict())
+    own = query(archive / f"s{seed}", index, k=1).results[0].case_id
+    assert top.case_id == own
+
+
+@pytest.mark.parametrize("start", [0, 7, 14])
+def test_a_noisy_shifted_slab_lands_within_two_slices(phantom_index, start):
+    from medsearch.io import load_study
+
+    archive, index = phantom_index
+    searcher = Searcher(index)
+    own = searcher.search(archive / "s1", k=1).results[0].case_id
+    slab = _slab(load_study(archive / "s1")[1], start, 8, seed=start)
+    top = searcher.search("slab", volume=slab, k=3).results[0]
+    assert top.case_id == own
+    assert abs(top.location["best_slice"] - top.location["query_slice"] - start) <= 2
+
+
+def test_a_box_on_a_slice_is_matched_against_slices(phantom_index):
+    archive, index = phantom_index
+    result = query(archive / "s2", index, k=3, slices="12", roi="8,8,56,56")
+    assert result.query["region"] == {"slices": [12, 13], "roi": [8, 8, 56, 56]}
+    top = result.results[0]
+    assert top.case_id == query(archive / "s2", index, k=1).results[0].case_id
+    assert top.location["query_slice"] == 12 and abs(top.location["best_slice"] - 12) <= 2
+
+
+def test_pooled_ranking_still_says_where_each_result_matched(phantom_index):
+    archive, index = phantom_index
+    pooled = query(archive / "s0", index, k=3, rerank=False)
+    assert "rerank" not in pooled.query and not pooled.distance.startswith("1 - late")
+    assert all(m.location is not None for m in pooled.results)
+
+
+def test_an_index_without_slice_vectors_ranks_by_case_vector_and_says_so(phantom_index, tmp_path):
+    import shutil
+
+    from medsearch.store import IndexStore
+
+    archive, index = phantom_index
+    old = tmp_path / "old"
+    shutil.copytree(index, old)
+    store = IndexStore.open(old)
+    store.slices = None  # as an index of an older medsearch: no slice files
+    store.commit()
+    assert "slices" not in IndexStore.open(old).manifest.files
+    result = query(archive / "s1", old, k=2, slices="6:12")
+    assert "no slice vectors" in result.query["rerank"]["note"] and result.query["rerank"]["used"] is False
+    assert result.results[0].location is None and "best_slice" not in result.results[0].to_dict()
+    assert result.results[0].case_id == query(archive / "s1", index, k=1).results[0].case_id
+
+
+@pytest.mark.parametrize(("slices", "roi", "error", "message"), [
+    ("30:40", None, InvalidStudyError, "outside the study's 24 slice"),
+    (None, "0,0,100,10", InvalidStudyError, "outside the study's 64 x 64"),
+    ("9:3", None, ConfigError, "is empty"),
+])
+def test_a_bad_region_is_one_line_that_says_what_to_do(phantom_index, slices, roi, error, message):
+    archive, index = phantom_index
+    with pytest.raises(error, match=message):
+        query(archive / "s0", index, slices=slices, roi=roi)
+
+
+def test_query_json_carries_the_match_location(phantom_index):
+    from typer.testing import CliRunner
+
+    from medsearch.cli import app
+
+    archive, index = phantom_index
+    run = CliRunner().invoke(app, ["query", str(archive / "s1"), "--index", str(index), "-k", "2", "--slices", "6:12", "--json"])
+    assert run.exit_code == 0, run.output
+    data = json.loads(run.stdout)
+    top = data["results"][0]
+    assert data["query"]["region"] == {"slices": [6, 12]}
+    assert top["best_slice"] == top["query_slice"] and top["best_slice_mm"] == pytest.approx(2.5 * top["best_slice"])
+    table = CliRunner().invoke(app, ["query", str(archive / "s1"), "--index", str(index), "-k", "2", "--roi", "8,8,56,56"])
+    assert table.exit_code == 0 and "matched at" in table.stdout and "<- 12 (30.0 mm)" in table.stdout
+    bad = CliRunner().invoke(app, ["query", str(archive / "s1"), "--index", str(index), "--roi", "1,2"])
+    assert bad.exit_code == 2 and "roi must be four whole pixel numbers" in bad.output
+
+
+def test_a_slab_of_a_real_series_finds_it(shared_dicom, tmp_path):
+    from medsearch.config import load_config
+    from medsearch.io import load_study
+
+    series = shared_dicom / "ct-head-ge-gantry-tilt"
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": 5.0})
+    build_index(series, tmp_path / "ix", config=config)
+    build_index(shared_dicom / "mr-philips-fmri", tmp_path / "ix", config=config)
+    searcher = Searcher(tmp_path / "ix")
+    own = searcher.search(series, k=1).results[0].case_id
+    result = searcher.search(series, k=2, slices="10:18")
+    top = result.results[0]
+    assert top.case_id == own and top.location["best_slice"] == top.location["query_slice"]
+    assert top.location["best_slice_mm"] == pytest.approx(top.location["best_slice"] * 4.0, rel=0.01)  # 4 mm apart
+    slab = _slab(load_study(series)[1], 12, 8, seed=0)
+    moved = searcher.search("slab", volume=slab, k=2).results[0]
+    assert moved.case_id == own and abs(moved.location["best_slice"] - moved.location["query_slice"] - 12) <= 2

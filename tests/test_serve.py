@@ -419,3 +419,25 @@ def test_an_upload_that_stops_arriving_gets_a_408(live):
 def test_the_live_service_answers_health(live):
     status, _, body = _answer(_exchange(live, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
     assert status == 200 and body["status"] == "ok"
+
+
+def test_region_queries_carry_where_each_case_matched(phantom_index, tmp_path, uploads):
+    """``?slices=`` and ``?roi=`` as ``query --slices/--roi``: an upload decoded in a worker, its region
+    embedded there, the answer with the best-matching slice of each result (a classic multi-frame CT)."""
+    from series import phantom, write_multiframe
+
+    archive, index = phantom_index
+    upload = write_multiframe(tmp_path / "mf.dcm", phantom(1), seed=1).read_bytes()
+    headers = {"Content-Type": "application/dicom"}
+    own = Searcher(index).search(archive / "s1", k=1).results[0].case_id
+    with TestClient(create_app(index, decode_workers=1)) as client:
+        slab = client.post("/query", params={"k": 2, "slices": "6:12"}, content=upload, headers=headers).json()
+        box = client.post("/query", params={"k": 2, "roi": "8,8,56,56", "slices": "12"}, content=upload, headers=headers).json()
+        whole = client.post("/query", params={"k": 2, "rerank": "false"}, content=upload, headers=headers).json()
+        bad = client.post("/query", params={"slices": "40:50"}, content=upload, headers=headers)
+    top = slab["results"][0]
+    assert slab["query"]["region"] == {"slices": [6, 12]} and slab["query"]["rerank"]["used"] is True
+    assert top["case_id"] == own and top["best_slice"] == top["query_slice"] and top["best_slice_mm"] == 2.5 * top["best_slice"]
+    assert box["query"]["region"]["roi"] == [8, 8, 56, 56] and box["results"][0]["query_slice"] == 12
+    assert "rerank" not in whole["query"] and "best_slice" in whole["results"][0]
+    assert bad.status_code == 422 and "outside the study's 24 slice" in bad.json()["error"]

@@ -34,13 +34,22 @@ def test_link_table_is_owner_only_and_resolves_results(linked_index):
     links = linked_index / "private" / "links.csv"
     assert stat.S_IMODE(links.stat().st_mode) == 0o600
     table = pd.read_csv(links)
-    assert len(table) == 12 and list(table.columns) == ["case_id", "study_instance_uid", "series_instance_uid", "part", "files"]
+    assert len(table) == 12 and list(table.columns) == ["case_id", "study_instance_uid", "series_instance_uid", "part", "files",
+                                                        "dicomweb_root"]
     result = query(QUERY, linked_index / "index", k=2).resolve(links)
     assert result.results[0].source["files"] == [str(QUERY.resolve())]
     assert result.results[0].source["study_instance_uid"].startswith("1.")
     assert "source" in result.to_dict()["results"][0]
     # without the link table, results carry no source at all
     assert "source" not in query(QUERY, linked_index / "index", k=1).to_dict()["results"][0]
+
+
+def test_link_table_without_the_dicomweb_column_still_reads(linked_index, tmp_path):
+    """A link table written before cases could come from a PACS (five columns) resolves as before."""
+    old = tmp_path / "old-links.csv"
+    pd.read_csv(linked_index / "private" / "links.csv").drop(columns=["dicomweb_root"]).to_csv(old, index=False)
+    result = query(QUERY, linked_index / "index", k=1).resolve(old)
+    assert result.results[0].source["files"] == [str(QUERY.resolve())] and result.results[0].source["dicomweb_root"] == ""
 
 
 def test_link_table_never_goes_inside_the_index(linked_index):

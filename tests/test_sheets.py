@@ -296,3 +296,25 @@ def test_cli_demo_sheet(runner, tmp_path, sample_index, sample_key):
     assert out.exit_code == 0, out.output
     assert "wrote result sheet" in out.stderr
     assert _png_size(tmp_path / "d.png")[0] > 500
+
+
+def test_a_sheet_draws_the_slices_that_matched(phantom_index, tmp_path):
+    """The query picture is the query slice that matched the first result; a result resolved through the
+    link table shows its best-matching slice, read from its files; without them, its thumbnail, captioned."""
+    from medsearch import query
+
+    archive, index = phantom_index
+    result = query(archive / "s1", index, k=2, slices="14:20")
+    resolved = result.resolve(index.parent / "links.csv")
+    top = resolved.results[0].location
+    sheet = make_sheet(resolved, index, query_study=archive / "s1")
+    assert f"slice {top['query_slice'] + 1} of 24 (matched #1)" in sheet.query.lines
+    assert any(line.startswith(f"best slice {top['best_slice'] + 1} of 24") for line in sheet.matches[0].lines)
+    volume = load_study(archive / "s1")[1]
+    expected = make_thumbnail(volume.pixels[top["best_slice"]:top["best_slice"] + 1], config=PreprocessConfig(),
+                              modality="CT", rgb=False, spacing=volume.spacing, size=sheet.matches[0].image.shape[0],
+                              window=volume.window)
+    np.testing.assert_array_equal(sheet.matches[0].image, expected)  # the matching slice, not the middle one
+    assert not np.array_equal(sheet.matches[0].image, IndexStore.open(index).thumbnails[0])
+    unresolved = make_sheet(result, index, query_study=archive / "s1")
+    assert any("(picture: middle slice)" in line for line in unresolved.matches[0].lines)

@@ -37,6 +37,7 @@ def evaluate(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoder call (npz; the embeddings do not depend on it)."),
     cache: Path | None = typer.Option(None, "--cache", help="Keep npz embeddings in this folder (keyed by data, encoder and preprocessing)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    rerank: bool = typer.Option(False, "--rerank", help="Also score late-interaction re-ranking over slice vectors (npz volumes: each encoder pooled, then re-ranked, compared)."),
 ) -> None:
     """Measure retrieval against labels: hit@k, precision@k, recall@k, mAP, majority votes, MAP@R, nDCG, MRR.
 
@@ -49,14 +50,14 @@ def evaluate(
 
     cutoffs = _evaluate_ks(ks)
     npz_only = {"--protocol": protocol, "--encoder": encoders, "--config": config, "--gallery-split": gallery_split,
-                "--query-split": query_split, "--cache": cache}
+                "--query-split": query_split, "--cache": cache, "--rerank": rerank}
     if data is not None:
         if index_dir is not None or queries is not None:
             raise ConfigError("give either DATA.npz or --index (with --queries), not both")
         report = evaluate_npz(
             data, protocol=protocol, gallery_split=gallery_split, query_split=query_split, ks=cutoffs,
             config=config, encoders=encoders, modality=modality, limit=limit, seed=seed,
-            batch_size=batch_size, cache_dir=cache, progress=not quiet,
+            batch_size=batch_size, cache_dir=cache, progress=not quiet, rerank=rerank,
         )
     else:
         given = [name for name, value in npz_only.items() if value]

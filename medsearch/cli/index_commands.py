@@ -14,7 +14,7 @@ from medsearch.cli.base import Command, app, print_json, stderr, stdout, user_er
 @app.command(cls=Command)
 @user_errors
 def index(
-    archive: Path = typer.Argument(..., metavar="ARCHIVE", help="A DICOM file or a folder of studies, at any depth."),
+    archive: str = typer.Argument(..., metavar="ARCHIVE", help="A DICOM file or a folder of studies, at any depth; or a DICOMweb root URL (a PACS), e.g. http://127.0.0.1:8042/dicom-web."),
     index_dir: Path = typer.Option(..., "--index", "-i", help="Index directory (created when missing)."),
     config: str | None = typer.Option(None, "--config", "-c", help="TOML config file or preset name (default, chest-ct)."),
     labels: Path | None = typer.Option(None, "--labels", help="CSV of labels per file or series."),
@@ -22,7 +22,7 @@ def index(
     label_columns: str | None = typer.Option(None, "--label-columns", help="Comma-separated label columns to keep (default: all but file paths, file names, ids and dates)."),
     key: Path | None = typer.Option(None, "--key", help="Site key file for pseudonyms (default: MEDSEARCH_KEY_FILE or ~/.config/medsearch/site.key)."),
     links: Path | None = typer.Option(None, "--links", help="Also write a link table (case id -> source files and UIDs) here: owner-only, never inside the index."),
-    index_type: str | None = typer.Option(None, "--index-type", help="auto, flat, hnsw or ivfpq (default: the config's, auto); converts an existing index."),
+    index_type: str | None = typer.Option(None, "--index-type", help="auto, flat, hnsw, ivfpq or ivfpq-disk (lists on disk, memory-mapped: beyond memory) (default: the config's, auto); converts an existing index."),
     workers: int | None = typer.Option(None, "--workers", "-w", min=0, help="Processes that read and decode (default: min(4, CPU count); 0: none)."),
     commit_every: int = typer.Option(64, "--commit-every", min=1, help="Save progress every N new cases (or every minute)."),
     case_timeout: float = typer.Option(600.0, "--case-timeout", min=1.0, help="Seconds one case may take to decode before it is skipped."),
@@ -30,6 +30,12 @@ def index(
     wait: float = typer.Option(10.0, "--wait", min=0.0, help="Seconds to wait for another process writing to the same index."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (counts, skips by reason, seconds per stage)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    modality: str | None = typer.Option(None, "--modality", help="DICOMweb: only the series of this modality (CT, MR, CR...)."),
+    since: str | None = typer.Option(None, "--since", help="DICOMweb: only studies dated on or after this day (YYYYMMDD or YYYY-MM-DD)."),
+    until: str | None = typer.Option(None, "--until", help="DICOMweb: only studies dated on or before this day (YYYYMMDD or YYYY-MM-DD)."),
+    dicomweb_auth_file: Path | None = typer.Option(None, "--dicomweb-auth-file", help="DICOMweb: a file holding 'Bearer TOKEN' or 'USER:PASSWORD' (default: MEDSEARCH_DICOMWEB_TOKEN, or MEDSEARCH_DICOMWEB_USER and MEDSEARCH_DICOMWEB_PASSWORD; never a credential on the command line)."),
+    engine: str = typer.Option("local", "--engine", help="local (worker processes here) or ray (a Ray cluster: pip install \"medsearch[ray]\"; see docs/cluster.md)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="The Ray cluster of --engine ray: auto (the one `ray start` began here) or HOST:PORT (default: a Ray started for this run)."),
 ) -> None:
     """Index every case of an archive, or add a new folder to an existing index.
 
@@ -37,6 +43,10 @@ def index(
     skipped and listed with a reason in INDEX/local/skipped.csv (site-only, like all of INDEX/local/).
     Running it again on the same archive adds nothing twice, and an interrupted run (even kill -9)
     picks up where its last saved chunk ended.
+
+    With a DICOMweb URL, the server's series (filtered by --modality, --since, --until) that the index
+    lacks are fetched into INDEX/local/spool/ in batches, indexed the same way, and deleted; running
+    it again fetches only the series new since (see docs/pacs.md).
     """
     from medsearch.indexing import SKIP_REPORT, build_index
 
@@ -56,6 +66,12 @@ def index(
         case_timeout=case_timeout,
         retry_skipped=retry_skipped,
         lock_timeout=wait,
+        engine=engine,
+        ray_address=ray_address,
+        modality=modality,
+        since=since,
+        until=until,
+        dicomweb_auth_file=dicomweb_auth_file,
     )
     if report.key_created is not None:
         stderr.print(f"created a new site key at {report.key_created} (keep it safe; it is not in the index)", highlight=False)
@@ -85,6 +101,21 @@ def index(
         stdout.print(f"skipped {len(report.skipped)} file(s): {reasons}; see {index_dir / SKIP_REPORT}", highlight=False)
     if summary.get("labels"):
         _print_label_summary(summary["labels"], labels)
+    if summary.get("dicomweb"):
+        _print_dicomweb_summary(archive, summary["dicomweb"])
+
+
+def _print_dicomweb_summary(url: str, sync: dict[str, Any]) -> None:
+    """What came from the DICOMweb server: series listed, already indexed, fetched and failed (never a UID)."""
+    from medsearch.pacs import public_url
+
+    failed = ", ".join(f"{n} {status}" for status, n in sync["failed_by_status"].items())
+    stdout.print(
+        f"DICOMweb {public_url(url)}: {sync['series_listed']} series listed, {sync['series_already_indexed']} already indexed, "
+        f"{sync['series_fetched']} fetched ({sync['instances_fetched']} instances, {sync['megabytes_fetched']:.1f} MB)"
+        + (f", {sync['series_failed']} failed ({failed}; fetched again by the next run)" if sync["series_failed"] else ""),
+        highlight=False,
+    )
 
 
 def _print_label_summary(labels: dict[str, Any], csv: Path | None) -> None:

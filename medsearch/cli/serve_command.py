@@ -23,12 +23,15 @@ def serve(
     auth_file: Path | None = typer.Option(None, "--auth-file", help="NAME:SECRET lines of who may use the service (also: MEDSEARCH_AUTH_TOKEN)."),
     audit_log: Path | None = typer.Option(None, "--audit-log", help="JSON-lines file every query is recorded in (default: INDEX_DIR/local/audit.jsonl)."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve a non-loopback --host without credentials (behind a gateway that authenticates)."),
+    dicomweb: str | None = typer.Option(None, "--dicomweb", help="DICOMweb root URL of a PACS: POST /query?study_uid=UID then fetches the study from it."),
+    dicomweb_auth_file: Path | None = typer.Option(None, "--dicomweb-auth-file", help="The PACS credentials: a file holding 'Bearer TOKEN' or 'USER:PASSWORD' (default: MEDSEARCH_DICOMWEB_TOKEN, or MEDSEARCH_DICOMWEB_USER and MEDSEARCH_DICOMWEB_PASSWORD)."),
 ) -> None:
     """Keep an index and its encoder loaded: a page for clinicians at /, and queries over HTTP as JSON.
 
     Open http://127.0.0.1:8000/ and drop a DICOM file, several files or a series folder. POST
     /query?k=10 with a DICOM file (raw body or multipart form) returns what 'query --json' prints;
-    GET /health and GET /info. Cases that 'medsearch index' adds while it runs are served from the
+    GET /health and GET /info. With --dicomweb, POST /query?study_uid=UID (and series_uid) queries with
+    a study of the PACS instead of an upload. Cases that 'medsearch index' adds while it runs are served from the
     next request on. Uploads are decoded in a worker process with a memory cap and a time limit. Any
     --host but loopback needs --auth-file; every query goes to the audit log.
     """
@@ -41,4 +44,4 @@ def serve(
         stderr.print(f"warning: serving on {host} without authentication; anyone who reaches port {port} can query this index", highlight=False)
     run_service(index_dir, host=host, port=port, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
                 header_timeout=header_timeout, worker_memory_gib=worker_memory_gib, auth_file=auth_file, audit_log=audit_log,
-                insecure_no_auth=insecure_no_auth)
+                insecure_no_auth=insecure_no_auth, dicomweb=dicomweb, dicomweb_auth_file=dicomweb_auth_file)

@@ -23,7 +23,7 @@ from tqdm import tqdm  # plain text bars: notebooks need no widget package
 
 from medsearch._files import write_with
 from medsearch.config import Config, EncoderConfig
-from medsearch.embedding import encoder_input
+from medsearch.embedding import SliceSet, encoder_input, slice_indices
 from medsearch.encoders import Encoder, resolve_device
 from medsearch.errors import ConfigError, WriteError
 from medsearch.io import NpzSplit
@@ -64,6 +64,7 @@ def embed_npz_split(
     images_per_batch: int = 64,
     progress: bool = False,
     timings: dict[str, float] | None = None,
+    keep_slices: list[SliceSet | None] | None = None,
 ) -> np.ndarray:
     """Embed images of a split exactly as :func:`medsearch.embedding.embed_volume` embeds a case.
 
@@ -90,6 +91,9 @@ def embed_npz_split(
         Show a progress bar on stderr.
     timings : dict, optional
         Filled with ``preprocess_s``, ``encode_s`` and ``images`` (added to what it holds).
+    keep_slices : list, optional
+        Filled with each image's slice vectors (:class:`~medsearch.embedding.SliceSet`, None for
+        a 3D encoder or tri-planar images), in the order of the rows, for re-ranking.
 
     Returns
     -------
@@ -106,8 +110,10 @@ def embed_npz_split(
             batch_rows = order[start : start + images_per_batch]
             t0 = time.perf_counter()
             tensors = []
+            chosen: list[list[int] | None] = []
             for volume in split.volumes(batch_rows, modality=modality):
                 tensors.append(encoder_input(volume, info, config))
+                chosen.append(slice_indices(volume, info, config))
             t1 = time.perf_counter()
             vectors = encoder.embed(torch.cat(tensors))
             t2 = time.perf_counter()
@@ -119,6 +125,10 @@ def embed_npz_split(
                 pooled = np.add.reduceat(vectors, offsets, axis=0) / counts[:, None]
             norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
             out[start : start + len(batch_rows)] = pooled / norms
+            if keep_slices is not None:
+                for first, count, picked in zip(offsets.tolist(), counts.tolist(), chosen):
+                    keep_slices.append(None if picked is None else SliceSet(
+                        vectors[first : first + count].astype(np.float16), np.asarray(picked, np.int32), None))
             timings["preprocess_s"] = timings.get("preprocess_s", 0.0) + t1 - t0
             timings["encode_s"] = timings.get("encode_s", 0.0) + t2 - t1
             timings["images"] = timings.get("images", 0) + len(batch_rows)

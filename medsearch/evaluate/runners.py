@@ -25,17 +25,18 @@ from tqdm import tqdm  # plain text bars: notebooks need no widget package
 
 from medsearch.config import Config, EncoderConfig, load_config
 from medsearch.deid import SiteKey, case_id, patient_pseudonym
-from medsearch.embedding import embed_volume
+from medsearch.embedding import SliceSet, embed_volume
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError, KeyFileError
-from medsearch.evaluate.npz import embed_cached, encoder_record, resolve_encoders
+from medsearch.evaluate.npz import embed_cached, embed_npz_split, encoder_record, resolve_encoders
 from medsearch.evaluate.protocols import Protocol, resolve_ks, resolve_protocol
 from medsearch.evaluate.results import EvaluationReport, compare_results
 from medsearch.evaluate.scoring import evaluate_embeddings
 from medsearch.io import LoadFailure, NpzLayout, find_files, load_npz_split, load_volume, scan
 from medsearch.io.labels import labels_for_case, read_labels
+from medsearch.rerank import reorder_by_slices
 from medsearch.search import Searcher
-from medsearch.store import IndexStore
+from medsearch.store import IndexStore, SliceTable
 
 __all__ = ["evaluate_index", "evaluate_npz", "evaluate_queries"]
 
@@ -58,6 +59,7 @@ def evaluate_npz(
     n_resamples: int = 1000,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    rerank: bool = False,
 ) -> EvaluationReport:
     """Evaluate retrieval on a MedMNIST-format ``.npz``: query split against gallery split.
 
@@ -98,6 +100,12 @@ def evaluate_npz(
         without it.
     progress : bool
         Progress bars on stderr while embedding.
+    rerank : bool
+        Also score each encoder with late-interaction re-ranking (:mod:`medsearch.rerank`): the
+        first :data:`~medsearch.rerank.DEFAULT_CANDIDATES` gallery items of each query re-ordered
+        by their slice vectors. The report then holds, per encoder, the pooled ranking and the
+        re-ranked one (named ``... + late interaction``), compared by a paired test. Slice vectors
+        are not cached (``cache_dir`` keeps the case vectors only).
 
     Returns
     -------
@@ -147,37 +155,59 @@ def evaluate_npz(
             "timings": timings,
             "cache_dir": Path(cache_dir) if cache_dir else None,
         }
-        g_vectors = embed_cached(gallery, None, encoder, run_cfg, **options)
-        q_vectors = g_vectors[q_rows] if loo else embed_cached(queries, q_rows, encoder, run_cfg, **options)
-        result = evaluate_embeddings(
-            g_vectors,
-            gallery.labels,
-            q_vectors,
-            queries.labels[q_rows],
-            ks=ks_all,
-            metric=cfg.index.metric,
-            query_rows=q_rows if loo else None,
-            protocol=spec.name if spec else None,
-            main_metric=main_metric,
-            n_resamples=n_resamples,
-            seed=seed,
-            dataset=path.name,
-            encoder=encoder_record(encoder, enc_cfg),
-            settings={
-                "input": "npz",
-                "gallery_split": gallery_name,
-                "query_split": query_name,
-                "leave_one_out": loo,
-                "layout": gallery.layout.value,
-                "image_shape": list(gallery.images.shape[1:]),
-                "modality": modality,
-                "preprocess": run_cfg.to_dict()["preprocess"],
-                "limit": limit,
-                "seed": seed,
-            },
-        )
-        result.timings = {**timings, **result.timings, "total_s": time.perf_counter() - started}
-        results.append(result)
+        g_slices: list[SliceSet | None] | None = None
+        q_slices: list[SliceSet | None] | None = None
+        if rerank:  # the slice vectors too: embedded here, the cache keeps case vectors only
+            g_slices, q_slices = [], []
+            plain_options = {k: v for k, v in options.items() if k != "cache_dir"}
+            g_vectors = embed_npz_split(gallery, encoder, run_cfg, keep_slices=g_slices, **plain_options)
+            if loo:
+                q_vectors, q_slices = g_vectors[q_rows], [g_slices[int(i)] for i in q_rows]
+            else:
+                q_vectors = embed_npz_split(queries, encoder, run_cfg, indices=q_rows, keep_slices=q_slices, **plain_options)
+        else:
+            g_vectors = embed_cached(gallery, None, encoder, run_cfg, **options)
+            q_vectors = g_vectors[q_rows] if loo else embed_cached(queries, q_rows, encoder, run_cfg, **options)
+        stages: list[tuple[str, Any]] = [("", None)]
+        if g_slices is not None and q_slices is not None:
+            table = SliceTable(encoder.dim)
+            table.add(g_slices)
+            stages.append((" + late interaction", reorder_by_slices(table, q_slices)))
+        q_labels = queries.labels[q_rows]
+        for suffix, reorder in stages:
+            record = encoder_record(encoder, enc_cfg)
+            record["name"] = f"{record.get('name', 'encoder')}{suffix}"
+            result = evaluate_embeddings(
+                g_vectors,
+                gallery.labels,
+                q_vectors,
+                q_labels,
+                ks=ks_all,
+                metric=cfg.index.metric,
+                query_rows=q_rows if loo else None,
+                protocol=spec.name if spec else None,
+                main_metric=main_metric,
+                n_resamples=n_resamples,
+                seed=seed,
+                dataset=path.name,
+                encoder=record,
+                reorder=reorder,
+                settings={
+                    "ranking": "late interaction" if reorder is not None else "case vector",
+                    "input": "npz",
+                    "gallery_split": gallery_name,
+                    "query_split": query_name,
+                    "leave_one_out": loo,
+                    "layout": gallery.layout.value,
+                    "image_shape": list(gallery.images.shape[1:]),
+                    "modality": modality,
+                    "preprocess": run_cfg.to_dict()["preprocess"],
+                    "limit": limit,
+                    "seed": seed,
+                },
+            )
+            result.timings = {**timings, **result.timings, "total_s": time.perf_counter() - started}
+            results.append(result)
     return EvaluationReport(results, compare_results(results, metric=main_metric, seed=seed))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ def evaluate_embeddings(
     dataset: str = "embeddings",
     encoder: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
+    reorder: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> EvaluationResult:
     """Search the gallery with each query vector and score the ranked labels.
 
@@ -105,6 +106,10 @@ def evaluate_embeddings(
         Encoder description recorded in the result (name, weights hash...).
     settings : mapping, optional
         Extra settings recorded in the result.
+    reorder : callable, optional
+        A second ranking stage: given query numbers ``(q,)`` and the gallery rows found for them
+        ``(q, fetch)``, closest first, the same rows in a new order (late-interaction re-ranking,
+        :mod:`medsearch.rerank`). MRR beyond the rows fetched falls back to the first stage.
 
     Returns
     -------
@@ -180,7 +185,8 @@ def evaluate_embeddings(
         stop = min(start + chunk, n_queries)
         t0 = time.perf_counter()
         hits = store.search(queries[start:stop], fetch)
-        ids = _drop_excluded(hits.ids, rows[start:stop], g_grp, q_grp[start:stop])[:, :need]
+        found = hits.ids if reorder is None else reorder(np.arange(start, stop), hits.ids)
+        ids = _drop_excluded(found, rows[start:stop], g_grp, q_grp[start:stop])[:, :need]
         t1 = time.perf_counter()
         search_s += t1 - t0
         # Rows whose own cases are many end with excluded items once their gallery runs out:

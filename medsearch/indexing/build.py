@@ -29,17 +29,20 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from medsearch._files import write_bytes
-from medsearch.config import Config, IndexType, as_config, config_for_index
+from medsearch.config import Config, IndexType, as_config, config_for_index, parse_enum
 from medsearch.deid import DeidOptions, SiteKey, SiteTerms, case_metadata
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError, MedsearchError
+from medsearch.indexing.dicomweb import SPOOL, DicomWebSource, sync_dicomweb
 from medsearch.indexing.engine import Chunk, index_files
 from medsearch.indexing.filecache import FILE_STATE
-from medsearch.indexing.options import IndexOptions
+from medsearch.indexing.options import Engine, IndexOptions
+from medsearch.indexing.ray_engine import index_files_ray
 from medsearch.indexing.report import IndexReport
 from medsearch.io import CaseRef, SkippedFile, Volume
 from medsearch.io.dicom.scan import printable_path, walk_archive
 from medsearch.io.labels import label_rows_of_case, labels_for_case, read_labels
+from medsearch.pacs import DicomWeb, date_range, is_dicomweb_url
 from medsearch.sharing import LinkTable
 from medsearch.store import LOCAL_DIR, IndexStore, read_manifest
 
@@ -80,6 +83,12 @@ def build_index(
     file_cache: bool = True,
     retry_skipped: bool = False,
     lock_timeout: float = 10.0,
+    modality: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    dicomweb_auth_file: str | Path | None = None,
+    engine: Engine | str = Engine.LOCAL,
+    ray_address: str | None = None,
 ) -> IndexReport:
     """Index every case of an archive folder (or add a new folder to an existing index).
 
@@ -94,7 +103,10 @@ def build_index(
     Parameters
     ----------
     archive
-        A DICOM file or a folder at any depth.
+        A DICOM file or a folder at any depth, or the root URL of a DICOMweb server (a PACS), e.g.
+        ``"http://127.0.0.1:8042/dicom-web"``: its series are listed (QIDO-RS), those the index lacks
+        fetched (WADO-RS) into ``INDEX/local/spool/`` in batches and indexed as files are (see
+        :mod:`medsearch.indexing.dicomweb`); the run report's ``dicomweb`` says what was fetched.
     index_dir
         The index directory; created when missing. Its ``local/`` folder (skip report, file-state
         cache) is site-only; the rest may be shared (see ``docs/index-format.md``).
@@ -116,7 +128,7 @@ def build_index(
         Optional link table (CSV, owner-only, outside the index directory) mapping each case id to
         its source files and UIDs, for users allowed to go back to the source.
     index_type
-        ``auto``, ``flat``, ``hnsw`` or ``ivfpq`` (default: the config's ``index.index_type`` for a new
+        ``auto``, ``flat``, ``hnsw``, ``ivfpq`` or ``ivfpq-disk`` (default: the config's ``index.index_type`` for a new
         index, the index's own for an existing one, which this converts when given another type).
     progress
         Show a live bar on stderr (files/s, cases/s, ETA, files skipped).
@@ -141,6 +153,17 @@ def build_index(
         skipped again, with the same reasons, until a file changes).
     lock_timeout
         Seconds to wait for another process writing to the same index.
+    modality, since, until
+        With a DICOMweb URL: only the series of this modality (``"CT"``), of studies dated from
+        ``since`` to ``until`` (``YYYYMMDD`` or ``YYYY-MM-DD``, inclusive).
+    dicomweb_auth_file
+        With a DICOMweb URL: a file holding ``Bearer TOKEN`` or ``USER:PASSWORD`` (default: the
+        environment, see :func:`medsearch.pacs.read_credentials`; never a value on a command line).
+    engine, ray_address
+        ``"local"`` (the worker processes above) or ``"ray"``: the same run on a Ray cluster
+        (``pip install "medsearch[ray]"``; see :mod:`medsearch.indexing.ray_engine` and
+        ``docs/cluster.md``), at ``ray_address`` (``"auto"``, ``HOST:PORT``; None: a Ray started
+        here for the run). The index at the end is the same.
 
     Raises
     ------
@@ -153,11 +176,13 @@ def build_index(
         Another process is writing to the index; worker processes that started die as they are replaced.
     """
     started = time.perf_counter()
-    archive, index_dir = Path(archive), Path(index_dir)
+    source = _dicomweb_source(archive, modality=modality, since=since, until=until, auth_file=dicomweb_auth_file)
+    index_dir = Path(index_dir)
+    archive = Path(archive) if source is None else index_dir / SPOOL  # a server's series are fetched there
     _check_key_outside(_key_location(key), index_dir)
     _check_index_dir(index_dir)
     link_table = LinkTable.for_index(links, index_dir) if links is not None else None
-    found = list(walk_archive(archive))
+    found = list(walk_archive(archive)) if source is None else []
     files = [entry for entry in found if isinstance(entry, Path)]
     discovered = time.perf_counter() - started
     site_key = key if isinstance(key, SiteKey) else SiteKey.load(key, create=True)
@@ -172,7 +197,11 @@ def build_index(
         file_cache=file_cache,
         retry_skipped=retry_skipped,
         progress=progress,
+        engine=parse_enum(Engine, engine, "engine"),
+        ray_address=ray_address,
     )
+    if source is not None and options.engine is Engine.RAY:
+        raise ConfigError("--engine ray does not index a DICOMweb server yet; index it with the local engine (the default)")
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(index_dir / ".lock"))
     try:
@@ -201,21 +230,29 @@ def build_index(
             report.label_columns_dropped = dict(label_table.attrs.get("dropped", {}))
             report.label_rows = int(label_table.attrs.get("rows", len(label_table)))
         report.stage_seconds["discover"] = discovered
-        index_files(
-            files,
-            root=archive,
-            store=store,
-            encoder=encoder,
-            config=config,
-            key=site_key,
-            # runs in the worker processes: a partial of a module-level function pickles
-            describe=functools.partial(_case_row, key=site_key, deid=deid, terms=terms, labels=label_table, archive=archive),
-            commit=functools.partial(_flush, store, report=report, archive=archive, link_table=link_table),
-            report=report,
-            links=link_table,
-            must_commit=must_commit,
-            options=options,
-        )
+        run = index_files_ray if options.engine is Engine.RAY else index_files
+
+        def run_engine(files: list[Path], archive: Path) -> None:  # the files found under archive
+            run(
+                files,
+                root=archive,
+                store=store,
+                encoder=encoder,
+                config=config,
+                key=site_key,
+                # runs in the worker processes: a partial of a module-level function pickles
+                describe=functools.partial(_case_row, key=site_key, deid=deid, terms=terms, labels=label_table, archive=archive),
+                commit=functools.partial(_flush, store, report=report, archive=archive, link_table=link_table),
+                report=report,
+                links=link_table,
+                must_commit=must_commit,
+                options=options,
+            )
+
+        if source is None:
+            run_engine(files, archive)
+        else:  # a DICOMweb server: its new series go through the same run, in batches of fetched files
+            sync_dicomweb(source, store=store, key=site_key, report=report, run=run_engine, links=link_table)
         report.n_cases_total = len(store)
         report.seconds = time.perf_counter() - started
         if not report.accounted:
@@ -226,6 +263,27 @@ def build_index(
         return report
     finally:
         lock.release()
+
+
+def _dicomweb_source(
+    archive: str | Path, *, modality: str | None, since: str | None, until: str | None, auth_file: str | Path | None
+) -> DicomWebSource | None:
+    """The DICOMweb server an archive URL names (None for a path); its filters are checked now, before any work.
+
+    Raises
+    ------
+    ConfigError
+        A filter given with a path, a malformed filter or URL, or URL credentials.
+    """
+    if not is_dicomweb_url(archive):
+        if modality or since or until or auth_file:
+            raise ConfigError(
+                f"--modality, --since, --until and --dicomweb-auth-file apply to a DICOMweb server, not to the folder "
+                f"{archive}; give a URL such as http://127.0.0.1:8042/dicom-web, or leave them out"
+            )
+        return None
+    date_range(since, until)  # a malformed date is told before the server is asked anything
+    return DicomWebSource(DicomWeb(str(archive), auth_file=auth_file), modality=modality, since=since, until=until)
 
 
 def _key_location(key: SiteKey | str | Path | None) -> Path | None:
@@ -362,7 +420,8 @@ def _flush(
             report.label_rows_matched.update(matched)
             report.n_cases_labelled += 1
     if chunk.vectors:
-        store.add(np.stack(chunk.vectors), pd.DataFrame(chunk.rows), np.stack(chunk.thumbnails) if chunk.thumbnails else None)
+        store.add(np.stack(chunk.vectors), pd.DataFrame(chunk.rows), np.stack(chunk.thumbnails) if chunk.thumbnails else None,
+                  slices=chunk.slices if len(chunk.slices) == len(chunk.vectors) else None)
     report.n_cases_total = len(store)
     # the link table first: a case in the index always has its way back
     if link_table is not None:

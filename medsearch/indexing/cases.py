@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medsearch.config import Config, SliceMode
-from medsearch.embedding import encoder_input
+from medsearch.embedding import Region, encoder_input, region_array, slice_indices
 from medsearch.encoders import EncoderInfo
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.indexing.options import IndexOptions
@@ -44,7 +44,7 @@ from medsearch.io import (
 from medsearch.io.dicom.classes import MIN_IMAGE_SIZE
 from medsearch.io.dicom.read import _one_line
 from medsearch.io.quiet import pydicom_silenced
-from medsearch.transforms import axial_indices, make_thumbnail
+from medsearch.transforms import axial_indices, chosen_slices, make_thumbnail
 
 __all__ = ["CaseJob", "FailedCase", "PreparedCase", "PreparedStudy", "StudyError", "prepare_case", "prepare_study"]
 
@@ -70,6 +70,10 @@ class PreparedCase:
     n_files: int  # files of the case that went into the volume
     decode_s: float = 0.0
     preprocess_s: float = 0.0
+    # which stack slices ``images`` holds, and their gap in mm (None: unknown); None for a 3D encoder
+    # or tri-planar images, whose slice vectors are not kept
+    slice_indices: list[int] | None = None
+    gap_mm: float | None = None
 
 
 @dataclass
@@ -124,6 +128,7 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
     decoded = time.perf_counter()
     try:
         images = encoder_input(volume, setup.encoder, setup.config).numpy()
+        chosen = slice_indices(volume, setup.encoder, setup.config)
         size = setup.config.index.thumbnail_size
         thumb = None
         if size:
@@ -144,14 +149,38 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
         n_files=len(files) - len(bad),
         decode_s=decoded - started,
         preprocess_s=time.perf_counter() - decoded,
+        slice_indices=chosen,
+        gap_mm=float(volume.spacing[0]) if volume.z_known else None,
     )
 
 
-def _used_slices(config: Config, info: EncoderInfo) -> Callable[[int], list[int]] | None:
+def _used_slices(config: Config, info: EncoderInfo) -> Callable[..., list[int]] | None:
     """Which slices of a stack of a given depth a case's preprocessing reads; None: all of them."""
     if info.spatial_dims != 2 or config.preprocess.slice_mode is not SliceMode.AXIAL:
         return None  # tri-planar images and 3D encoders see the whole volume
+    if config.preprocess.slice_spacing_mm > 0:
+        return _DensitySelection(config, middle=bool(config.index.thumbnail_size))
     return functools.partial(_axial_and_middle, count=config.preprocess.slices, middle=bool(config.index.thumbnail_size))
+
+
+@dataclass(frozen=True)
+class _DensitySelection:
+    """The slices a selection by millimetres reads, once the ordered stack gives its slice gap.
+
+    Without a gap from the positions, every slice is read: the volume's gap then comes from Spacing
+    Between Slices or Slice Thickness, which the loader reads after the selection, and the encoder
+    input, chosen from that gap, must find its slices decoded.
+    """
+
+    config: Config
+    middle: bool
+    takes_gap: bool = True
+
+    def __call__(self, depth: int, *, gap_mm: float | None = None) -> list[int]:
+        if gap_mm is None or not gap_mm > 0:
+            return list(range(depth))
+        indices = chosen_slices(depth, self.config.preprocess, gap_mm=gap_mm)
+        return sorted({*indices, depth // 2}) if self.middle else indices
 
 
 def _axial_and_middle(depth: int, *, count: int, middle: bool) -> list[int]:
@@ -188,6 +217,8 @@ class PreparedStudy:
     images: np.ndarray
     modality: str
     n_slices: int
+    slice_indices: list[int] | None = None  # the stack slices ``images`` holds (see PreparedCase)
+    gap_mm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,12 +231,21 @@ class StudyError:
     message: str
 
 
-def prepare_study(path: Path, setup: _Setup) -> PreparedStudy | StudyError:
+def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedStudy | StudyError:
     """Load a query study (:func:`~medsearch.io.load_study`, with ``setup.options.load``) and make its
-    encoder input, as :meth:`medsearch.search.Searcher.search` does; never raises."""
+    encoder input, as :meth:`medsearch.search.Searcher.search` does; never raises. ``path`` may
+    come with a :class:`~medsearch.embedding.Region`: then the input is that region's."""
+    region = None
+    if isinstance(path, tuple):
+        path, region = path
+    chosen: list[int] | None
     try:
         _, volume = load_study(path, load=setup.options.load)
-        images = encoder_input(volume, setup.encoder, setup.config).numpy()
+        if region is not None:
+            images, chosen = region_array(volume, setup.encoder, setup.config, region)
+        else:
+            images = encoder_input(volume, setup.encoder, setup.config).numpy()
+            chosen = slice_indices(volume, setup.encoder, setup.config)
     except (KeyboardInterrupt, SystemExit):
         raise
     except MemoryError:
@@ -218,4 +258,5 @@ def prepare_study(path: Path, setup: _Setup) -> PreparedStudy | StudyError:
         return StudyError("MedsearchError", str(e))
     except BaseException as exc:  # noqa: BLE001 - a decoder bug: its message may quote the upload, so its type only
         return StudyError("internal", type(exc).__name__)
-    return PreparedStudy(np.ascontiguousarray(images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]))
+    gap = float(volume.spacing[0]) if volume.z_known else None
+    return PreparedStudy(np.ascontiguousarray(images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]), chosen, gap)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from medsearch.config import Config
 from medsearch.deid import SiteKey, case_id
-from medsearch.embedding import pool_slices
+from medsearch.embedding import SliceSet, pool_slices
 from medsearch.encoders import Encoder
 from medsearch.indexing.cases import CaseJob, FailedCase, PreparedCase, _cover, _scan_files, _Setup, prepare_case
 from medsearch.indexing.filecache import FILE_STATE, FileStateCache, _Cached, _file_states, _FileState, _Tokens
@@ -79,6 +79,8 @@ class Chunk:
     vectors: list[np.ndarray] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     thumbnails: list[np.ndarray] = field(default_factory=list)
+    # each case's slice vectors (None: a case whose encoder input holds no axial slices)
+    slices: list[SliceSet | None] = field(default_factory=list)
     decoded: list[tuple[str, Sequence[_FileState], Sequence[tuple[_FileState, SkippedFile]]]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -500,6 +502,13 @@ def _result(job: CaseJob, result: Any) -> PreparedCase | FailedCase:
     return result
 
 
+def _slice_set(prepared: PreparedCase, vectors: np.ndarray) -> SliceSet | None:
+    """A case's slice vectors as the index keeps them, or None where its input holds no axial slices."""
+    if prepared.slice_indices is None or len(prepared.slice_indices) != len(vectors):
+        return None
+    return SliceSet(np.asarray(vectors, np.float16), np.asarray(prepared.slice_indices, np.int32), prepared.gap_mm)
+
+
 def _encode_all(
     results: Iterable[tuple[int, PreparedCase | FailedCase] | None],
     jobs: list[CaseJob],
@@ -536,6 +545,7 @@ def _encode_all(
         for job, prepared in waiting:
             n = prepared.images.shape[0]
             committer.chunk.vectors.append(pool_slices(vectors[offset : offset + n], config.preprocess.pool))
+            committer.chunk.slices.append(_slice_set(prepared, vectors[offset : offset + n]))
             offset += n
             committer.chunk.rows.append(prepared.row)
             if prepared.thumbnail is not None:

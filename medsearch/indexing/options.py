@@ -7,12 +7,21 @@ its worker pool and the setup each worker process receives read them from that o
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from medsearch.io import CaseRef, SkippedFile, Volume, load_volume
 
-__all__ = ["IndexOptions"]
+__all__ = ["Engine", "IndexOptions"]
+
+
+class Engine(str, enum.Enum):
+    """Which engine runs an indexing run: ``local`` (worker processes on this machine) or ``ray``
+    (a Ray cluster, :mod:`medsearch.indexing.ray_engine`; ``pip install "medsearch[ray]"``)."""
+
+    LOCAL = "local"
+    RAY = "ray"
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,11 @@ class IndexOptions:
         The decoder (default :func:`~medsearch.io.load_volume`, which then decodes only the slices
         the encoder and the thumbnail use, see :func:`~medsearch.indexing.prepare_case`); it runs in
         the worker processes, so it must be picklable (a module-level function).
+    engine
+        ``local`` or ``ray`` (see :class:`Engine`).
+    ray_address
+        The Ray cluster of the ``ray`` engine: ``"auto"`` (the one ``ray start`` began on this
+        machine), ``HOST:PORT``, or None (a Ray started for the run, on this machine only).
     """
 
     workers: int | None = None
@@ -59,3 +73,5 @@ class IndexOptions:
     progress: bool = False
     worker_memory_gib: float | None = 2.0
     load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] = load_volume
+    engine: Engine = Engine.LOCAL
+    ray_address: str | None = None

@@ -56,6 +56,8 @@ class IndexReport:
     label_rows: int = 0
     n_cases_labelled: int = 0  # cases added this run that a row of the CSV labels
     label_rows_matched: set[str] = field(default_factory=set, repr=False)  # keys (file names, UIDs): never saved
+    # a run from a DICOMweb server: what was listed, fetched and failed (medsearch.indexing.dicomweb.SyncStats)
+    dicomweb: dict[str, Any] | None = None
 
     @property
     def labels(self) -> dict[str, Any] | None:
@@ -113,6 +115,7 @@ class IndexReport:
             "cases_per_second": round(self.n_cases_added / rate, 2) if self.seconds > 0 else None,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "labels": self.labels,
+            **({"dicomweb": self.dicomweb} if self.dicomweb is not None else {}),
         }
 
 

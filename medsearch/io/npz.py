@@ -84,7 +84,7 @@ class NpzSplit:
         pixels = np.asarray(self.images[i], dtype=np.float32)
         if self.layout is not NpzLayout.VOLUME:
             pixels = pixels[None]
-        return Volume(pixels=pixels, spacing=(1.0, 1.0, 1.0), modality=modality, rgb=self.layout is NpzLayout.RGB)
+        return Volume(pixels=pixels, spacing=(1.0, 1.0, 1.0), modality=modality, rgb=self.layout is NpzLayout.RGB, z_known=False)
 
     def volumes(self, indices: Sequence[int] | np.ndarray | None = None, *, modality: str = "OT") -> Iterator[Volume]:
         """:meth:`volume` for each index (default: every row), in order."""

@@ -12,6 +12,12 @@ a service pays that once. Endpoints:
   ``exclude_same_patient``, ``one_per_patient`` and ``collapse_copies`` (booleans, the last on by
   default) are :meth:`~medsearch.search.Searcher.search`'s: ``/query?exclude_same_patient=true``
   leaves out the upload's own patient (the service needs the index's site key for it).
+  ``slices=40:60`` and ``roi=X0,Y0,X1,Y1`` make it a region query, and ``rerank`` (boolean)
+  chooses the late-interaction re-ranking, as ``medsearch query --slices/--roi/--rerank``; each
+  result then carries ``best_slice``, ``best_slice_mm``, ``query_slice``, ``query_slice_mm`` and
+  ``slice_score`` (where the index keeps slice vectors). With ``create_app(..., dicomweb=URL)``
+  (``serve --dicomweb``), ``/query?study_uid=UID[&series_uid=UID]`` and no body queries with that
+  study of the PACS (:mod:`medsearch.serve.pacs`); the UIDs appear in no answer or log.
 * ``GET /health``: ``{"status": "ok"}`` once the index and encoder are loaded.
 * ``GET /info``: what the index holds (as ``medsearch info --json``) and how the encoder runs.
 * ``GET /``: the page for clinicians, and the endpoints it calls (:mod:`medsearch.web`).
@@ -68,14 +74,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsearch.config import Config
-from medsearch.embedding import pool_slices
+from medsearch.embedding import Region, SliceSet, pool_slices
 from medsearch.errors import ConfigError, EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.indexing.cases import PreparedStudy
 from medsearch.io import CaseRef, SkippedFile, Volume
+from medsearch.pacs import DicomWeb
 from medsearch.search import Searcher
 from medsearch.serve.decoder import _acquire, _Decoder, _InternalError, _left
 from medsearch.serve.http import _error, _json, _protocol, _receive, _study_error, _UploadError
+from medsearch.serve.pacs import fetch_query_study, hide_uids_in_access_log
 from medsearch.web import AUDIT_FILE, AuditLog, Credentials, PageEngine, Refused, check_exposure, mount_page
 
 __all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_REQUEST_TIMEOUT_S", "create_app", "serve"]
@@ -100,6 +108,7 @@ def create_app(
     load: Callable[[CaseRef], tuple[Volume, list[SkippedFile]]] | None = None,
     credentials: Credentials | None = None,
     audit_log: str | Path | AuditLog | None = None,
+    dicomweb: DicomWeb | str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving one index; loads the index and encoder and starts the decoders now.
 
@@ -130,6 +139,9 @@ def create_app(
         Who may use the service (:class:`~medsearch.web.Credentials`); None: everyone who reaches it.
     audit_log
         Where every query is recorded (:class:`~medsearch.web.AuditLog`); None: nowhere.
+    dicomweb
+        A PACS (DICOMweb root URL, or a :class:`~medsearch.pacs.DicomWeb`): ``POST /query?study_uid=UID``
+        (and ``series_uid``) then fetches the study from it instead of reading an upload.
 
     The worker processes stop with the application (its lifespan), or with this process.
 
@@ -167,6 +179,7 @@ def create_app(
     # only slow both down. Decoding happens before, in the workers, outside this lock.
     busy = threading.Lock()
     decoder = _Decoder(searcher, workers=decode_workers, timeout=request_timeout, memory_gib=worker_memory_gib, load=load)
+    pacs = DicomWeb(dicomweb) if isinstance(dicomweb, str) else dicomweb
     log.info("loaded index %s (%d cases) in %.1f s", index_dir, details["cases"], time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
@@ -229,12 +242,20 @@ def create_app(
         exclude_same_patient: bool = False,
         one_per_patient: bool = False,
         collapse_copies: bool = True,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        slices: str | None = None,
+        roi: str | None = None,
+        rerank: bool | None = None,
     ) -> Response:
         deadline = time.monotonic() + request_timeout
+        by_uid = study_uid is not None or series_uid is not None  # a study of the PACS, not an upload
+        fetched = contextlib.ExitStack()
         if not 1 <= k <= _MAX_K:
             return _error(422, f"k must be between 1 and {_MAX_K}, got {k}")
         try:  # a bad filter, or a missing site key, fails before the upload is read
             filters = await run_in_threadpool(_filters, searcher, busy, where, refresh, deadline)
+            region = Region.parse(slices=slices, roi=roi)  # a region query: a slab and/or a box
             if exclude_same_patient:
                 await run_in_threadpool(searcher.site_key)
         except _UploadError as e:
@@ -246,18 +267,22 @@ def create_app(
         try:
             with os.fdopen(fd, "wb") as sink:
                 try:
-                    filename = await asyncio.wait_for(_receive(request, sink, limit), _left(deadline))
+                    filename = None if by_uid else await asyncio.wait_for(_receive(request, sink, limit), _left(deadline))
                 except TimeoutError:
                     raise _UploadError(
                         408,
                         f"the upload did not arrive within {request_timeout:g} s; send it again, or start the "
                         "service with a larger --request-timeout",
                     ) from None
-            prepared = await decoder.prepare(path, deadline)
-            options: dict[str, Any] = {"one_per_patient": one_per_patient, "collapse_copies": collapse_copies}
+            if by_uid:
+                path.unlink()
+                path, filename = await fetch_query_study(pacs, study_uid, series_uid, fetched), "a PACS study"
+            prepared = await decoder.prepare(path, deadline, region)
+            options: dict[str, Any] = {"one_per_patient": one_per_patient, "collapse_copies": collapse_copies,
+                                       "rerank": True if region is not None and rerank is None else rerank}
             if exclude_same_patient:  # the upload's patient, from its header (read, not decoded)
                 options["exclude_patients"] = (await run_in_threadpool(searcher.patient_of, path),)
-            result = await run_in_threadpool(_search, searcher, busy, prepared, k, filters, refresh, deadline, options)
+            result = await run_in_threadpool(_search, searcher, busy, prepared, k, filters, refresh, deadline, options, region)
         except _UploadError as e:
             return _error(e.status, str(e))
         except InvalidStudyError as e:
@@ -273,6 +298,7 @@ def create_app(
             log.error("query failed with %s", type(e).__name__)
             return _error(500, f"the query failed ({type(e).__name__}); see the service log")
         finally:
+            fetched.close()  # a fetched study's folder (path is then gone)
             path.unlink(missing_ok=True)
         data = result.to_dict()
         data["query"]["path"] = filename or "upload"
@@ -288,7 +314,8 @@ def create_app(
             raise Refused(500, f"the query failed ({e}); see the service log") from e
 
     engine = PageEngine(searcher, lock=busy, refresh=refresh, prepare=prepare, timeout=request_timeout)
-    mount_page(app, engine, max_upload_bytes=limit, credentials=credentials, audit=audit, audited_paths=("/query",))
+    mount_page(app, engine, max_upload_bytes=limit, credentials=credentials, audit=audit, audited_paths=("/query",),
+               dicomweb=pacs)
     return app
 
 
@@ -306,13 +333,16 @@ def serve(
     auth_file: str | Path | None = None,
     audit_log: str | Path | None = None,
     insecure_no_auth: bool = False,
+    dicomweb: str | None = None,
+    dicomweb_auth_file: str | Path | None = None,
 ) -> None:
     """Load the index and encoder, then answer HTTP queries until interrupted.
 
     ``request_timeout`` and ``worker_memory_gib`` are :func:`create_app`'s; a connection that sends
     no complete request headers within ``header_timeout`` seconds is closed. Credentials come from
     ``auth_file`` and ``MEDSEARCH_AUTH_TOKEN``; every query goes to ``audit_log`` (default
-    ``INDEX/local/audit.jsonl``).
+    ``INDEX/local/audit.jsonl``). With ``dicomweb`` (a PACS's DICOMweb root, its credentials from
+    ``dicomweb_auth_file`` or the environment), ``POST /query?study_uid=...`` fetches the study from it.
 
     Raises
     ------
@@ -326,9 +356,11 @@ def serve(
 
     credentials = Credentials.load(auth_file)
     check_exposure(host, credentials, insecure_no_auth=insecure_no_auth)
+    pacs = DicomWeb(dicomweb, auth_file=dicomweb_auth_file) if dicomweb else None  # a bad URL or credentials file: before anything loads
+    hide_uids_in_access_log()
     app = create_app(index_dir, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
                      worker_memory_gib=worker_memory_gib, credentials=credentials,
-                     audit_log=audit_log if audit_log is not None else Path(index_dir) / AUDIT_FILE)
+                     audit_log=audit_log if audit_log is not None else Path(index_dir) / AUDIT_FILE, dicomweb=pacs)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, header_timeout=header_timeout)).run()
 
 
@@ -371,19 +403,26 @@ def _search(
     refresh: Callable[[], None],
     deadline: float,
     options: dict[str, Any] | None = None,
+    region: Region | None = None,
 ) -> Any:
     """Encode a prepared study and search the index, as :meth:`Searcher.search` does (under the lock).
 
-    ``options``: further keywords of :meth:`Searcher.search_vector` (the exclusions).
+    ``options``: further keywords of :meth:`Searcher.search_vector` (the exclusions, ``rerank``);
+    ``region``: the region of the study ``prepared`` holds, recorded in the answer.
     """
     _acquire(busy, deadline)
     try:
         refresh()
-        vector = pool_slices(searcher.encoder.embed(prepared.images), searcher.config.preprocess.pool)
+        vectors = searcher.encoder.embed(prepared.images)
+        vector = pool_slices(vectors, searcher.config.preprocess.pool)
+        chosen = prepared.slice_indices
+        slices = SliceSet(vectors, np.asarray(chosen, np.int32), prepared.gap_mm) if chosen and len(chosen) == len(vectors) else None
         info: dict[str, Any] = {"path": "upload", "modality": prepared.modality, "n_slices": prepared.n_slices}
+        if region is not None:
+            info["region"] = region.to_dict()
         if filters:
             info["where"] = [str(f) for f in filters]
-        return searcher.search_vector(vector, k=k, where=filters, query=info, **(options or {}))
+        return searcher.search_vector(vector, k=k, where=filters, query=info, slices=slices, **(options or {}))
     finally:
         busy.release()
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from medsearch.embedding import Region
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.indexing.cases import PreparedStudy, StudyError, _Setup, prepare_study
 from medsearch.indexing.options import IndexOptions
@@ -73,8 +74,8 @@ class _Decoder:
         if self._pool is not None:
             self._thread.start()
 
-    async def prepare(self, path: Path, deadline: float) -> PreparedStudy:
-        """The encoder input of the study at ``path``.
+    async def prepare(self, path: Path, deadline: float, region: Region | None = None) -> PreparedStudy:
+        """The encoder input of the study at ``path`` (of its ``region``, when given).
 
         Raises
         ------
@@ -88,13 +89,13 @@ class _Decoder:
         if self._broken is not None:
             raise _UploadError(503, f"the service cannot decode uploads ({self._broken}); restart it")
         if self._pool is None:
-            result = await run_in_threadpool(self._in_process, path)
+            result = await run_in_threadpool(self._in_process, path, region)
         else:
             future: concurrent.futures.Future[Any] = concurrent.futures.Future()
             with self._lock:
                 seq = next(self._seq)
                 self._waiting[seq] = future
-            self._pool.submit(seq, "study", path)
+            self._pool.submit(seq, "study", path if region is None else (path, region))
             try:
                 result = await asyncio.wait_for(asyncio.wrap_future(future), _left(deadline))
             except TimeoutError:
@@ -114,9 +115,9 @@ class _Decoder:
             raise _ERRORS[result.kind](result.message)
         return result
 
-    def _in_process(self, path: Path) -> PreparedStudy | StudyError:
+    def _in_process(self, path: Path, region: Region | None = None) -> PreparedStudy | StudyError:
         with pydicom_silenced():
-            return prepare_study(path, self._setup)
+            return prepare_study(path if region is None else (path, region), self._setup)
 
     def _collect(self, pool: _WorkerPool) -> None:
         """Hand each finished task to the request that waits for it."""

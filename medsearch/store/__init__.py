@@ -3,7 +3,7 @@
 ``index_store`` holds :class:`IndexStore` (open, create, add, search, commit); ``faiss_index`` the
 faiss side (the ``auto`` rule, build parameters, search parameters, filtered search, re-ranking);
 ``files`` the on-disk format (the typed :class:`Manifest`, generations of data files, checksums and
-the cache of verified files). The store takes float32 arrays; it never imports torch or an encoder.
+the cache of verified files); ``slices`` the per-slice vectors of each case (:class:`SliceTable`). The store takes float32 arrays; it never imports torch or an encoder.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from medsearch.store.files import (
     read_manifest,
 )
 from medsearch.store.index_store import IndexStore, SearchHits
+from medsearch.store.slices import CandidateSlices, SliceTable
 
 __all__ = [
     "FLAT_MAX_MB",
@@ -41,11 +42,13 @@ __all__ = [
     "MANIFEST",
     "RETRAIN_GROWTH",
     "VERIFIED_CACHE",
+    "CandidateSlices",
     "FileEntry",
     "IndexSection",
     "IndexStore",
     "Manifest",
     "SearchHits",
+    "SliceTable",
     "choose_index_type",
     "index_bytes_per_vector",
     "read_manifest",

@@ -27,6 +27,7 @@ import numpy as np
 from medsearch.config import IndexConfig, IndexType, Metric
 
 __all__ = [
+    "DISK_PQ_BYTES",
     "FAISS_METRIC",
     "FLAT_MAX_MB",
     "HNSW_EF_CONSTRUCTION",
@@ -64,6 +65,8 @@ IVFPQ_MIN_VECTORS = 10_000
 RETRAIN_GROWTH = 4
 #: exact scores of the top k * IVFPQ_RERANK candidates of an ivfpq search (0: codes' scores).
 IVFPQ_RERANK = 8
+#: code bytes of an ivfpq-disk index (its codes are on disk: the memory budget does not bound them)
+DISK_PQ_BYTES = 64
 FAISS_METRIC = {Metric.COSINE: faiss.METRIC_INNER_PRODUCT, Metric.L2: faiss.METRIC_L2}
 _IVFPQ_MAX_TRAIN = 65_536  # faiss samples at most 256 points per centroid anyway
 _OPQ_ROUNDS = 10
@@ -87,6 +90,8 @@ def choose_index_type(n: int, dim: int, *, memory_budget_mb: float = _DEFAULTS.m
     2. ``hnsw`` while the HNSW index fits the memory budget (4 * dim + ~270 bytes per vector).
     3. ``ivfpq`` beyond: product-quantized codes as large as the budget allows (8 to 128 bytes
        per vector), with the exact vectors on disk for re-ranking.
+    4. ``ivfpq-disk`` when even :data:`DISK_PQ_BYTES`-byte codes exceed the budget: the same index
+       with its lists on disk, memory-mapped (:mod:`medsearch.store.ondisk`).
 
     The rule follows autofaiss (exact for few vectors, a graph while memory allows, compressed
     codes beyond); the thresholds were measured with ``benchmarks/search.py``.
@@ -97,7 +102,9 @@ def choose_index_type(n: int, dim: int, *, memory_budget_mb: float = _DEFAULTS.m
     if n * index_bytes_per_vector(IndexType.HNSW, dim) <= budget:
         return IndexType.HNSW
     # too few vectors to train codes on: flat is the smallest index that works
-    return IndexType.IVFPQ if n >= IVFPQ_MIN_VECTORS else IndexType.FLAT
+    if n < IVFPQ_MIN_VECTORS:
+        return IndexType.FLAT
+    return IndexType.IVFPQ if n * index_bytes_per_vector(IndexType.IVFPQ, dim, pq_bytes=DISK_PQ_BYTES) <= budget else IndexType.IVFPQ_DISK
 
 
 def index_bytes_per_vector(kind: IndexType | str, dim: int, *, pq_bytes: int = 64) -> float:
@@ -115,8 +122,14 @@ def index_bytes_per_vector(kind: IndexType | str, dim: int, *, pq_bytes: int = 6
 
 
 def plan(requested: IndexType, n: int, dim: int, *, memory_budget_mb: int) -> tuple[IndexType, dict[str, Any], str]:
-    """The index type and build parameters for ``n`` vectors, and a note when it falls back to flat."""
+    """The index type and build parameters for ``n`` vectors, and a note when it falls back to flat.
+
+    ``ivfpq-disk`` plans an ``ivfpq`` index (its form in memory while it is built) with
+    :data:`DISK_PQ_BYTES`-byte codes whatever the budget; a commit writes its lists to disk.
+    """
     kind = choose_index_type(n, dim, memory_budget_mb=memory_budget_mb) if requested is IndexType.AUTO else requested
+    if kind is IndexType.IVFPQ_DISK:
+        kind, memory_budget_mb = IndexType.IVFPQ, max(memory_budget_mb, math.ceil(n * (DISK_PQ_BYTES + 8) / 2**20))
     note = ""
     if kind is IndexType.IVFPQ and n < IVFPQ_MIN_VECTORS:
         note = (

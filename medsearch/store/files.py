@@ -6,6 +6,9 @@ Layout of an index directory::
                            counts, and the name, size and SHA-256 of every data file (:class:`Manifest`)
     vectors-<gen>.faiss    the faiss index (row i = row i of the case table)
     raw-<gen>.npy          ivfpq indexes only: the exact vectors, memory-mapped
+    slices-<gen>.npy       optional: the slice vectors of every case, float16, memory-mapped
+    slicetab-<gen>.npz     with them: which rows belong to which case, their stack indices and slice gaps
+                           (:mod:`medsearch.store.slices`)
     cases-<gen>.csv        one row per case: pseudonymous case id and allow-listed metadata
     thumbs-<gen>.npy       optional: one small uint8 gray thumbnail per case, for result sheets
     <extra files>          reports written with a commit
@@ -83,7 +86,8 @@ DISTANCE_TEXT = {
 }
 _GENERATIONS_KEPT = 2
 #: the data file of each role in generation <gen>: (stem, suffix) -> ``vectors-000003.faiss``
-_GENERATION_FILES = {"vectors": ("vectors", ".faiss"), "cases": ("cases", ".csv"), "thumbnails": ("thumbs", ".npy"), "raw": ("raw", ".npy")}
+_GENERATION_FILES = {"vectors": ("vectors", ".faiss"), "cases": ("cases", ".csv"), "thumbnails": ("thumbs", ".npy"), "raw": ("raw", ".npy"),
+                     "slices": ("slices", ".npy"), "slice_table": ("slicetab", ".npz"), "lists": ("lists", ".ivfdata")}
 _RAW_CHUNK = 65_536  # rows of the exact vectors handed to the writer at a time
 _DEFAULTS = IndexConfig()
 # A file modified within this long after it was hashed could keep its modification time (file
@@ -376,7 +380,8 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def generation_file(role: str, generation: int) -> str:
-    """The name of a data file of ``role`` (``vectors``, ``cases``, ``thumbnails``, ``raw``) in ``generation``."""
+    """The name of a data file of ``role`` (``vectors``, ``cases``, ``thumbnails``, ``raw``, ``slices``,
+    ``slice_table``) in ``generation``."""
     stem, suffix = _GENERATION_FILES[role]
     return f"{stem}-{generation:06d}{suffix}"
 
@@ -394,11 +399,14 @@ def write_file_by(folder: Path, name: str, writer: Callable[[str], Any]) -> File
     return FileEntry(name=name, size=size, sha256=digest)
 
 
-def write_raw(folder: Path, name: str, parts: Iterable[np.ndarray], *, rows: int, dim: int) -> FileEntry:
-    """Write the exact vectors (``parts``, ``rows`` in all) as one float32 ``.npy`` file, streamed in chunks."""
+def write_raw(
+    folder: Path, name: str, parts: Iterable[np.ndarray], *, rows: int, dim: int, dtype: type = np.float32
+) -> FileEntry:
+    """Write the exact vectors (``parts``, ``rows`` in all) as one ``.npy`` file of ``dtype`` (float32;
+    the slice vectors: float16), streamed in chunks."""
     header = BytesIO()
     np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (rows, dim)}
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (rows, dim)}
     )
     chunks = (np.ascontiguousarray(part[i:i + _RAW_CHUNK]).data.cast("B")
               for part in parts for i in range(0, len(part), _RAW_CHUNK))
@@ -426,10 +434,10 @@ def open_raw(folder: Path, entry: FileEntry | None, *, rows: int, dim: int) -> n
         raw = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise IndexCorruptError(f"index file {path} is missing or unreadable; rebuild the index") from e
-    if size != entry.size or raw.shape != (rows, dim) or raw.dtype != np.float32:
+    if size != entry.size or raw.shape != (rows, dim) or raw.dtype not in (np.float32, np.float16):
         raise IndexCorruptError(
             f"index file {path} holds {raw.shape} {raw.dtype} in {size} bytes, the manifest expects ({rows}, {dim}) "
-            f"float32 in {entry.size} bytes; rebuild the index"
+            f"float32 (float16 for ivfpq-disk) in {entry.size} bytes; rebuild the index"
         )
     return raw
 

@@ -27,7 +27,8 @@ an ivfpq index keeps them beside its codes in ``raw-<gen>.npy``, memory-mapped (
 case on disk, read only for re-ranking, filtered searches over few cases, :meth:`IndexStore.vectors`
 and rebuilds). Every type keeps the metric's meaning. An ivfpq index re-ranks its candidates with the
 exact vectors, so its distances are exact too; with ``rerank = 0`` they come from the compressed
-codes (off by a few hundredths).
+codes (off by a few hundredths). An ``ivfpq-disk`` index is an ivfpq index whose commits write its
+lists and float16 exact vectors to files that :meth:`open` memory-maps (:mod:`medsearch.store.ondisk`).
 
 Metadata filters (``where=["modality=CT", "age>=60"]``, see :mod:`medsearch.filters`) become a
 faiss ID selector, so the ``k`` nearest *matching* cases come back whenever ``k`` cases match.
@@ -40,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO, StringIO
 from pathlib import Path
@@ -50,10 +51,11 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from medsearch.config import IndexConfig, IndexType, Metric, parse_enum
+from medsearch.config import Config, IndexConfig, IndexType, Metric, parse_enum
 from medsearch.errors import EncoderMismatchError, IndexCorruptError
 from medsearch.filters import Filter, filter_mask, parse_filters
 from medsearch.store import faiss_index as fx
+from medsearch.store import ondisk
 from medsearch.store.files import (
     MANIFEST,
     FileEntry,
@@ -70,6 +72,7 @@ from medsearch.store.files import (
     write_manifest,
     write_raw,
 )
+from medsearch.store.slices import SlicesLike, SliceTable
 
 __all__ = ["IndexStore", "SearchHits"]
 
@@ -78,6 +81,7 @@ log = logging.getLogger(__name__)
 _ADD_CHUNK = 65_536
 _MASKS_CACHED = 16
 _DEFAULTS = IndexConfig()
+_PREPROCESS_DEFAULTS = Config().to_dict()["preprocess"]
 _renorm_l2 = faiss.fvec_renorm_L2
 _swig_ptr = faiss.swig_ptr
 
@@ -101,6 +105,7 @@ class IndexStore:
         cases: pd.DataFrame,
         thumbnails: np.ndarray | None = None,
         raw: np.ndarray | None = None,
+        slices: SliceTable | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -108,6 +113,8 @@ class IndexStore:
         self.cases = cases
         # (n, T, T) uint8 aligned with the case table, or None when the index keeps no thumbnails
         self.thumbnails = thumbnails
+        # the slice vectors of each case (medsearch.store.slices), or None: an index without them
+        self.slices = slices
         self._ids = set(cases["case_id"]) if len(cases) else set()
         # ivfpq only: the exact (normalized) vectors in row order, a memory-mapped file then additions
         self._raw: list[np.ndarray] = [raw] if raw is not None else []
@@ -209,7 +216,9 @@ class IndexStore:
         vectors_path = check_file(path, files["vectors"], verified, full=verify)
         cases_bytes = read_checked(path, files["cases"], verified, full=verify)
         try:
-            index = faiss.read_index(str(vectors_path))
+            if "lists" in files:  # ivfpq-disk: the lists stay in their file, memory-mapped
+                check_file(path, files["lists"], verified, full=verify)
+            index = ondisk.read_index(vectors_path, on_disk="lists" in files)
         except RuntimeError as e:
             raise IndexCorruptError(f"{vectors_path} is not a readable faiss index; rebuild the index") from e
         cases = pd.read_csv(StringIO(cases_bytes.decode("utf-8")), dtype={"case_id": str}, keep_default_na=True)
@@ -241,8 +250,9 @@ class IndexStore:
             if verify:
                 check_file(path, files["raw"], verified, full=True)
             raw_checked = verify or verified.known(path / files["raw"].name, files["raw"])
+        slices = SliceTable.open(path, files, cases=len(cases), dim=manifest.dim, verified=verified, full=verify)
         verified.save(keep={entry.name for entry in files.values()})
-        store = cls(path, manifest, index, cases, thumbnails, raw)
+        store = cls(path, manifest, index, cases, thumbnails, raw, slices)
         store._raw_checked = store._raw_checked or raw_checked
         return store
 
@@ -336,21 +346,32 @@ class IndexStore:
                     f"(weights {str(mine.get('weights_sha256'))[:12]}), not {encoder.get('name')} "
                     f"(weights {str(encoder.get('weights_sha256'))[:12]}); use the same encoder or build a new index"
                 )
-        if dict(self.manifest.preprocess) != dict(preprocess):
+        # a setting added after the index was built: the index was built as its default value behaves
+        recorded = {**_PREPROCESS_DEFAULTS, **self.manifest.preprocess}
+        if recorded != {**_PREPROCESS_DEFAULTS, **preprocess}:
             changed = sorted(
-                k for k in set(preprocess) | set(self.manifest.preprocess)
-                if preprocess.get(k) != self.manifest.preprocess.get(k)
+                k for k in set(preprocess) | set(recorded)
+                if preprocess.get(k, _PREPROCESS_DEFAULTS.get(k)) != recorded.get(k)
             )
             raise EncoderMismatchError(
                 f"index {self.path} was built with other preprocessing ({', '.join(changed)} differ); "
                 "query with the index's own settings (omit --config) or build a new index"
             )
 
-    def add(self, vectors: np.ndarray, rows: pd.DataFrame, thumbnails: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        vectors: np.ndarray,
+        rows: pd.DataFrame,
+        thumbnails: np.ndarray | None = None,
+        slices: Sequence[SlicesLike | None] | None = None,
+    ) -> None:
         """Append cases (in memory). ``rows`` needs a ``case_id`` column; ids already present are skipped.
 
         ``thumbnails``, if given, is ``(n, T, T)`` uint8, one per row; once an index keeps
         thumbnails every later addition must bring them too (missing ones are stored black).
+        ``slices``, if given, holds each row's slice vectors (a
+        :class:`~medsearch.embedding.SliceSet`, or None for a case without); cases added without
+        them own no slice vectors (re-ranking then compares their case vector).
 
         Raises
         ------
@@ -367,6 +388,8 @@ class IndexStore:
         fresh = ~rows["case_id"].isin(self._ids).to_numpy() & ~rows["case_id"].duplicated().to_numpy()
         if not fresh.any():
             return
+        if slices is not None and len(slices) != len(fresh):
+            raise ValueError(f"{len(slices)} slice sets for {len(fresh)} vectors")
         if not fresh.all():  # (a copy of a large batch only when needed)
             vectors, rows = vectors[fresh], rows.loc[fresh]
         if thumbnails is not None:
@@ -377,6 +400,11 @@ class IndexStore:
         elif self.thumbnails is not None:
             size = self.thumbnails.shape[1:]
             self._add_thumbnails(np.zeros((int(fresh.sum()), *size), np.uint8))
+        if slices is not None and self.slices is None:
+            self.slices = SliceTable(self.dim)
+            self.slices.add_empty(len(self))
+        if self.slices is not None:
+            self.slices.add([s for s, keep in zip(slices, fresh.tolist()) if keep] if slices is not None else [None] * int(fresh.sum()))
         kind, params, note = self._plan(len(self) + len(vectors))
         if len(self) == 0 and self._due(kind, len(vectors)):
             # a first batch large enough for an approximate index: build it straight from the batch
@@ -426,6 +454,7 @@ class IndexStore:
         log.info("built a %s index of %d vectors in %.1f s", kind.value, n, time.perf_counter() - started)
 
     def _append(self, vectors: np.ndarray) -> None:
+        self.index = ondisk.writable(self.index)  # (the files of a committed generation never change)
         for start in range(0, len(vectors), _ADD_CHUNK):
             chunk = fx.normalized(vectors[start:start + _ADD_CHUNK], self.metric)
             self.index.add(chunk)
@@ -590,7 +619,7 @@ class IndexStore:
         IndexCorruptError
             The exact vectors of an ivfpq index do not match their checksum.
         """
-        return np.array(self._exact_all())
+        return np.array(self._exact_all(), dtype=np.float32)
 
     def rebuild(self, *, force: bool = False) -> bool:
         """Convert the faiss index to the type planned for the collection's size, if it is due.
@@ -628,18 +657,26 @@ class IndexStore:
         self.path.mkdir(parents=True, exist_ok=True)
         generation = self.manifest.generation + 1
         cases = self.cases.to_csv(index=False).encode("utf-8")
-        index = self.index
-        files = {
+        index, section = self.index, self.manifest.index
+        on_disk = self.index_type is IndexType.IVFPQ and ondisk.wanted(
+            section.requested, len(self), self.dim, memory_budget_mb=section.memory_budget_mb)
+        files = {} if on_disk else {
             "vectors": write_file_by(self.path, generation_file("vectors", generation), lambda p: faiss.write_index(index, p)),
-            "cases": write_file(self.path, generation_file("cases", generation), cases),
         }
+        files["cases"] = write_file(self.path, generation_file("cases", generation), cases)
         del cases
         if self.thumbnails is not None:
             buffer = BytesIO()
             np.save(buffer, self.thumbnails, allow_pickle=False)
             files["thumbnails"] = write_file(self.path, generation_file("thumbnails", generation), buffer.getvalue())
-        if self.index_type is IndexType.IVFPQ:
+        if on_disk:  # ivfpq-disk: lists and float16 exact vectors in files that a query memory-maps
+            entries, exact = ondisk.write_generation(self.path, generation, index, self._raw, metric=self.metric)
+            files.update(entries)
+            self._raw, self._raw_checked = [exact], True
+        elif self.index_type is IndexType.IVFPQ:
             files["raw"] = self._write_raw(generation_file("raw", generation))
+        if self.slices is not None:
+            files.update(self.slices.write(self.path, generation))
         for name, data in (extra or {}).items():
             write_file(self.path, name, data)
         manifest = recorded.committed(

@@ -23,7 +23,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medsearch.transforms.arrays import axial_indices, middle_picture, scale_intensity, select_slices, slice_input
+from medsearch.transforms.arrays import (
+    axial_indices,
+    chosen_slices,
+    middle_picture,
+    scale_intensity,
+    select_slices,
+    slice_input,
+    spaced_indices,
+)
 from medsearch.transforms.batch import encoder_batch, preprocess_volume
 
 if TYPE_CHECKING:  # for type checkers only: at run time, __getattr__ (below) loads them on first use
@@ -41,6 +49,7 @@ __all__ = [
     "PercentileScale",
     "axial_indices",
     "build_slice_transform",
+    "chosen_slices",
     "build_volume_transform",
     "encoder_batch",
     "intensity_transform",
@@ -50,6 +59,7 @@ __all__ = [
     "scale_intensity",
     "select_slices",
     "slice_input",
+    "spaced_indices",
 ]
 
 _PIPELINE = frozenset(

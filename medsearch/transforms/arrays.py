@@ -30,7 +30,7 @@ from medsearch.config import PreprocessConfig, SliceMode
 if TYPE_CHECKING:
     import scipy.sparse
 
-__all__ = ["axial_indices", "middle_picture", "scale_intensity", "select_slices", "slice_input"]
+__all__ = ["axial_indices", "chosen_slices", "middle_picture", "scale_intensity", "select_slices", "slice_input", "spaced_indices"]
 
 _F32 = np.float32
 
@@ -172,6 +172,7 @@ def select_slices(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     mode: SliceMode | str = SliceMode.AXIAL,
     count: int = 5,
+    indices: Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """Pick the 2D images of a volume that a 2D encoder sees.
 
@@ -187,6 +188,9 @@ def select_slices(
         (only the axial one for a single-slice volume).
     count
         Number of axial slices in ``"axial"`` mode.
+    indices
+        ``"axial"`` mode: these slices instead of ``count`` evenly spaced ones (e.g. from
+        :func:`chosen_slices`).
 
     Returns
     -------
@@ -221,7 +225,51 @@ def select_slices(
             _square_pixels(coronal[::-1], sz, sx),
             _square_pixels(sagittal[::-1], sz, sy),
         ]
-    return [_square_pixels(pixels[i], sy, sx) for i in axial_indices(depth, count=count)]
+    if indices is not None and (not indices or any(not 0 <= int(i) < depth for i in indices)):
+        raise ValueError(f"indices must be slices of a stack of {depth}, got {list(indices)}")
+    chosen = axial_indices(depth, count=count) if indices is None else [int(i) for i in indices]
+    return [_square_pixels(pixels[i], sy, sx) for i in chosen]
+
+
+def spaced_indices(depth: int, *, gap_mm: float, every_mm: float, at_most: int) -> list[int]:
+    """Axial slices one every ``every_mm`` millimetres of a stack whose slices are ``gap_mm`` apart.
+
+    The slices sit at the centres of equal parts of the stack, one part per ``every_mm`` of its
+    extent (``depth * gap_mm``), so that the ends are covered alike; a stack thinner than
+    ``every_mm`` gives its middle slice, a stack sparser than ``every_mm`` every slice. Beyond
+    ``at_most`` parts, ``at_most`` evenly spaced slices (:func:`axial_indices`).
+
+    Examples
+    --------
+    >>> spaced_indices(30, gap_mm=1.0, every_mm=5.0, at_most=64)
+    [2, 7, 12, 17, 22, 27]
+    >>> spaced_indices(300, gap_mm=1.0, every_mm=5.0, at_most=4)
+    [37, 112, 187, 262]
+    >>> spaced_indices(10, gap_mm=6.0, every_mm=5.0, at_most=64)
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+    if depth < 1 or at_most < 1 or not gap_mm > 0 or not every_mm > 0:
+        raise ValueError(f"depth and at_most must be at least 1 and the distances positive, got {depth}, {at_most}, {gap_mm}, {every_mm}")
+    parts = max(1, int(math.floor(depth * gap_mm / every_mm + 1e-6)))
+    return axial_indices(depth, count=min(parts, at_most))
+
+
+def chosen_slices(depth: int, config: PreprocessConfig, *, gap_mm: float | None) -> list[int]:
+    """The axial slices a 2D encoder sees of a stack of ``depth``: by density when
+    ``config.slice_spacing_mm`` is set and the slice gap ``gap_mm`` is known, else ``config.slices``
+    evenly spaced (:func:`axial_indices`).
+
+    Examples
+    --------
+    >>> from medsearch.config import PreprocessConfig
+    >>> chosen_slices(40, PreprocessConfig(slice_spacing_mm=10.0), gap_mm=1.0)
+    [5, 15, 25, 35]
+    >>> chosen_slices(40, PreprocessConfig(slice_spacing_mm=10.0), gap_mm=None)
+    [4, 12, 20, 28, 36]
+    """
+    if config.slice_spacing_mm > 0 and gap_mm is not None and gap_mm > 0:
+        return spaced_indices(depth, gap_mm=gap_mm, every_mm=config.slice_spacing_mm, at_most=config.max_slices)
+    return axial_indices(depth, count=config.slices)
 
 
 def axial_indices(depth: int, *, count: int) -> list[int]:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medsearch.config import PreprocessConfig
-from medsearch.transforms.arrays import select_slices, slice_input
+from medsearch.config import PreprocessConfig, SliceMode
+from medsearch.transforms.arrays import chosen_slices, select_slices, slice_input
 
 if TYPE_CHECKING:
     import torch
@@ -35,12 +35,14 @@ def encoder_batch(
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
     volume_shape: Sequence[int] = (64, 128, 128),
+    indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """A decoded volume as an encoder batch, float32: what :func:`~medsearch.transforms.preprocess_volume` gives.
 
     ``(S, channels, size, size)`` for a 2D encoder (``S`` selected slices, each through
     :func:`slice_input`), ``(1, 1, *volume_shape)`` for a 3D encoder (the MONAI volume pipeline,
-    which imports MONAI).
+    which imports MONAI). Axial slices: ``indices`` where given, else :func:`chosen_slices` with
+    ``spacing[0]`` as the slice gap.
     """
     if spatial_dims == 3:
         from medsearch.transforms.pipeline import build_volume_transform  # MONAI: imported for 3D encoders only
@@ -48,7 +50,9 @@ def encoder_batch(
         gray = pixels.mean(axis=-1) if rgb else pixels
         transform = build_volume_transform(config, modality=modality, shape=volume_shape, mean=float(mean[0]), std=float(std[0]))
         return np.asarray(transform(gray.astype(_F32, copy=False)).unsqueeze(0).numpy())
-    slices = select_slices(pixels, spacing=spacing, mode=config.slice_mode, count=config.slices)
+    if indices is None and config.slice_mode is SliceMode.AXIAL:
+        indices = chosen_slices(pixels.shape[0], config, gap_mm=float(spacing[0]))
+    slices = select_slices(pixels, spacing=spacing, mode=config.slice_mode, count=config.slices, indices=indices)
     return np.stack([slice_input(s, config, modality=modality, rgb=rgb, channels=channels, mean=mean, std=std) for s in slices])
 
 

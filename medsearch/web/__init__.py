@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from medsearch.pacs import DicomWeb
 from medsearch.web.audit import AUDIT_FILE, AuditedQueries, AuditLog
 from medsearch.web.auth import Access, AuthGate, Credentials, Sessions, check_exposure, is_loopback
 from medsearch.web.engine import PageEngine
@@ -60,7 +61,7 @@ def mount_page(
     credentials: Credentials | None = None,
     audit: AuditLog | None = None,
     audited_paths: tuple[str, ...] = (),
-    dicomweb: bool = False,
+    dicomweb: DicomWeb | None = None,
 ) -> Access:
     """Add the page's routes to ``app``, and the gate in front of all of ``app``'s routes.
 
@@ -68,7 +69,8 @@ def mount_page(
     token, basic credentials or a signed-in session (:class:`AuthGate`). With ``audit``, the page's
     queries are recorded, and so are the ``POST`` requests to ``audited_paths`` (the JSON API's
     ``/query``: :class:`AuditedQueries`). Returns the :class:`Access` the gate checks with (its
-    sessions, its failed attempts).
+    sessions, its failed attempts). With ``dicomweb``, the page shows a Study UID field and fetches
+    that study from the PACS (:mod:`medsearch.web.pacs`).
     """
     access = Access(credentials)
     app.include_router(create_router(engine, max_upload_bytes=max_upload_bytes, access=access, audit=audit, dicomweb=dicomweb))

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.embedding import encoder_input, pool_slices
+from medsearch.embedding import SliceSet, encoder_input, pool_slices, slice_indices
 from medsearch.errors import MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, load_volume
@@ -64,6 +64,7 @@ class EncodedStudy:
     modality: str
     n_slices: int
     loaded: tuple[CaseRef, Volume] | None = None  # set when it was decoded in this process
+    slices: SliceSet | None = None  # its slice vectors, for re-ranking and the match location
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class _InProcess:
     modality: str
     n_slices: int
     loaded: tuple[CaseRef, Volume]
+    slice_indices: list[int] | None = None
+    gap_mm: float | None = None
 
 
 class PageEngine:
@@ -142,7 +145,11 @@ class PageEngine:
             prepared, loaded = local, local.loaded
         vectors = await run_in_threadpool(self._locked, deadline, lambda: self.searcher.encoder.embed(prepared.images))
         vector = pool_slices(vectors, self.searcher.config.preprocess.pool)
-        return EncodedStudy(vector, prepared.modality, int(prepared.n_slices), loaded)
+        chosen = getattr(prepared, "slice_indices", None)
+        slices = None
+        if chosen is not None and len(chosen) == len(vectors):
+            slices = SliceSet(vectors, np.asarray(chosen, np.int32), getattr(prepared, "gap_mm", None))
+        return EncodedStudy(vector, prepared.modality, int(prepared.n_slices), loaded, slices)
 
     async def search(
         self, vector: np.ndarray, *, k: int, filters: Sequence[Filter], query: dict[str, Any], deadline: float,
@@ -174,7 +181,9 @@ class PageEngine:
         with pydicom_silenced():
             case, volume = load_study(path)
             images = encoder_input(volume, self.searcher.encoder.info, self.searcher.config).numpy()
-        return _InProcess(np.ascontiguousarray(images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume))
+            chosen = slice_indices(volume, self.searcher.encoder.info, self.searcher.config)
+        return _InProcess(np.ascontiguousarray(images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume),
+                          chosen, float(volume.spacing[0]) if volume.z_known else None)
 
     def _locked(self, deadline: float, work: Callable[[], Any]) -> Any:
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):

@@ -54,11 +54,13 @@ from medsearch.errors import (
     MedsearchError,
 )
 from medsearch.filters import Filter
+from medsearch.pacs import DicomWeb
 from medsearch.search import QueryResult
 from medsearch.sheets import CAPTION_FIELDS
 from medsearch.web.audit import AuditLog
 from medsearch.web.auth import Access, client_address, request_user, session_cookie
 from medsearch.web.engine import EncodedStudy, PageEngine
+from medsearch.web.pacs import fetch_for_page
 from medsearch.web.studies import StudyCache
 from medsearch.web.uploads import Refused, receive_files, upload_folder, upload_name
 
@@ -98,7 +100,7 @@ def create_router(
     access: Access | None = None,
     audit: AuditLog | None = None,
     studies: StudyCache | None = None,
-    dicomweb: bool = False,
+    dicomweb: DicomWeb | None = None,
 ) -> APIRouter:
     """The page and its endpoints, for one service.
 
@@ -116,7 +118,7 @@ def create_router(
     studies
         The kept query studies (a new :class:`StudyCache` by default).
     dicomweb
-        Whether the service can fetch a study from a PACS by its Study Instance UID (shows the field).
+        The PACS the service fetches a study from by its Study Instance UID (None: none; the field is hidden).
     """
     router = APIRouter()
     files = {name: (resources.files("medsearch.web") / "static" / name).read_bytes() for name in _STATIC}
@@ -171,7 +173,7 @@ def create_router(
 
     @router.get("/api/options")
     async def options(request: Request) -> Response:
-        return _json(_options(engine, max_upload_bytes, access, request, dicomweb))
+        return _json(_options(engine, max_upload_bytes, access, request, dicomweb is not None))
 
     @router.post("/api/search")
     async def search_upload(
@@ -180,6 +182,8 @@ def create_router(
         where: Annotated[list[str] | None, Query()] = None,
         exclude_same_patient: bool = False,
         one_per_patient: bool = False,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
     ) -> Response:
         asked = _Asked(k, {"exclude_same_patient": exclude_same_patient, "one_per_patient": one_per_patient})
         try:
@@ -189,15 +193,18 @@ def create_router(
             if exclude_same_patient:
                 await _site_key(engine)  # a missing key fails before the upload is read
             with upload_folder() as folder:
-                count = await _receive(request, folder, max_upload_bytes, deadline)
-                path = folder / upload_name(1) if count == 1 else folder
+                if study_uid is None and series_uid is None:
+                    count = await _receive(request, folder, max_upload_bytes, deadline)
+                    path = folder / upload_name(1) if count == 1 else folder
+                else:  # the Study UID field: fetched from the PACS where an upload would be written
+                    count, path = await fetch_for_page(dicomweb, study_uid, series_uid, folder), folder
                 try:
                     encoded = await engine.encode(path, deadline)
                     preview = await engine.preview(path, encoded)
                     patient = await _patient(engine, path)
                 except (MedsearchError, Refused) as e:
                     raise _StudyProblem(e, folder, count) from e
-            study = kept.add(encoded.vector, _query_info(encoded), preview, {"patient": patient})
+            study = kept.add(encoded.vector, _query_info(encoded), preview, {"patient": patient, "slices": encoded.slices})
             asked.result = await engine.search(study.vector, k=k, filters=asked.filters, query=dict(study.query),
                                                deadline=deadline, options=_search_options(asked.choices, study.extra))
             response = _json(_answer(asked.result, study.token, study.query, preview.describe(), asked.choices, engine))
@@ -340,7 +347,7 @@ async def _patient(engine: PageEngine, path: Path) -> str | None:
 
 
 def _search_options(choices: dict[str, bool], extra: dict[str, Any]) -> dict[str, Any]:
-    options: dict[str, Any] = {"one_per_patient": choices["one_per_patient"]}
+    options: dict[str, Any] = {"one_per_patient": choices["one_per_patient"], "slices": extra.get("slices")}
     if choices["exclude_same_patient"]:
         options["exclude_patients"] = (extra["patient"],)
     return options

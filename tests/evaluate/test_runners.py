@@ -42,6 +42,17 @@ def test_npz_duplicates_are_found_first(tmp_path, shape, make_npz):
     json.dumps(data)
 
 
+def test_npz_volumes_pooled_and_re_ranked_side_by_side(tmp_path, make_npz):
+    """``rerank=True``: each 3D volume's slice vectors re-rank its candidates; twins stay first, and the
+    report compares the re-ranked run with the pooled one on the same queries."""
+    path = make_npz(tmp_path / "v.npz", (6, 16, 16), label_shape=(-1, 1))
+    report = evaluate_npz(path, protocol="mahbod2024", config=SMALL.replace(preprocess={"slices": 6}), n_resamples=50, rerank=True)
+    pooled, late = report.results
+    assert late.name.endswith("+ late interaction") and late.settings["ranking"] == "late interaction"
+    assert pooled.settings["ranking"] == "case vector" and late.metrics["hit@1"] == pooled.metrics["hit@1"] == 1.0
+    assert len(report.comparisons) == 1 and report.comparisons[0]["encoder"] == late.name
+
+
 def test_npz_same_split_is_leave_one_out(tmp_path):
     # Each image twice, with its label: leaving the query out, its twin is the only relevant item.
     rng = np.random.default_rng(5)

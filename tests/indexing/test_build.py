@@ -312,7 +312,7 @@ def test_linked_series_fifos_broken_links_and_loops_are_all_accounted_for(tmp_pa
 
 # -- local state: site-only, in local/ -------------------------------------------------------------
 
-_SHAREABLE = re.compile(r"^(manifest\.json|(vectors|cases|thumbs|raw)-\d+\.(faiss|csv|npy)|local-verified\.json|\.lock)$")
+_SHAREABLE = re.compile(r"^(manifest\.json|(vectors|cases|thumbs|raw|slices)-\d+\.(faiss|csv|npy)|slicetab-\d+\.npz|local-verified\.json|\.lock)$")
 
 
 def test_local_state_is_in_local_and_never_leaves_the_site(tmp_path, sample_key):

@@ -164,3 +164,23 @@ def test_headers_read_here_leave_no_pydicom_log_lines(mixed_archive, caplog, mon
     finally:
         logger.setLevel(level)
         logger.disabled = disabled
+
+
+def test_slices_by_millimetres_decode_only_what_the_encoder_sees(tmp_path):
+    """With ``slice_spacing_mm``, the loader is given the ordered stack's gap and reads the slices a
+    selection by density takes (and the thumbnail's middle one): the same encoder input as a full decode."""
+    from series import phantom, write_series
+
+    from medsearch.config import load_config
+    from medsearch.embedding import encoder_array
+    from medsearch.encoders import load_encoder
+    from medsearch.indexing.cases import _used_slices
+    from medsearch.io import load_volume, scan
+
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": 5.0})
+    info = load_encoder(config.encoder).info
+    case = scan(write_series(tmp_path / "s", phantom(4), gap=2.5)).cases[0]
+    fast, _ = load_volume(case, select=_used_slices(config, info))
+    full, _ = load_volume(case)
+    assert fast.decoded == (1, 3, 5, 7, 9, 11, 12, 13, 15, 17, 19, 21, 23)  # one per 5 mm, and the middle
+    np.testing.assert_array_equal(encoder_array(fast, info, config), encoder_array(full, info, config))

@@ -228,3 +228,18 @@ def test_each_failure_is_a_status_and_one_line(error, status, message, caplog):
     got_status, got_message = routes._failure(error)
     assert got_status == status and re.search(message, got_message)
     assert "Doe^Jane" not in got_message + caplog.text
+
+
+def test_a_series_answer_carries_the_best_slice_the_page_shows(phantom_index, tmp_path, uploads):
+    """The page's cards read ``best_slice`` and ``query_slice`` of each result (app.js, "Best slice N of M")."""
+    from medsearch.search import Searcher
+
+    archive, index = phantom_index
+    searcher = Searcher(index)
+    own = searcher.search(archive / "s2", k=1).results[0]
+    paths = sorted((archive / "s2").glob("*.dcm"))
+    data = _upload(TestClient(page_app(searcher)), paths).json()
+    top = data["results"][0]
+    assert top["case_id"] == own.case_id and top["best_slice"] == own.location["best_slice"]
+    assert {"best_slice", "query_slice", "best_slice_mm", "slice_score"} <= set(top)
+    assert data["query"]["rerank"]["used"] is True

@@ -67,6 +67,7 @@ class SkipReason(str, enum.Enum):
     BROKEN_LINK = "broken_link"  # a symbolic link whose target does not exist
     SYMLINK_LOOP = "symlink_loop"  # a link that leads back to itself or to a folder above it
     NOT_AN_IMAGE = "not_an_image"  # not an image storage SOP Class (SEG, RT, SR, KO, PR...), or too small
+    FETCH_ERROR = "fetch_error"  # a DICOMweb server did not send it (the detail gives the HTTP status)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class Volume:
     select=...)`` has the full shape, but only the slices listed in ``decoded`` hold pixels; the
     others are zero. ``window``: the (center, width) in HU a CT is shown in (the file's own, or its
     body part's: :func:`~medsearch.io.dicom.window.display_window`), None where not known; pictures
-    only, the encoder's input does not depend on it.
+    only, the encoder's input does not depend on it. ``z_known``: whether ``spacing[0]`` comes from
+    the headers (positions, Spacing Between Slices or Slice Thickness) rather than standing in as 1.0.
     """
 
     pixels: np.ndarray
@@ -65,6 +66,7 @@ class Volume:
     rgb: bool
     decoded: tuple[int, ...] | None = None
     window: tuple[float, float] | None = None
+    z_known: bool = True
 
 
 def load_volume(
@@ -86,7 +88,9 @@ def load_volume(
         A case from :func:`scan`.
     select : callable, optional
         Given the depth of the stack, the indices of the slices that will be used (a 2D encoder
-        sees a few of a CT series). The stack is ordered from the headers, and only those slices
+        sees a few of a CT series). A callable with a true ``takes_gap`` attribute is called as
+        ``select(depth, gap_mm=...)`` with the median gap between the ordered positions (None where
+        the positions do not give one), for a selection by millimetres. The stack is ordered from the headers, and only those slices
         are decoded; the volume lists them in ``decoded``. When the case carries the slice
         geometry its scan recorded (``case.geometry``), only the selected files are read again;
         otherwise every file is read. This applies to series of single-frame grayscale files;
@@ -255,7 +259,9 @@ def _selected_volume(
         kept.append(index)
     stacked, gap = _stack(images)
     depth = len(stacked)
-    wanted = sorted({int(i) for i in select(depth)})
+    # a selection by millimetres (it says so with ``takes_gap``) is given the gap of the ordered stack
+    chosen = select(depth, gap_mm=gap) if getattr(select, "takes_gap", False) else select(depth)  # type: ignore[call-arg]
+    wanted = sorted({int(i) for i in chosen})
     if any(not 0 <= i < depth for i in wanted):
         raise ValueError(f"select gave slice indices {wanted} for a stack of {depth}")
     pixels = np.zeros((depth, *majority), dtype=np.float32)  # untouched pages cost no memory
@@ -311,6 +317,7 @@ def _volume(
         rgb=pixels.ndim == 4,
         decoded=decoded,
         window=display_window(case.header),
+        z_known=z is not None,
     )
 
 

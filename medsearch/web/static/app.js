@@ -6,7 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     drop: $("drop"), files: $("files"), folder: $("folder"), chooseFiles: $("choose-files"), chooseFolder: $("choose-folder"),
-    pacs: $("pacs"), viewer: $("viewer"), canvas: $("image"), viewerOpen: $("viewer-open"), caption: $("viewer-caption"),
+    pacs: $("pacs"), studyUid: $("study-uid"), viewer: $("viewer"), canvas: $("image"), viewerOpen: $("viewer-open"), caption: $("viewer-caption"),
     window: $("window"), presets: $("presets"), windowValue: $("window-value"),
     slicer: $("slicer"), slice: $("slice"), sliceOut: $("slice-out"),
     form: $("query"), k: $("k"), ageMin: $("age-min"), ageMax: $("age-max"), labelFields: $("label-fields"),
@@ -206,6 +206,21 @@
     const what = files.length === 1 ? `1 file (${mb(total)})` : `${files.length} files (${mb(total)})`;
     await run(`Sending ${what} and searching…`, async () => {
       const answer = await api("/api/search?" + queryString().toString(), { method: "POST", body: form });
+      state.study = answer.study;
+      await showStudy(answer.preview, answer.query);
+      showResults(answer);
+      remember(true);
+    });
+  }
+
+  // The study is fetched by the service from its PACS (no file leaves this computer); the UID goes
+  // in the request only, never into the page's address.
+  async function fetchFromPacs(uid) {
+    if (!uid) { showError("Type the Study Instance UID of the study to fetch."); return; }
+    const q = queryString();
+    q.set("study_uid", uid);
+    await run("Fetching the study from the PACS and searching…", async () => {
+      const answer = await api("/api/search?" + q.toString(), { method: "POST" });
       state.study = answer.study;
       await showStudy(answer.preview, answer.query);
       showResults(answer);
@@ -536,7 +551,7 @@
     });
     els.slice.addEventListener("input", () => { state.current = Number(els.slice.value); drawSlice(state.current).catch((e) => showError(e.message)); });
     els.viewerOpen.addEventListener("click", openQuery);
-    els.pacs.addEventListener("submit", (e) => { e.preventDefault(); showError("Fetching from the PACS is not available on this service."); });
+    els.pacs.addEventListener("submit", (e) => { e.preventDefault(); fetchFromPacs(els.studyUid.value.trim()); });
     window.addEventListener("popstate", () => restore());
   }
 

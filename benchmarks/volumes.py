@@ -1,0 +1,301 @@
+"""Volumes and regions: slab localisation, the cost of re-ranking, and pooled vs re-ranked vs tri-planar.
+
+Three parts, each its own run (``--part``), each well under 15 minutes on a 2-core machine:
+
+``localise``
+    Index every series of ``../shared/data/dicom`` (slices every ``--spacing`` mm, slice vectors
+    kept; a link table maps each case back to its files). From each series of at least
+    ``--min-depth`` slices, cut slabs of ``--slab`` slices at evenly spaced starts, add Gaussian
+    noise (``--noise`` times the series' 1st-99th percentile range) and shift them in-plane by
+    ``--shift`` of the image width (zero filled), and query the index with each slab. A slab
+    succeeds when the first result is its own series (or an exact pixel copy of it, which the
+    index counts once) and the match location (``best_slice - query_slice``, in stack slices)
+    lands within ``--tolerance`` slices of where the slab was cut. Scored for the case-vector
+    ranking (locations computed for its results) and for the re-ranked one.
+``cost``
+    Median time of the search stage for k = 10 (``Searcher.search_vector``: case-vector search,
+    exclusions, metadata) with and without re-ranking 100 candidates, interleaved, on the index of
+    ``localise`` (real slices) and on a synthetic index of ``--synthetic-cases`` cases of
+    ``--synthetic-slices`` slices (the worst case: every slice kept, dim 1280); and the median
+    end-to-end query (decode, encode, search) of a real series, both ways.
+``vessel``
+    ``medsearch evaluate`` on ``vesselmnist3d.npz`` (MedMNIST-3D format, 28^3, test vs train,
+    ``--protocol mahbod2024``): axial slices pooled, the same re-ranked, and tri-planar pooled.
+
+Usage::
+
+    nice -n 10 .venv/bin/python benchmarks/volumes.py --part localise --json localise.json
+    nice -n 10 .venv/bin/python benchmarks/volumes.py --part cost --json cost.json
+    nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --slices 5 --json vessel5.json
+    nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --mode triplanar --json tri.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsearch.config import load_config
+from medsearch.embedding import SliceSet, embed_slices, pool_slices
+from medsearch.io import Volume, find_files, load_volume, scan
+from medsearch.search import Searcher
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDSEARCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "load_1min": os.getloadavg()[0]}
+
+
+# -- localise -------------------------------------------------------------------------------------
+
+
+def build(folder: Path, spacing: float) -> tuple[Path, dict[str, str]]:
+    """The index of ``../shared/data/dicom`` and a map from each case's first file to its case id."""
+    from medsearch.indexing import build_index
+    from medsearch.sharing import LinkTable
+
+    index = folder / "index"
+    links = folder / "links.csv"
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": spacing})
+    started = time.perf_counter()
+    report = build_index(SHARED / "dicom", index, config=config, links=links, progress=False)
+    print(f"indexed {report.n_cases_total} cases in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    table = LinkTable(links)
+    owner: dict[str, str] = {}
+    from medsearch.store import IndexStore
+
+    for cid in IndexStore.open(index).cases["case_id"]:
+        found = table.resolve(cid)
+        for f in (found or {}).get("files", []):
+            owner[str(Path(f).resolve())] = cid
+    return index, owner
+
+
+def degraded(volume: Volume, start: int, length: int, *, noise: float, shift: float, seed: int) -> Volume:
+    """Slices ``start:start + length`` of ``volume`` with Gaussian noise and an in-plane shift."""
+    rng = np.random.default_rng(seed)
+    slab = np.array(volume.pixels[start:start + length], dtype=np.float32)
+    low, high = np.percentile(slab, [1, 99])
+    slab += rng.normal(0.0, noise * max(float(high - low), 1e-6), slab.shape).astype(np.float32)
+    step = max(1, int(round(shift * slab.shape[2]))) if shift > 0 else 0
+    slab = np.roll(slab, (step, -step), axis=(1, 2))  # down and to the left
+    if step:
+        fill = float(slab.min())
+        slab[:, :step] = fill
+        slab[:, :, -step:] = fill
+    return Volume(slab, volume.spacing, volume.modality, volume.rgb, window=volume.window, z_known=volume.z_known)
+
+
+def localise(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        index, owner = build(Path(tmp), args.spacing)
+        searcher = Searcher(index)
+        cases = searcher.store.cases
+        copies = cases.set_index("case_id")["pixel_hash"].to_dict() if "pixel_hash" in cases else {}
+        # a sibling: another series of the same patient with the same geometry (a time point, a
+        # diffusion direction, a repeat): the same anatomy on the same grid
+        shape = cases.set_index("case_id")[["patient", "rows", "columns", "spacing_mm"]].astype(str).agg("|".join, axis=1).to_dict()
+        volumes = {}
+        for case in scan(find_files(SHARED / "dicom")).cases:
+            cid = owner.get(str(Path(case.files[0]).resolve()))
+            if cid is None:
+                continue
+            volume, _ = load_volume(case)
+            if volume.pixels.shape[0] > 1:
+                volumes[cid] = volume
+        near = near_copies(volumes)
+        records = []
+        for cid, volume in volumes.items():
+            depth = volume.pixels.shape[0]
+            if depth < args.min_depth:
+                continue
+            starts = np.unique(np.linspace(0, depth - args.slab, args.per_series).round().astype(int))
+            for start in starts.tolist():
+                slab = degraded(volume, start, args.slab, noise=args.noise, shift=args.shift, seed=start)
+                for ranking in ("case vector", "re-ranked"):
+                    t0 = time.perf_counter()
+                    result = searcher.search("slab", volume=slab, k=5, rerank=ranking == "re-ranked")
+                    elapsed = time.perf_counter() - t0
+                    top = result.results[0]
+                    exact = top.case_id == cid or bool(copies.get(top.case_id) and copies.get(top.case_id) == copies.get(cid))
+                    own = exact or top.case_id in near.get(cid, ())
+                    sibling = own or shape.get(top.case_id) == shape.get(cid)
+                    place = top.location
+                    offset = None if place is None else place["best_slice"] - place["query_slice"]
+                    error = None if offset is None else abs(offset - start)
+                    records.append({"series": cid, "depth": depth, "start": start, "ranking": ranking,
+                                    "own_series_first": bool(own), "strictly_own_first": exact, "first": top.case_id,
+                                    "own_or_sibling_first": bool(sibling),
+                                    "located_on_own_or_sibling": bool(sibling and error is not None and error <= args.tolerance),
+                                    "offset": offset, "error_slices": error,
+                                    "located": bool(own and error is not None and error <= args.tolerance),
+                                    "query_s": elapsed})
+        summary = {}
+        for ranking in ("case vector", "re-ranked"):
+            rows = [r for r in records if r["ranking"] == ranking]
+            summary[ranking] = {
+                "slabs": len(rows),
+                "own_series_first": sum(r["own_series_first"] for r in rows) / max(len(rows), 1),
+                "strictly_own_first": sum(r["strictly_own_first"] for r in rows) / max(len(rows), 1),
+                "own_or_sibling_first": sum(r["own_or_sibling_first"] for r in rows) / max(len(rows), 1),
+                "located_on_own_or_sibling": sum(r["located_on_own_or_sibling"] for r in rows) / max(len(rows), 1),
+                "location_within_tolerance_when_own_first": (
+                    sum(r["located"] for r in rows) / max(sum(r["own_series_first"] for r in rows), 1)),
+                "located_within_tolerance": sum(r["located"] for r in rows) / max(len(rows), 1),
+                "median_query_s": statistics.median(r["query_s"] for r in rows) if rows else None,
+            }
+        return {"summary": summary, "series": sorted({r["series"] for r in records}),
+                "near_copies": {k: sorted(v) for k, v in near.items() if v}, "records": records}
+
+
+def near_copies(volumes: dict[str, Volume], threshold: float = 0.02) -> dict[str, set[str]]:
+    """Series whose pixels are another's within ``threshold`` of its 1st-99th percentile range on
+    average (the same images stored again, e.g. through a lossy transfer syntax): counted as the
+    query's own series, since nothing in the pixels tells them apart."""
+    out: dict[str, set[str]] = {cid: set() for cid in volumes}
+    items = list(volumes.items())
+    for i, (a, va) in enumerate(items):
+        low, high = np.percentile(va.pixels, [1, 99])
+        for b, vb in items[i + 1:]:
+            if va.pixels.shape != vb.pixels.shape:
+                continue
+            diff = float(np.mean(np.abs(va.pixels - vb.pixels))) / max(float(high - low), 1e-6)
+            if diff < threshold:
+                out[a].add(b)
+                out[b].add(a)
+    return out
+
+
+# -- cost -----------------------------------------------------------------------------------------
+
+
+def interleaved(a: Any, b: Any, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``a()`` and ``b()``, interleaved, alternating which goes first."""
+    ta, tb = [], []
+    for i in range(repeats):
+        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def synthetic_index(folder: Path, n: int, slices: int, dim: int, seed: int = 0) -> Path:
+    """An index of ``n`` cases with ``slices`` slice vectors each (random unit vectors), flat search."""
+    import pandas as pd
+
+    from medsearch.store import IndexStore
+
+    rng = np.random.default_rng(seed)
+    store = IndexStore.create(folder, dim=dim, encoder={"name": "synthetic", "dim": dim}, preprocess={})
+    sets, vectors = [], []
+    for _ in range(n):
+        v = rng.standard_normal((slices, dim), dtype=np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        sets.append(SliceSet(v.astype(np.float16), np.arange(slices, dtype=np.int32), 5.0))
+        vectors.append(pool_slices(v))
+    store.add(np.stack(vectors), pd.DataFrame({"case_id": [f"c{i}" for i in range(n)]}), slices=sets)
+    store.commit()
+    return folder
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        index, _ = build(Path(tmp), args.spacing)
+        searcher = Searcher(index)
+        case = next(c for c in scan(find_files(SHARED / "dicom" / "ct-head-ge-gantry-tilt")).cases)
+        volume, _ = load_volume(case)
+        query = embed_slices(volume, searcher.encoder, searcher.config)
+        assert query is not None
+        vector = pool_slices(query.vectors)
+        pooled, late = interleaved(lambda: searcher.search_vector(vector, k=10, slices=query, rerank=False),
+                                   lambda: searcher.search_vector(vector, k=10, slices=query, rerank=True), args.repeats)
+        out["real_index_search_stage"] = {"cases": len(searcher.store), "query_slices": len(query),
+                                          "stored_slices": searcher.store.slices.n_slices if searcher.store.slices else 0,
+                                          "pooled_ms": pooled * 1e3, "reranked_ms": late * 1e3, "ratio": late / pooled}
+        folder = SHARED / "dicom" / "ct-head-ge-gantry-tilt"
+        pooled, late = interleaved(lambda: searcher.search(folder, k=10, rerank=False),
+                                   lambda: searcher.search(folder, k=10, rerank=True), max(3, args.repeats // 10))
+        out["real_index_end_to_end"] = {"pooled_s": pooled, "reranked_s": late, "ratio": late / pooled}
+        synthetic = synthetic_index(Path(tmp) / "synthetic", args.synthetic_cases, args.synthetic_slices, 1280)
+        searcher = Searcher.__new__(Searcher)  # a store without an encoder: the search stage only
+        from medsearch.store import IndexStore
+
+        searcher.store = IndexStore.open(synthetic)
+        rng = np.random.default_rng(1)
+        q = rng.standard_normal((args.synthetic_slices, 1280), dtype=np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        sq = SliceSet(q, np.arange(len(q), dtype=np.int32), 5.0)
+        qv = pool_slices(q)
+        pooled, late = interleaved(lambda: searcher.search_vector(qv, k=10, slices=sq, rerank=False),
+                                   lambda: searcher.search_vector(qv, k=10, slices=sq, rerank=True), args.repeats)
+        out["synthetic_search_stage"] = {"cases": args.synthetic_cases, "slices_per_case": args.synthetic_slices,
+                                         "query_slices": len(q), "pooled_ms": pooled * 1e3, "reranked_ms": late * 1e3,
+                                         "ratio": late / pooled, "rerank_added_ms": (late - pooled) * 1e3}
+    return out
+
+
+# -- vessel ---------------------------------------------------------------------------------------
+
+
+def vessel(args: argparse.Namespace) -> dict[str, Any]:
+    from medsearch.evaluate import evaluate_npz
+
+    config = load_config("default").replace(preprocess={"slices": args.slices, "slice_mode": args.mode})
+    started = time.perf_counter()
+    report = evaluate_npz(SHARED / "medmnist" / "vesselmnist3d.npz", protocol="mahbod2024", config=config,
+                          limit=args.limit, rerank=args.mode == "axial", n_resamples=1000, batch_size=64)
+    runs = []
+    for result in report.results:
+        runs.append({"name": result.name, "mode": args.mode, "slices": args.slices,
+                     "metrics": {k: result.metrics[k] for k in ("hit@1", "map_hits@5", "mmv@5")},
+                     "ci95": {k: result.ci95.get(k) for k in ("hit@1", "map_hits@5", "mmv@5")},
+                     "n_queries": result.n_queries, "encode_s": result.timings.get("encode_s")})
+    return {"runs": runs, "comparisons": report.comparisons, "wall_s": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("localise", "cost", "vessel"), required=True)
+    parser.add_argument("--spacing", type=float, default=5.0, help="slice density of the index, mm")
+    parser.add_argument("--slab", type=int, default=8)
+    parser.add_argument("--per-series", type=int, default=6, help="slabs cut from each series")
+    parser.add_argument("--min-depth", type=int, default=16)
+    parser.add_argument("--noise", type=float, default=0.03)
+    parser.add_argument("--shift", type=float, default=0.03)
+    parser.add_argument("--tolerance", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--synthetic-cases", type=int, default=1000)
+    parser.add_argument("--synthetic-slices", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=5, help="vessel: axial slices per volume")
+    parser.add_argument("--mode", choices=("axial", "triplanar"), default="axial")
+    parser.add_argument("--limit", type=int, default=None, help="vessel: a seeded subset of this many test queries")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = {"localise": localise, "cost": cost, "vessel": vessel}[args.part](args)
+    result = {"part": args.part, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
+              "wall_s": time.perf_counter() - started, **result}
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        args.json.write_text(text)
+    summary = {k: v for k, v in result.items() if k != "records"}
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Late-interaction re-ranking: candidates found by case vector, ordered by how their slices match.
+
+A search in two stages. The faiss index of case vectors (one pooled vector per case) finds
+candidates, :data:`DEFAULT_CANDIDATES` or ``10 * k`` of them; then each candidate's slice vectors
+(:mod:`medsearch.store.slices`) are compared with the query's, and the candidates are ordered by a
+late-interaction score, as ColBERT's MaxSim does for tokens: for each query slice the cosine to the
+best-matching slice of the candidate, averaged over the query slices.
+
+Anatomical order. Both stacks are in slice order along their normal (the order
+:func:`~medsearch.io.load_volume` gives), so the query's slices may only match candidate slices in
+the same order: query slice ``i + 1`` matches a candidate slice at or after the one slice ``i``
+matched (a monotone alignment, found exactly by dynamic programming over the similarity table,
+:func:`late_interaction`). Several query slices may share one candidate slice, so a query denser
+than the index, or a thin slab against a thick series, aligns without penalty; what the order
+forbids is a head slice of the query matching a pelvis slice of the candidate while its pelvis
+slice matches the head. An alignment is chosen over a penalty on distance in mm because it needs
+no scale (slice gaps and coverage differ between series, and are unknown for some) and gives the
+plain MaxSim score whenever the best matches are already in order. ``ordered=False`` gives plain
+MaxSim.
+
+Each re-ranked result says where it matched: of the aligned pairs, the one of highest cosine
+(:class:`SliceMatch`), as stack indices and, where the slice gap is known, positions in mm from the
+first slice. A candidate without slice vectors (an index built before they were kept, a 3D encoder)
+keeps its case-vector similarity as its score, and no location.
+
+This module takes numpy arrays; it imports neither torch nor an encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medsearch.store import CandidateSlices, SliceTable
+
+__all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "late_interaction", "location", "rerank_rows",
+           "reorder_by_slices"]
+
+#: Candidates the case-vector index gives the re-ranking, at least (``10 * k`` when more).
+DEFAULT_CANDIDATES = 100
+#: Whether a whole-study query re-ranks when not told (region queries always do); chosen from the
+#: measurements of docs/benchmarks/volumes.md.
+ON_BY_DEFAULT = True
+LATE_DISTANCE_TEXT = (
+    "1 - late-interaction similarity: the mean over the query's slices of the cosine to the case slice "
+    "it is aligned with, in anatomical order (lower is closer)"
+)
+
+
+@dataclass(frozen=True)
+class SliceMatch:
+    """How one candidate matched: ``score`` (the late-interaction similarity, at most 1), and its
+    best aligned pair: ``query_slice`` and ``best_slice`` (stack indices) with their cosine."""
+
+    score: float
+    query_slice: int
+    best_slice: int
+    slice_score: float
+
+
+def candidate_count(k: int, total: int, candidates: int | None = None) -> int:
+    """How many candidates to re-rank for ``k`` results out of ``total`` cases."""
+    wanted = candidates if candidates is not None else max(DEFAULT_CANDIDATES, 10 * k)
+    return max(1, min(total, max(wanted, k)))
+
+
+def late_interaction(
+    query: np.ndarray, query_indices: np.ndarray, found: CandidateSlices, *, ordered: bool = True
+) -> list[SliceMatch | None]:
+    """The late-interaction score of each candidate of ``found``; None for one without slices.
+
+    Parameters
+    ----------
+    query
+        ``(Q, dim)`` unit-length slice vectors of the query, in stack order.
+    query_indices
+        ``(Q,)`` their stack indices.
+    found
+        The candidates' slices (:meth:`~medsearch.store.SliceTable.gather`).
+    ordered
+        Align in anatomical order (see the module docstring); False: plain MaxSim.
+    """
+    n = len(found.gaps)
+    counts = np.bincount(found.owner, minlength=n) if len(found.owner) else np.zeros(n, np.int64)
+    q = len(query)
+    if n == 0 or q == 0 or not counts.any():
+        return [None] * n
+    width = int(counts.max())
+    # (n, width, Q) similarities, -inf where a candidate has fewer slices
+    starts = np.cumsum(counts) - counts
+    column = np.arange(len(found.owner)) - np.repeat(starts, counts)
+    table = np.full((n, width, q), -np.inf, dtype=np.float32)
+    # both sides as the index stores slices (float16), each made unit length again: a slice compared
+    # with its own stored copy then scores 1 to float32 rounding, as its case vector does
+    table[found.owner, column] = np.minimum(_unit(found.vectors) @ _unit(_stored(query)).T, 1.0)
+    if ordered and q > 1:
+        total, pairs = _aligned(table)
+    else:
+        best = table.argmax(axis=1)  # (n, Q): each query slice's best candidate slice
+        total = np.take_along_axis(table, best[:, None, :], axis=1)[:, 0, :].sum(axis=1)
+        pairs = best
+    out: list[SliceMatch | None] = []
+    for c in range(n):
+        if counts[c] == 0:
+            out.append(None)
+            continue
+        cosines = table[c, pairs[c], np.arange(q)]
+        # ties (a study against its own copy) go to the pair nearest the middle of the query
+        top = int(np.argmax(cosines - 1e-6 * np.abs(np.arange(q) - (q - 1) / 2)))
+        out.append(SliceMatch(
+            score=float(total[c]) / q,
+            query_slice=int(query_indices[top]),
+            best_slice=int(found.indices[starts[c] + pairs[c, top]]),
+            slice_score=float(cosines[top]),
+        ))
+    return out
+
+
+def _stored(vectors: np.ndarray) -> np.ndarray:
+    return np.asarray(vectors, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def _aligned(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best monotone alignment of each candidate: query slice ``i`` to candidate slice ``a[i]``
+    with ``a`` non-decreasing, maximizing the summed similarity. Returns the sums ``(n,)`` and the
+    alignments ``(n, Q)``.
+
+    ``best[j]`` after query slice ``i``: the best sum of an alignment of slices ``0..i`` that puts
+    ``i`` on candidate slice ``j``; it is the similarity of ``(i, j)`` plus the best of ``best``
+    over ``j' <= j`` for ``i - 1`` (a running maximum), so every step is one vectorized pass.
+    """
+    n, width, q = table.shape
+    ramp = np.arange(width)
+    back = np.empty((q, n, width), dtype=np.int64)  # where query slice i - 1 sat, for i on j
+    best = table[:, :, 0]
+    for i in range(1, q):
+        # running maximum of best over j' <= j, and where it was reached
+        where = np.where(best == np.maximum.accumulate(best, axis=1), ramp, 0)
+        back[i] = np.maximum.accumulate(where, axis=1)
+        best = table[:, :, i] + np.take_along_axis(best, back[i], axis=1)
+    end = best.argmax(axis=1)
+    total = best[np.arange(n), end]
+    pairs = np.empty((n, q), dtype=np.int64)
+    pairs[:, q - 1] = end
+    for i in range(q - 1, 0, -1):
+        pairs[:, i - 1] = back[i][np.arange(n), pairs[:, i]]
+    return total, pairs
+
+
+def rerank_rows(
+    table: SliceTable | None,
+    query: np.ndarray,
+    query_indices: np.ndarray,
+    rows: Sequence[int] | np.ndarray,
+    distances: Sequence[float] | np.ndarray,
+    *,
+    ordered: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[SliceMatch | None]]:
+    """Candidates (case-table ``rows`` with their case-vector ``distances``) re-ordered by late
+    interaction, closest first: the rows, their distances (``1 - score``) and their matches.
+
+    A candidate without slice vectors scores its case-vector similarity (``1 - distance`` for the
+    cosine metric). Ties keep the case-vector order.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    distances = np.asarray(distances, dtype=np.float64)
+    if table is None or not len(rows):
+        return rows, distances, [None] * len(rows)
+    matches = late_interaction(query, query_indices, table.gather(rows), ordered=ordered)
+    scores = np.array([m.score if m is not None else 1.0 - d for m, d in zip(matches, distances)])
+    order = np.argsort(-scores, kind="stable")
+    return rows[order], np.maximum(1.0 - scores[order], 0.0), [matches[i] for i in order]
+
+
+def reorder_by_slices(
+    table: SliceTable, queries: Sequence[Any | None], *, candidates: int = DEFAULT_CANDIDATES, ordered: bool = True
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A second ranking stage for :func:`~medsearch.evaluate.scoring.evaluate_embeddings`: the first
+    ``candidates`` rows found for query ``i`` re-ordered by late interaction with ``queries[i]``
+    (a :class:`~medsearch.embedding.SliceSet`; None: left as found), the rest left as found."""
+
+    def reorder(numbers: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        out = ids.copy()
+        for r, number in enumerate(numbers.tolist()):
+            query = queries[number]
+            head = ids[r, :candidates]
+            head = head[head >= 0]
+            if query is None or not len(query.indices) or not len(head):
+                continue
+            found = late_interaction(query.vectors, query.indices, table.gather(head), ordered=ordered)
+            scores = np.array([-np.inf if m is None else m.score for m in found])
+            out[r, : len(head)] = head[np.argsort(-scores, kind="stable")]
+        return out
+
+    return reorder
+
+
+def location(match: SliceMatch | None, *, query_gap: float | None, case_gap: float | None) -> dict[str, Any] | None:
+    """A match's location as a result reports it (``best_slice``, ``best_slice_mm``, ``query_slice``,
+    ``query_slice_mm``, ``slice_score``); positions in mm from the first slice, None when unknown."""
+    if match is None:
+        return None
+    return {
+        "best_slice": match.best_slice,
+        "best_slice_mm": None if case_gap is None else round(match.best_slice * case_gap, 2),
+        "query_slice": match.query_slice,
+        "query_slice_mm": None if query_gap is None else round(match.query_slice * query_gap, 2),
+        "slice_score": round(match.slice_score, 4),
+    }

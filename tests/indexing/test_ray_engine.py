@@ -1,0 +1,199 @@
+"""The Ray engine (medsearch/indexing/ray_engine.py) on a local Ray started by the tests: the same index
+as the local engine, a driver killed mid-run then resumed, nothing added twice, and no identifying
+value in a shard. Ray binds 127.0.0.1 only: run these through scripts/test.sh, as CI does.
+
+Without Ray these tests skip; with ``CI`` set they fail, so that CI never passes without running them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from conftest import SAMPLE
+from indexing.archives import FAST, ROOT, _same_vectors, _vectors
+from typer.testing import CliRunner
+
+from medsearch import build_index
+from medsearch.cli import app
+from medsearch.errors import ConfigError
+from medsearch.indexing import SKIP_REPORT
+from medsearch.indexing.shards import SHARD_DIR, read_shard
+from medsearch.store import IndexStore, read_manifest
+
+pytestmark = pytest.mark.slow
+
+# Keep Ray light: a small object store, no dashboard, no usage reporting, no log deduplication.
+_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module (2 CPUs); its address, for a driver in a subprocess."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail('Ray is not installed, and CI must run the Ray tests: pip install "medsearch[ray]"')
+        pytest.skip('Ray is not installed (pip install "medsearch[ray]")')
+    saved = {k: os.environ.get(k) for k in _RAY_ENV}
+    os.environ.update(_RAY_ENV)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
+             logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _skip_rows(index: Path) -> list[str]:
+    return (index / SKIP_REPORT).read_text().splitlines()
+
+
+def _same_index(ray_index: Path, local_index: Path) -> None:
+    _same_vectors(_vectors(ray_index), _vectors(local_index))
+    assert _skip_rows(ray_index) == _skip_rows(local_index)
+    mine, theirs = IndexStore.open(ray_index), IndexStore.open(local_index)
+    pd.testing.assert_frame_equal(mine.cases, theirs.cases)  # the same rows, in the same order
+    assert (mine.slices is None) == (theirs.slices is None)
+    if mine.slices is not None and theirs.slices is not None:  # the same slice vectors of each case
+        assert np.array_equal(mine.slices.offsets, theirs.slices.offsets)
+        assert np.array_equal(mine.slices.indices, theirs.slices.indices)
+        for row in range(len(mine.cases)):
+            (a, _, gap_a), (b, _, gap_b) = mine.slices.case(row), theirs.slices.case(row)
+            assert np.allclose(a, b, atol=2e-3) and gap_a == gap_b
+    assert not (ray_index / SHARD_DIR).exists() or not any((ray_index / SHARD_DIR).iterdir()), "shards left behind"
+
+
+def test_same_index_and_report_as_the_local_engine(ray_cluster, mixed_archive, serial_index, sample_key, tmp_path):
+    local, local_report = serial_index
+    report = build_index(mixed_archive, tmp_path / "index", key=sample_key, config=FAST, engine="ray")
+    _same_index(tmp_path / "index", local)
+    for field in ("n_files", "n_cases_found", "n_cases_added", "n_cases_failed", "n_files_added", "n_images_encoded"):
+        assert getattr(report, field) == getattr(local_report, field), field
+    assert sorted(map(str, report.skipped)) == sorted(map(str, local_report.skipped))
+    assert report.accounted
+
+
+def test_the_shipped_sample_with_labels(ray_cluster, sample_key, tmp_path):
+    args = {"labels": SAMPLE / "labels.csv", "key": sample_key, "config": FAST}
+    build_index(SAMPLE / "tcga-luad-ct", tmp_path / "local", workers=0, **args)
+    report = build_index(SAMPLE / "tcga-luad-ct", tmp_path / "ray", engine="ray", **args)
+    _same_index(tmp_path / "ray", tmp_path / "local")
+    assert report.n_cases_labelled > 0
+
+
+def test_shared_dicom_sets(ray_cluster, shared_dicom, sample_key, tmp_path):
+    local = build_index(shared_dicom, tmp_path / "local", key=sample_key, config=FAST, workers=0)
+    ray_run = build_index(shared_dicom, tmp_path / "ray", key=sample_key, config=FAST, engine="ray")
+    _same_index(tmp_path / "ray", tmp_path / "local")
+    assert ray_run.n_cases_added == local.n_cases_added > 0
+
+
+def test_a_second_run_adds_nothing(ray_cluster, mixed_archive, sample_key, tmp_path):
+    index = tmp_path / "index"
+    build_index(mixed_archive, index, key=sample_key, config=FAST, engine="ray")
+    generation = read_manifest(index).generation
+    result = CliRunner().invoke(app, ["index", str(mixed_archive), "--index", str(index), "--key", str(sample_key.path),
+                                      "--engine", "ray", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert '"cases_added": 0' in result.output
+    assert read_manifest(index).generation == generation
+
+
+_KILLED_DRIVER = """
+import os, signal, sys
+from medsearch import build_index
+from medsearch.deid import SiteKey
+from medsearch.indexing import ray_engine, shards
+from indexing.archives import FAST
+
+ray_engine.SHARD_CASES = 2
+written = []
+add = shards.ShardFolder.add
+
+def add_then_die(self, cases):
+    path = add(self, cases)
+    written.append(path)
+    if len(written) == 2:  # the driver dies with two shards written and nothing committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+shards.ShardFolder.add = add_then_die
+archive, index, key, address = sys.argv[1:]
+build_index(archive, index, key=SiteKey.load(key), config=FAST, engine="ray", ray_address=address)
+"""
+
+
+def test_a_killed_driver_resumes_from_its_shards(ray_cluster, mixed_archive, serial_index, sample_key, tmp_path, caplog):
+    index = tmp_path / "index"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_DRIVER), str(mixed_archive), str(index), str(sample_key.path),
+         ray_cluster],
+        env=env, capture_output=True, timeout=600,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
+    shard_files = sorted((index / SHARD_DIR).glob("*.npz"))
+    assert len(shard_files) == 2
+    _no_identifying_value(shard_files, mixed_archive, sample_key)
+    done = {case.case_id for path in shard_files for case in read_shard(path)[1]}
+    assert len(done) == 4
+
+    with caplog.at_level(logging.INFO, logger="medsearch.indexing.ray_engine"):
+        report = build_index(mixed_archive, index, key=sample_key, config=FAST, engine="ray")
+    assert "already in shards of an earlier run" in caplog.text
+    planned = [r.getMessage() for r in caplog.records if "to encode on the cluster" in r.getMessage()]
+    local, local_report = serial_index
+    to_encode = local_report.n_cases_added + local_report.n_cases_failed - len(done)
+    assert planned == [f"{to_encode} case(s) to encode on the cluster, 4 already in shards of an earlier run"]
+    _same_index(index, local)  # no case twice (_vectors checks), the same skip report
+    assert report.n_cases_added == local_report.n_cases_added
+
+
+def _no_identifying_value(files: list[Path], archive: Path, key) -> None:
+    """The test_leak idea on shards: no UID, name, date, file name or key in their bytes."""
+    forbidden = {key._key.hex(), key._key.hex().upper()}
+    for path in archive.rglob("*"):
+        if not path.is_file():
+            continue
+        forbidden.add(path.name)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - not DICOM: its name is enough
+            continue
+        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                        "StudyDate", "AccessionNumber", "InstitutionName"):
+            value = str(ds.get(keyword, "") or "")
+            if len(value) >= 6:
+                forbidden.add(value)
+    blob = b"".join(p.read_bytes() for p in files)
+    leaked = sorted(v for v in forbidden if v.encode() in blob)
+    assert not leaked, leaked
+
+
+def test_without_ray_a_one_line_error(mixed_archive, sample_key, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r'pip install "medsearch\[ray\]"'):
+        build_index(mixed_archive, tmp_path / "index", key=sample_key, config=FAST, engine="ray")
+
+
+def test_an_unknown_engine_is_refused(mixed_archive, sample_key, tmp_path):
+    with pytest.raises(ConfigError, match="engine must be one of 'local', 'ray'"):
+        build_index(mixed_archive, tmp_path / "index", key=sample_key, config=FAST, engine="spark")
+    assert not (tmp_path / "index").exists()

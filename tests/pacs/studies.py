@@ -1,0 +1,40 @@
+"""DICOM studies for the PACS tests: the shipped sample, copies with new UIDs, the UIDs that must never leak."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+SAMPLE = Path(__file__).resolve().parents[2] / "medsearch" / "data" / "sample" / "tcga-luad-ct"
+
+
+def sample_files() -> list[Path]:
+    return sorted(SAMPLE.glob("*.dcm"))
+
+
+def uids_of(paths: list[Path]) -> set[str]:
+    """Every Study, Series and SOP Instance UID of ``paths`` (what must never leave the site)."""
+    found = set()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        found |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
+    return found
+
+
+def new_studies(folder: Path, count: int, *, seed: str) -> list[Path]:
+    """``count`` single-slice CT studies: sample slices with new UIDs, written into ``folder``."""
+    out = []
+    for n, source in enumerate(sample_files()[:count]):
+        ds = copy.deepcopy(pydicom.dcmread(source))
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, str(n), "study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, str(n), "series"])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, str(n), "sop"])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"{seed}-{n}.dcm"
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path)
+        out.append(path)
+    return out

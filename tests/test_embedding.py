@@ -1,0 +1,130 @@
+"""medsearch.embedding and the slice selection under it: slices by millimetres (capped, with the count
+as the fallback when the gap is unknown), regions (a slab, a box) parsed and cut, slice vectors kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from series import phantom
+
+from medsearch.config import Config, PreprocessConfig
+from medsearch.embedding import Region, embed_slices, embed_volume, pool_slices, region_array, slice_indices
+from medsearch.encoders import load_encoder
+from medsearch.errors import ConfigError, InvalidStudyError
+from medsearch.io import Volume
+from medsearch.transforms import axial_indices, chosen_slices, spaced_indices
+
+# depth, gap (mm), every (mm), cap -> slices
+BY_MM = [
+    (30, 1.0, 5.0, 64, [2, 7, 12, 17, 22, 27]),  # one slice per 5 mm, centred in its part
+    (300, 1.0, 5.0, 64, axial_indices(300, count=60)),  # 60 parts
+    (300, 1.0, 5.0, 16, axial_indices(300, count=16)),  # capped: evenly spaced
+    (10, 6.0, 5.0, 64, list(range(10))),  # sparser than asked: every slice
+    (3, 1.0, 5.0, 64, [1]),  # thinner than one part: the middle slice
+    (1, 1.0, 5.0, 64, [0]),
+]
+
+
+@pytest.mark.parametrize(("depth", "gap", "every", "cap", "expected"), BY_MM)
+def test_slices_are_chosen_by_millimetres(depth, gap, every, cap, expected):
+    chosen = spaced_indices(depth, gap_mm=gap, every_mm=every, at_most=cap)
+    assert chosen == expected
+    assert chosen == sorted(set(chosen)) and len(chosen) <= cap
+    if len(chosen) > 2 and len(chosen) < cap:  # evenly spread: the steps differ by at most one slice
+        steps = np.diff(chosen)
+        assert steps.max() - steps.min() <= 1 and abs(steps.mean() * gap - max(every, gap)) < gap
+
+
+def test_the_count_is_the_fallback_when_the_gap_is_unknown_or_density_is_off():
+    config = PreprocessConfig(slices=5, slice_spacing_mm=5.0)
+    assert chosen_slices(100, config, gap_mm=None) == axial_indices(100, count=5)
+    assert chosen_slices(100, PreprocessConfig(slices=5), gap_mm=1.0) == axial_indices(100, count=5)
+    assert chosen_slices(100, config, gap_mm=1.0) == axial_indices(100, count=20)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"slice_spacing_mm": -1.0}, "slice_spacing_mm must be 0"), ({"slice_spacing_mm": True}, "slice_spacing_mm"),
+     ({"max_slices": 0}, "max_slices must be a whole number"), ({"max_slices": 2.5}, "max_slices")],
+)
+def test_bad_slice_density_settings_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        PreprocessConfig(**values)
+
+
+REGIONS = [
+    ({"slices": "40:60"}, Region((40, 60), None)),
+    ({"slices": " 7 "}, Region((7, 8), None)),
+    ({"slices": (3, 9)}, Region((3, 9), None)),
+    ({"roi": "1,2,30,40"}, Region(None, (1, 2, 30, 40))),
+    ({"slices": "4:6", "roi": (0, 0, 8, 8)}, Region((4, 6), (0, 0, 8, 8))),
+    ({}, None),
+]
+BAD_REGIONS = [
+    ({"slices": "60:40"}, "is empty"),
+    ({"slices": "a:b"}, "START:STOP"),
+    ({"slices": "-3:4"}, "START:STOP"),
+    ({"roi": "1,2,3"}, "four whole pixel numbers"),
+    ({"roi": "5,5,5,9"}, "X0 < X1"),
+    ({"roi": "1,2,x,4"}, "four whole pixel numbers"),
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), REGIONS)
+def test_regions_parse(given, expected):
+    assert Region.parse(**given) == expected
+
+
+@pytest.mark.parametrize(("given", "message"), BAD_REGIONS)
+def test_malformed_regions_are_refused(given, message):
+    with pytest.raises(ConfigError, match=message):
+        Region.parse(**given)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(Config().encoder)
+
+
+def _volume(gap_known: bool = True) -> Volume:
+    return Volume(phantom(3).astype(np.float32), (2.5, 0.8, 0.8), "CT", False, z_known=gap_known)
+
+
+def test_slice_vectors_pool_to_the_case_vector(encoder):
+    config = Config().replace(preprocess={"slice_spacing_mm": 5.0})
+    volume = _volume()
+    found = embed_slices(volume, encoder, config)
+    assert found is not None and found.gap_mm == 2.5
+    assert found.indices.tolist() == spaced_indices(24, gap_mm=2.5, every_mm=5.0, at_most=64) == slice_indices(volume, encoder.info, config)
+    np.testing.assert_allclose(pool_slices(found.vectors), embed_volume(volume, encoder, config), atol=1e-5)
+    assert found.position_mm(4) == 10.0
+    unknown = embed_slices(_volume(gap_known=False), encoder, config)
+    assert unknown is not None and unknown.gap_mm is None and len(unknown) == 5  # the count
+
+
+def test_region_batches_are_the_slab_and_the_crop(encoder):
+    config = Config().replace(preprocess={"slice_spacing_mm": 5.0})
+    volume = _volume()
+    batch, indices = region_array(volume, encoder.info, config, Region((8, 16), None))
+    assert indices == [9, 11, 13, 15] and batch.shape == (4, 3, 224, 224)  # 8 slices of 2.5 mm: one per 5 mm
+    crop, where = region_array(volume, encoder.info, config, Region(None, (10, 20, 42, 52)))
+    assert where == [12] and crop.shape == (1, 3, 224, 224)  # the middle slice, the box filling the input
+    whole, _ = region_array(volume, encoder.info, config, Region((12, 13), None))
+    assert not np.allclose(crop, whole)
+
+
+@pytest.mark.parametrize(
+    ("region", "message"),
+    [(Region((20, 40), None), "outside the study's 24 slice"), (Region(None, (0, 0, 65, 10)), "outside the study's 64 x 64")],
+)
+def test_a_region_outside_the_study_is_refused(encoder, region, message):
+    with pytest.raises(InvalidStudyError, match=message):
+        region_array(_volume(), encoder.info, Config(), region)
+
+
+def test_tri_planar_images_have_no_slice_set(encoder):
+    config = Config().replace(preprocess={"slice_mode": "triplanar"})
+    assert slice_indices(_volume(), encoder.info, config) is None
+    assert embed_slices(_volume(), encoder, config) is None
+    with pytest.raises(InvalidStudyError, match="region queries need an index of axial slices"):
+        region_array(_volume(), encoder.info, config, Region((0, 4), None))
