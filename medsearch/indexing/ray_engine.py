@@ -63,9 +63,9 @@ log = logging.getLogger(__name__)
 SHARD_CASES = 256
 #: the one-line error where Ray is missing
 NO_RAY = 'the Ray engine needs Ray, which is not installed here: pip install "medsearch[ray]"'
-_PRIVATE = "\0"
+_PRIVATE = "\0"  # a row field starting with this is never stored (build._LABEL_ROWS)
 # Memory a decoding task reserves on its node (what IndexOptions.worker_memory_gib caps locally).
-_TASK_MEMORY = 2 * 2**30  # a row field starting with this is never stored (build._LABEL_ROWS)
+_TASK_MEMORY = 2 * 2**30
 
 
 def index_files_ray(
