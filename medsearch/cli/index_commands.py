@@ -34,6 +34,7 @@ def index(
     since: str | None = typer.Option(None, "--since", help="DICOMweb: only studies dated on or after this day (YYYYMMDD or YYYY-MM-DD)."),
     until: str | None = typer.Option(None, "--until", help="DICOMweb: only studies dated on or before this day (YYYYMMDD or YYYY-MM-DD)."),
     dicomweb_auth_file: Path | None = typer.Option(None, "--dicomweb-auth-file", help="DICOMweb: a file holding 'Bearer TOKEN' or 'USER:PASSWORD' (default: MEDSEARCH_DICOMWEB_TOKEN, or MEDSEARCH_DICOMWEB_USER and MEDSEARCH_DICOMWEB_PASSWORD; never a credential on the command line)."),
+    fetch_slices_only: bool = typer.Option(False, "--fetch-slices-only", help="DICOMweb: fetch the pixels of only the slices the encoder reads and the headers of the rest (fewer bytes over a slow link; slower on a fast one). Default: whole series."),
     engine: str = typer.Option("local", "--engine", help="local (worker processes here) or ray (a Ray cluster: pip install \"medsearch[ray]\"; see docs/cluster.md)."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="The Ray cluster of --engine ray: auto (the one `ray start` began here) or HOST:PORT (default: a Ray started for this run)."),
 ) -> None:
@@ -72,6 +73,7 @@ def index(
         since=since,
         until=until,
         dicomweb_auth_file=dicomweb_auth_file,
+        dicomweb_slices_only=fetch_slices_only,
     )
     if report.key_created is not None:
         stderr.print(f"created a new site key at {report.key_created} (keep it safe; it is not in the index)", highlight=False)

@@ -87,6 +87,7 @@ def build_index(
     since: str | None = None,
     until: str | None = None,
     dicomweb_auth_file: str | Path | None = None,
+    dicomweb_slices_only: bool = False,
     engine: Engine | str = Engine.LOCAL,
     ray_address: str | None = None,
 ) -> IndexReport:
@@ -159,6 +160,9 @@ def build_index(
     dicomweb_auth_file
         With a DICOMweb URL: a file holding ``Bearer TOKEN`` or ``USER:PASSWORD`` (default: the
         environment, see :func:`medsearch.pacs.read_credentials`; never a value on a command line).
+    dicomweb_slices_only
+        With a DICOMweb URL: fetch the pixels of only the slices the encoder reads, and the headers
+        of the rest (fewer bytes over a slow link; slower against a server on the same network).
     engine, ray_address
         ``"local"`` (the worker processes above) or ``"ray"``: the same run on a Ray cluster
         (``pip install "medsearch[ray]"``; see :mod:`medsearch.indexing.ray_engine` and
@@ -176,7 +180,8 @@ def build_index(
         Another process is writing to the index; worker processes that started die as they are replaced.
     """
     started = time.perf_counter()
-    source = _dicomweb_source(archive, modality=modality, since=since, until=until, auth_file=dicomweb_auth_file)
+    source = _dicomweb_source(archive, modality=modality, since=since, until=until, auth_file=dicomweb_auth_file,
+                              slices_only=dicomweb_slices_only)
     index_dir = Path(index_dir)
     archive = Path(archive) if source is None else index_dir / SPOOL  # a server's series are fetched there
     _check_key_outside(_key_location(key), index_dir)
@@ -266,7 +271,8 @@ def build_index(
 
 
 def _dicomweb_source(
-    archive: str | Path, *, modality: str | None, since: str | None, until: str | None, auth_file: str | Path | None
+    archive: str | Path, *, modality: str | None, since: str | None, until: str | None, auth_file: str | Path | None,
+    slices_only: bool = False,
 ) -> DicomWebSource | None:
     """The DICOMweb server an archive URL names (None for a path); its filters are checked now, before any work.
 
@@ -276,14 +282,15 @@ def _dicomweb_source(
         A filter given with a path, a malformed filter or URL, or URL credentials.
     """
     if not is_dicomweb_url(archive):
-        if modality or since or until or auth_file:
+        if modality or since or until or auth_file or slices_only:
             raise ConfigError(
-                f"--modality, --since, --until and --dicomweb-auth-file apply to a DICOMweb server, not to the folder "
+                f"--modality, --since, --until, --dicomweb-auth-file and --fetch-slices-only apply to a DICOMweb server, not to the folder "
                 f"{archive}; give a URL such as http://127.0.0.1:8042/dicom-web, or leave them out"
             )
         return None
     date_range(since, until)  # a malformed date is told before the server is asked anything
-    return DicomWebSource(DicomWeb(str(archive), auth_file=auth_file), modality=modality, since=since, until=until)
+    return DicomWebSource(DicomWeb(str(archive), auth_file=auth_file), modality=modality, since=since, until=until,
+                          slices_only=slices_only)
 
 
 def _key_location(key: SiteKey | str | Path | None) -> Path | None:

@@ -10,17 +10,21 @@ run:
    UIDs, see :class:`~medsearch.pacs.SyncState`) with the same instance count, or whose case id
    (keyed from the UIDs the QIDO answer gives, as for files) is already in the index, as when the
    index was built from a copy of the files;
-3. fetches the other series by WADO-RS into a spool folder, ``INDEX/local/spool/<series token>/``,
+3. fetches what the cases of the other series need by WADO-RS into a spool folder, ``INDEX/local/spool/<series token>/``,
    in batches, the next batch while the engine works on the current one, and hands each batch's
    files to :func:`~medsearch.indexing.index_files` exactly as a folder of files would be handed
    (workers, encoder batches, chunked commits, skip report, file-state cache, link table);
 4. records each series of the batch in the sync state once the engine has committed its cases, and
    deletes its files.
 
-Whole series are fetched (every instance), not only the slices the encoder reads: which slices
-those are follows from the slice geometry and the grouping into cases that the engine computes from
-the headers, and fetching a subset would change the case (its slice count, spacing, parts). On
-loopback this costs little next to decoding and encoding (see ``benchmarks/ingest_dicomweb.py``).
+Only what the case needs is fetched (:mod:`medsearch.pacs.partial`): every instance's header from
+the series metadata, written as a header-only file, so that the engine groups and orders the series,
+counts its files and reads its slice spacing as from the stored files; and the whole instances of
+the slices the engine decodes (chosen with the index's own settings, :func:`_slice_plan`), of the
+first file of each case and of the middle slice. The engine never reads the pixels of the others.
+A series of multi-frame or mosaic instances, or one the engine would read whole (a 3D encoder,
+tri-planar images, files without slice geometry), is fetched whole, as is a series where the
+encoder reads more than half the instances (one request then costs less than one per instance).
 
 A ``kill -9`` loses at most the batch in flight: its committed cases are recognised by their case
 ids on the next run, the rest is fetched again, and the spool is emptied when a run starts. A
@@ -41,8 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsearch.config import config_for_index
 from medsearch.deid import SiteKey, case_id
-from medsearch.errors import DicomWebError, InvalidStudyError
+from medsearch.encoders import EncoderInfo
+from medsearch.errors import ConfigError, DicomWebError, InvalidStudyError
+from medsearch.indexing.cases import _used_slices
 from medsearch.indexing.report import IndexReport
 from medsearch.io import SkippedFile, SkipReason
 from medsearch.pacs import (
@@ -51,6 +58,7 @@ from medsearch.pacs import (
     RemoteSeries,
     RequestFailed,
     SeriesRecord,
+    SlicePlan,
     SyncState,
     fetch_series,
     list_series,
@@ -88,6 +96,11 @@ class DicomWebSource:
     modality: str | None = None
     since: str | None = None
     until: str | None = None
+    # Fetch only the instances whose pixels the engine reads (headers of the rest): fewer bytes on a
+    # slow link, but slower against a server on the same network (Orthanc reads every instance to
+    # answer a metadata request), and a selected slice that fails to decode leaves the engine with
+    # header-only slices; so whole series by default (docs/pacs.md).
+    slices_only: bool = False
 
 
 @dataclass
@@ -99,8 +112,9 @@ class SyncStats:
     series_known: int = 0
     series_fetched: int = 0
     series_failed: int = 0
-    instances_fetched: int = 0
-    bytes_fetched: int = 0
+    instances_fetched: int = 0  # whole (pixels and all)
+    instances_header_only: int = 0  # their headers only, from the series metadata
+    bytes_fetched: int = 0  # instances and metadata
     list_seconds: float = 0.0
     fetch_seconds: float = 0.0  # summed over the fetching threads
     failed_statuses: dict[str, int] = field(default_factory=dict)
@@ -115,6 +129,7 @@ class SyncStats:
             "series_failed": self.series_failed,
             "failed_by_status": dict(sorted(self.failed_statuses.items())),
             "instances_fetched": self.instances_fetched,
+            "instances_header_only": self.instances_header_only,
             "megabytes_fetched": round(self.bytes_fetched / 1e6, 2),
             "list_seconds": round(self.list_seconds, 3),
             "fetch_seconds": round(self.fetch_seconds, 3),
@@ -157,13 +172,14 @@ def sync_dicomweb(
     ran = False
     with SyncState(store.path / SYNC_STATE) as state:
         todo = _new_series(listed, state, store, key, report, stats)
+        plan = _slice_plan(store) if source.slices_only else None
         with ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="dicomweb-fetch") as threads:
             batches = _batches(todo)
-            ahead = _submit(threads, source.server, batches[0], spool) if batches else []
+            ahead = _submit(threads, source.server, batches[0], spool, plan) if batches else []
             try:
                 for number, batch in enumerate(batches):
                     current = ahead
-                    ahead = _submit(threads, source.server, batches[number + 1], spool) if number + 1 < len(batches) else []
+                    ahead = _submit(threads, source.server, batches[number + 1], spool, plan) if number + 1 < len(batches) else []
                     fetched, stop = _collect(batch, current, spool, report, stats)
                     _run_batch(run, fetched, spool, report)
                     ran = True
@@ -179,6 +195,23 @@ def sync_dicomweb(
     report.dicomweb = stats.to_dict()
     shutil.rmtree(spool, ignore_errors=True)
     return stats
+
+
+def _slice_plan(store: IndexStore) -> SlicePlan | None:
+    """What the engine reads of a case, from the settings the index records (None: every file, or unknown).
+
+    The preprocessing (which slices) is the index's own: a run with another one is refused. The
+    middle slice is always fetched, whatever the thumbnail setting of the run.
+    """
+    try:
+        config = config_for_index(store.manifest.config)
+    except ConfigError:
+        return None
+    recorded = store.manifest.encoder
+    info = EncoderInfo(name=str(recorded.get("name", "")), dim=int(recorded.get("dim", 0)),
+                       weights_sha256=str(recorded.get("weights_sha256", "")), spatial_dims=int(recorded.get("spatial_dims", 2)))
+    select = _used_slices(config, info)
+    return None if select is None else SlicePlan(select, config.index.min_image_size)
 
 
 def _new_series(
@@ -224,9 +257,9 @@ def _batches(todo: list[tuple[str, RemoteSeries]]) -> list[list[tuple[str, Remot
 
 
 def _submit(
-    threads: ThreadPoolExecutor, server: DicomWeb, batch: list[tuple[str, RemoteSeries]], spool: Path
+    threads: ThreadPoolExecutor, server: DicomWeb, batch: list[tuple[str, RemoteSeries]], spool: Path, plan: SlicePlan | None
 ) -> list[Future[Fetched]]:
-    return [threads.submit(fetch_series, server, series, spool / token) for token, series in batch]
+    return [threads.submit(fetch_series, server, series, spool / token, plan=plan) for token, series in batch]
 
 
 def _collect(
@@ -268,7 +301,8 @@ def _collect(
             continue
         stats.failed_in_a_row = 0
         stats.series_fetched += 1
-        stats.instances_fetched += len(got.files)
+        stats.instances_fetched += len(got.files) - got.headers_only
+        stats.instances_header_only += got.headers_only
         stats.bytes_fetched += got.n_bytes
         stats.fetch_seconds += got.seconds
         fetched.append((token, series, got))

@@ -56,7 +56,8 @@ class IndexReport:
     label_rows: int = 0
     n_cases_labelled: int = 0  # cases added this run that a row of the CSV labels
     label_rows_matched: set[str] = field(default_factory=set, repr=False)  # keys (file names, UIDs): never saved
-    # a run from a DICOMweb server: what was listed, fetched and failed (medsearch.indexing.dicomweb.SyncStats)
+    # a run from a DICOMweb server: what was listed, fetched (instances whole and as headers only, bytes) and
+    # failed (medsearch.indexing.dicomweb.SyncStats)
     dicomweb: dict[str, Any] | None = None
 
     @property

@@ -3,8 +3,9 @@
 - ``client``: :class:`DicomWeb`, a server with its credentials (environment or a file, never the
   command line), bounded retries and one-line errors that name the server, never a UID;
 - ``listing``: :func:`list_series`, the series a server holds, by modality and study date;
-- ``fetch``: :func:`fetch_series` (one series into a folder, as stored) and :func:`fetched_study`
-  (a query study in a temporary folder);
+- ``fetch``: :func:`fetch_series` (one series into a folder, as stored, whole or only what a case
+  needs) and :func:`fetched_study` (a query study in a temporary folder);
+- ``partial``: :class:`SlicePlan` and the header-only files that let a series be fetched in part;
 - ``state``: :class:`SyncState`, which series an index already holds, under keyed pseudonyms;
 - ``viewer``: :func:`viewer_url`, a link back to the study in a viewer (OHIF, Orthanc, a template).
 
@@ -29,6 +30,7 @@ from medsearch.pacs.client import (
 )
 from medsearch.pacs.fetch import Fetched, fetch_series, fetch_study_into, fetched_study
 from medsearch.pacs.listing import RemoteSeries, date_range, list_series
+from medsearch.pacs.partial import SlicePlan
 from medsearch.pacs.state import SeriesRecord, SyncState, series_token
 from medsearch.pacs.viewer import VIEWERS, viewer_url
 
@@ -44,6 +46,7 @@ __all__ = [
     "RemoteSeries",
     "RequestFailed",
     "SeriesRecord",
+    "SlicePlan",
     "SyncState",
     "date_range",
     "fetch_series",

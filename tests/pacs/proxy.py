@@ -2,7 +2,7 @@
 
 Every request is passed to the server behind it and its answer passed back, except where a rule
 says otherwise: ``fail_series`` answers HTTP 500 to the retrieval of the series whose UID it
-names, ``hold_after`` makes every series retrieval after the first N wait until :attr:`release`
+names (a series retrieval is the request for the whole series or for its metadata), ``hold_after`` makes every series retrieval after the first N wait until :attr:`release`
 is set, and ``on_retrieve`` is called before each series retrieval (it may stop the server).
 """
 
@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-_RETRIEVE = re.compile(r"/studies/[^/?]+/series/([^/?]+)/?$")
+_RETRIEVE = re.compile(r"/studies/[^/?]+/series/([^/?]+)(?:/metadata)?/?$")  # a series, or its metadata
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding"}
 
 

@@ -15,8 +15,9 @@ import pytest
 import requests
 from pacs.orthanc import Orthanc
 from pacs.proxy import Proxy
-from pacs.studies import new_studies, sample_files
+from pacs.studies import new_studies, one_series, sample_files
 
+from medsearch.errors import ConfigError
 from medsearch.indexing import build_index
 from medsearch.store import IndexStore
 
@@ -76,6 +77,29 @@ def test_index_from_orthanc_matches_disk(tmp_path, key, shared_dicom_optional):
     assert from_pacs.dicomweb["series_failed"] == 0
     _same_index(tmp_path / "pacs", tmp_path / "disk")
     assert not (tmp_path / "pacs" / "local" / "spool").exists()
+
+
+@pytest.mark.parametrize("syntax", ["", "rle"])
+def test_only_the_instances_the_case_needs_are_fetched(tmp_path, key, syntax):
+    """A 24-slice series: its headers from the metadata, the pixels of the slices the encoder reads (and the
+    first and middle ones); the index is the one the files on disk give."""
+    files = one_series(tmp_path / "series", 24, seed=f"partial{syntax}", syntax=syntax)
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        server.upload(files)
+        from_pacs = build_index(server.dicomweb, tmp_path / "pacs", key=key, workers=0, dicomweb_slices_only=True)
+    finally:
+        server.stop(fast=True)
+    from_disk = build_index(tmp_path / "series", tmp_path / "disk", key=key, workers=0)
+    fetched = from_pacs.dicomweb
+    assert fetched["series_fetched"] == 1 and from_pacs.n_cases_added == from_disk.n_cases_added == 1
+    # 5 slices of 24 for the encoder, the middle one and the first file: at most 7 whole instances
+    assert 0 < fetched["instances_fetched"] <= 7
+    assert fetched["instances_fetched"] + fetched["instances_header_only"] == 24
+    stored = sum(path.stat().st_size for path in files) / 1e6
+    assert fetched["megabytes_fetched"] < 0.5 * stored
+    assert from_pacs.n_files == from_disk.n_files == 24 and from_pacs.accounted and not from_pacs.skipped
+    _same_index(tmp_path / "pacs", tmp_path / "disk")
 
 
 def test_second_sync_fetches_only_new_series(tmp_path, key, orthanc):
@@ -154,3 +178,18 @@ def shared_dicom_optional() -> Path | None:
 
     root = _shared_data_root() / "dicom"
     return root if root.is_dir() else None
+
+
+def test_whole_series_are_fetched_unless_asked_otherwise(tmp_path, key):
+    """By default every instance comes whole (the engine may need any of them, e.g. when a selected
+    slice fails to decode); --fetch-slices-only is the choice for a slow link."""
+    files = one_series(tmp_path / "series", 24, seed="whole", syntax="")
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        server.upload(files)
+        report = build_index(server.dicomweb, tmp_path / "pacs", key=key, workers=0)
+    finally:
+        server.stop(fast=True)
+    assert report.dicomweb["instances_fetched"] == 24 and report.dicomweb["instances_header_only"] == 0
+    with pytest.raises(ConfigError, match="apply to a DICOMweb server"):
+        build_index(tmp_path / "series", tmp_path / "disk", key=key, workers=0, dicomweb_slices_only=True)
