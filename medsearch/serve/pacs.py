@@ -16,13 +16,13 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.errors import DicomWebAuthError, DicomWebError, InvalidStudyError
+from medsearch.errors import DicomWebError, InvalidStudyError
 from medsearch.pacs import DicomWeb, fetched_study
 from medsearch.serve.http import _UploadError
+from medsearch.web.pacs import fetch_failure
 
 __all__ = ["UidsHidden", "fetch_query_study", "hide_uids_in_access_log"]
 
-log = logging.getLogger(__name__)
 
 _UID_PARAMETER = re.compile(r"((?:study|series)_uid=)[^&\s]*", re.IGNORECASE)
 
@@ -67,10 +67,5 @@ async def fetch_query_study(
         raise _UploadError(422, "series_uid picks a series of study_uid; give study_uid too")
     try:
         return await run_in_threadpool(stack.enter_context, fetched_study(server, study_uid.strip(), series_uid=series_uid))
-    except InvalidStudyError as e:
-        raise _UploadError(404, str(e).replace("--series-uid", "series_uid").replace("--study-uid", "study_uid")) from None
-    except DicomWebAuthError as e:
-        log.error("%s", e)  # the credentials are the service's: its operator acts on this, not the user
-        raise _UploadError(502, "the PACS refused this service's credentials; tell the person who runs this service") from None
-    except DicomWebError as e:
-        raise _UploadError(502, str(e)) from None
+    except (InvalidStudyError, DicomWebError) as e:
+        raise _UploadError(*fetch_failure(e, lambda m: m.replace("--series-uid", "series_uid").replace("--study-uid", "study_uid"))) from None

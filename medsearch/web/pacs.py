@@ -8,6 +8,7 @@ Its errors are :class:`~medsearch.web.uploads.Refused` with messages that never 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +17,7 @@ from medsearch.errors import DicomWebAuthError, DicomWebError, InvalidStudyError
 from medsearch.pacs import DicomWeb, fetch_study_into
 from medsearch.web.uploads import Refused
 
-__all__ = ["fetch_for_page"]
+__all__ = ["fetch_failure", "fetch_for_page"]
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,21 @@ async def fetch_for_page(server: DicomWeb | None, study_uid: str | None, series_
         raise Refused(422, "type the Study Instance UID of the study to fetch")
     try:
         fetched = await run_in_threadpool(fetch_study_into, server, study_uid.strip(), folder, series_uid=series_uid)
-    except InvalidStudyError as e:
-        raise Refused(404, str(e).replace(" with --series-uid", "").replace(" (--study-uid)", "")) from None
-    except DicomWebAuthError as e:
-        log.error("%s", e)
-        raise Refused(502, "the PACS refused this service's credentials; tell the person who runs this service") from None
-    except DicomWebError as e:
-        raise Refused(502, str(e)) from None
+    except (InvalidStudyError, DicomWebError) as e:
+        raise Refused(*fetch_failure(e, lambda m: m.replace(" with --series-uid", "").replace(" (--study-uid)", ""))) from None
     return len(fetched.files)
+
+
+def fetch_failure(error: InvalidStudyError | DicomWebError, wording: Callable[[str], str]) -> tuple[int, str]:
+    """The HTTP status and message for a query study the service could not fetch from its PACS.
+
+    404 when the PACS does not hold it (its message put in the caller's ``wording``); 502 when the
+    PACS cannot be reached or fails; 502 with a message of its own when the PACS refuses the service's
+    credentials, which are logged for the operator (the user cannot act on them).
+    """
+    if isinstance(error, InvalidStudyError):
+        return 404, wording(str(error))
+    if isinstance(error, DicomWebAuthError):
+        log.error("%s", error)
+        return 502, "the PACS refused this service's credentials; tell the person who runs this service"
+    return 502, str(error)
