@@ -68,7 +68,10 @@ IVFPQ_RERANK = 8
 #: code bytes of an ivfpq-disk index (its codes are on disk: the memory budget does not bound them)
 DISK_PQ_BYTES = 64
 FAISS_METRIC = {Metric.COSINE: faiss.METRIC_INNER_PRODUCT, Metric.L2: faiss.METRIC_L2}
-_IVFPQ_MAX_TRAIN = 65_536  # faiss samples at most 256 points per centroid anyway
+# faiss's 39+ training points per list up to 6,553 lists (n near 4 x 10^7); 1.3 GB of float32 at
+# 1280-d. At 10^7 (4,096 lists) 163,840 points instead of 65,536 moved recall@10 at nprobe 64 from
+# 0.941 to 0.947 (docs/scale.md): the sample was not what limits recall there.
+_IVFPQ_MAX_TRAIN = 262_144
 _OPQ_ROUNDS = 10
 _OPQ_MAX_TRAIN = 16_384
 _EXACT_FILTER_MAX = 4096  # a filter matching at most this many cases is searched exactly
