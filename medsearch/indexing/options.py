@@ -51,7 +51,8 @@ class IndexOptions:
         Memory each worker process may allocate beyond what it holds once started (its libraries,
         about 0.4 GB resident): its address space is capped, so a file that needs more is skipped
         (``too_large``, or ``decode_error`` from a decoder) instead of exhausting the machine; None:
-        no cap. One file decodes to at most 1 GiB of float32 pixels, which fits in the default.
+        no cap. One file decodes to at most 1 GiB of float32 pixels, which fits in the default. With
+        ``engine="ray"``, this cap and ``case_timeout`` apply to the decoding process of each Ray worker.
     load
         The decoder (default :func:`~medsearch.io.load_volume`, which then decodes only the slices
         the encoder and the thumbnail use, see :func:`~medsearch.indexing.prepare_case`); it runs in

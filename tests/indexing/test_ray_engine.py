@@ -1,18 +1,22 @@
 """The Ray engine (medsearch/indexing/ray_engine.py) on a local Ray started by the tests: the same index
-as the local engine, a driver killed mid-run then resumed, nothing added twice, and no identifying
-value in a shard. Ray binds 127.0.0.1 only: run these through scripts/test.sh, as CI does.
+as the local engine, a driver killed mid-run then resumed, nothing added twice, no identifying
+value in a shard, and a case that hangs, crashes or needs too much memory skipped as the local engine
+skips it. Ray binds 127.0.0.1 only: run these through scripts/test.sh, as CI does.
 
 Without Ray these tests skip; with ``CI`` set they fail, so that CI never passes without running them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +24,17 @@ import pandas as pd
 import pydicom
 import pytest
 from conftest import SAMPLE
-from indexing.archives import FAST, ROOT, _same_vectors, _vectors
+from hostile.files import sparse_multiframe
+from indexing.archives import CT, FAST, ROOT, _same_vectors, _vectors
+from indexing.unreliable import ATTEMPTS, CRASHES, HANGS, hang_or_crash
 from typer.testing import CliRunner
 
 from medsearch import build_index
 from medsearch.cli import app
-from medsearch.errors import ConfigError
-from medsearch.indexing import SKIP_REPORT
+from medsearch.errors import ConfigError, MedsearchError
+from medsearch.indexing import SKIP_REPORT, IndexOptions, build, ray_engine
 from medsearch.indexing.shards import SHARD_DIR, read_shard
+from medsearch.io import SkipReason
 from medsearch.store import IndexStore, read_manifest
 
 pytestmark = pytest.mark.slow
@@ -46,8 +53,10 @@ def ray_cluster():
         if os.environ.get("CI"):
             pytest.fail('Ray is not installed, and CI must run the Ray tests: pip install "medsearch[ray]"')
         pytest.skip('Ray is not installed (pip install "medsearch[ray]")')
-    saved = {k: os.environ.get(k) for k in _RAY_ENV}
-    os.environ.update(_RAY_ENV)
+    # the workers import a test's decoder (tests/indexing/unreliable.py) as the tests do
+    env = {**_RAY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
@@ -164,6 +173,69 @@ def test_a_killed_driver_resumes_from_its_shards(ray_cluster, mixed_archive, ser
     assert planned == [f"{to_encode} case(s) to encode on the cluster, 4 already in shards of an earlier run"]
     _same_index(index, local)  # no case twice (_vectors checks), the same skip report
     assert report.n_cases_added == local_report.n_cases_added
+
+
+def test_a_case_that_hangs_crashes_or_needs_too_much_memory_is_skipped_as_by_the_local_engine(
+    ray_cluster, sample_key, tmp_path, monkeypatch
+):
+    """The sample CT, one case of which hangs its decoder and one crashes it, and a file that needs more
+    memory than a worker may use: both engines skip the same three cases with the same reasons and
+    index the others; a rerun adds nothing, and decodes again what the local engine decodes again."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for f in CT:
+        shutil.copy(f, archive / f.name)
+    sparse_multiframe(archive / "large.dcm")
+    monkeypatch.setattr(build, "IndexOptions", functools.partial(IndexOptions, load=hang_or_crash, worker_memory_gib=0.5))
+    run = functools.partial(build_index, archive, key=sample_key, config=FAST, case_timeout=5.0)
+    local = run(tmp_path / "local", workers=2)
+    started = time.monotonic()
+    report = run(tmp_path / "ray", engine="ray")
+    assert time.monotonic() - started < 120
+    reasons = {s.path.name[:7]: s for s in report.skipped}
+    assert reasons[HANGS].reason is SkipReason.DECODE_ERROR and "no result within 5 s" in reasons[HANGS].detail
+    assert reasons[CRASHES].reason is SkipReason.DECODE_ERROR and "crashed (signal 11)" in reasons[CRASHES].detail
+    assert reasons["large.d"].reason is SkipReason.TOO_LARGE and "more memory than" in reasons["large.d"].detail
+    assert report.n_cases_added == 10 and report.n_cases_failed == 3 and report.accounted
+    _same_index(tmp_path / "ray", tmp_path / "local")
+    assert sorted(map(str, report.skipped)) == sorted(map(str, local.skipped))
+    assert sorted((tmp_path / ATTEMPTS).read_text().split()) == [HANGS] * 2 + [CRASHES] * 2  # once per engine
+
+    # a rerun: nothing added; as by the local engine, the case that crashed and the one that hung are
+    # tried again (a crash or a stall may be the node's), the one too large is not (its reason is kept)
+    generation = read_manifest(tmp_path / "ray").generation
+    local_again, again = run(tmp_path / "local", workers=2), run(tmp_path / "ray", engine="ray")
+    for field in ("n_cases_added", "n_cases_failed", "n_cases_already_indexed", "n_files_added"):
+        assert getattr(again, field) == getattr(local_again, field), field
+    assert again.n_cases_added == 0 and again.n_cases_already_indexed == 10 and again.accounted
+    assert sorted(map(str, again.skipped)) == sorted(map(str, report.skipped))
+    assert sorted((tmp_path / ATTEMPTS).read_text().split()) == [HANGS] * 4 + [CRASHES] * 4
+    assert read_manifest(tmp_path / "ray").generation == generation
+
+
+# What a Ray task that failed for good wraps, and what the run's one-line error then says.
+_FAILED_FOR_GOOD = [
+    (MedsearchError("worker processes cannot start (no fork server)"), r"\(worker processes cannot start \(no fork server\)\)"),
+    (KeyError("/archive/Doe^Jane/1.dcm"), r"\(KeyError\)"),  # a message that may quote a path: its type only
+]
+
+
+@pytest.mark.parametrize(("cause", "said"), _FAILED_FOR_GOOD)
+def test_a_task_that_fails_for_good_stops_the_run_in_one_line(ray_cluster, cause, said):
+    import ray
+
+    error = ray.exceptions.RayTaskError("_prepare_batch", "Traceback ... /archive/Doe^Jane/1.dcm", cause)
+
+    class Failing:  # a dataset whose second row never comes
+        def iter_rows(self):
+            yield {"seq": 0}
+            raise error.as_instanceof_cause()
+
+    rows = ray_engine._rows(ray, Failing())
+    assert next(rows) == {"seq": 0}
+    with pytest.raises(MedsearchError, match="^the Ray run stopped " + said + ".*run the same command again") as raised:
+        next(rows)
+    assert "Doe" not in str(raised.value) and "\n" not in str(raised.value)
 
 
 def _no_identifying_value(files: list[Path], archive: Path, key) -> None:
