@@ -20,7 +20,10 @@ Three parts, each its own run (``--part``), each well under 15 minutes on a 2-co
     end-to-end query (decode, encode, search) of a real series, both ways.
 ``vessel``
     ``medsearch evaluate`` on ``vesselmnist3d.npz`` (MedMNIST-3D format, 28^3, test vs train,
-    ``--protocol mahbod2024``): axial slices pooled, the same re-ranked, and tri-planar pooled.
+    ``--protocol mahbod2024``): axial slices pooled, the same re-ranked, and tri-planar pooled;
+    ``--mode ct3d``: the native 3D CT encoder of the ``ct3d`` preset on whole volumes resized to
+    ``--volume-side``^3 against the 2D default on ``--slices`` axial slices pooled, paired on the
+    same queries (needs ``pip install "medsearch[ct3d]"``).
 
 Usage::
 
@@ -28,6 +31,7 @@ Usage::
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part cost --json cost.json
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --slices 5 --json vessel5.json
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --mode triplanar --json tri.json
+    nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --mode ct3d --json ct3d.json
 """
 
 from __future__ import annotations
@@ -255,13 +259,23 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
 def vessel(args: argparse.Namespace) -> dict[str, Any]:
     from medsearch.evaluate import evaluate_npz
 
-    config = load_config("default").replace(preprocess={"slices": args.slices, "slice_mode": args.mode})
+    encoders = None
+    if args.mode == "ct3d":
+        # The preset's CT window does not apply to these MRA volumes (percentiles, as for the 2D run).
+        shape = [args.volume_side] * 3
+        config = load_config("ct3d").replace(encoder={"volume_shape": shape, "batch_size": 8},
+                                              preprocess={"slices": args.slices})
+        encoders = ["efficientnet-lite0", config.encoder.name]
+    else:
+        config = load_config("default").replace(preprocess={"slices": args.slices, "slice_mode": args.mode})
     started = time.perf_counter()
     report = evaluate_npz(SHARED / "medmnist" / "vesselmnist3d.npz", protocol="mahbod2024", config=config,
-                          limit=args.limit, rerank=args.mode == "axial", n_resamples=1000, batch_size=64)
+                          encoders=encoders, limit=args.limit, rerank=args.mode == "axial", n_resamples=1000,
+                          batch_size=64)
     runs = []
     for result in report.results:
         runs.append({"name": result.name, "mode": args.mode, "slices": args.slices,
+                     "volume_shape": list(config.encoder.volume_shape) if result.name.endswith("ct3d") else None,
                      "metrics": {k: result.metrics[k] for k in ("hit@1", "map_hits@5", "mmv@5")},
                      "ci95": {k: result.ci95.get(k) for k in ("hit@1", "map_hits@5", "mmv@5")},
                      "n_queries": result.n_queries, "encode_s": result.timings.get("encode_s")})
@@ -282,7 +296,8 @@ def main() -> None:
     parser.add_argument("--synthetic-cases", type=int, default=1000)
     parser.add_argument("--synthetic-slices", type=int, default=64)
     parser.add_argument("--slices", type=int, default=5, help="vessel: axial slices per volume")
-    parser.add_argument("--mode", choices=("axial", "triplanar"), default="axial")
+    parser.add_argument("--mode", choices=("axial", "triplanar", "ct3d"), default="axial")
+    parser.add_argument("--volume-side", type=int, default=32, help="vessel --mode ct3d: volumes resized to this cube")
     parser.add_argument("--limit", type=int, default=None, help="vessel: a seeded subset of this many test queries")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

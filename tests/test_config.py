@@ -54,7 +54,7 @@ def test_bad_config_says_which_key(tmp_path, text, message):
 def test_missing_config_and_unknown_preset():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nowhere/x.toml")
-    with pytest.raises(ConfigError, match="presets: chest-ct, default"):
+    with pytest.raises(ConfigError, match="presets: chest-ct, ct3d, default"):
         load_config("no-such-preset")
 
 

@@ -1,6 +1,8 @@
 """Encoders: turn preprocessed image batches into L2-normalized embeddings (torch, or ONNX Runtime).
 
-    registry.py   which encoders exist (EfficientNet-Lite0, MONAI DenseNets and ResNets), load_encoder
+    registry.py   which encoders exist (EfficientNet-Lite0, MONAI DenseNets and ResNets, the 3D CT
+                  I3ResNets), load_encoder
+    i3resnet.py   the native 3D CT encoder: an Inflated 3D ResNet-152 and its packaged weights
     encoder.py    EncoderInfo (an embedding space's identity) and Encoder, the torch runtime
     onnx.py       OnnxEncoder, the ONNX Runtime on the CPU with its export cache, resolve_runtime
     adapter.py    Adapter (a small projection trained on frozen embeddings), its file, AdaptedEncoder

