@@ -128,13 +128,14 @@ def ct3d_weights_file(name: str, checkpoint: str = "") -> Path:
 
         parts = int(package.SOURCES.get(weight, {}).get("parts", 0))
         shards = [f"{_PACKAGE}_{weight}_p{i}" for i in range(1, parts + 1)]
-        missing = not shards or any(importlib.util.find_spec(shard) is None for shard in shards)
+        no_shards = f"encoder {name!r} needs the {weight} weight shards; run: {hint} (or set encoder.checkpoint)"
+        # checked before package.path(), which would leave an empty .part file behind
+        if not shards or any(importlib.util.find_spec(shard) is None for shard in shards):
+            raise ConfigError(no_shards)
         try:
-            if missing:  # checked first: the package would leave an empty .part file behind
-                raise ImportError(f"a shard package of the {weight} weight is not installed")
             path = Path(package.path(weight))
-        except ImportError as e:  # a shard package of this weight is missing
-            raise ConfigError(f"encoder {name!r} needs the {weight} weight shards; run: {hint} (or set encoder.checkpoint)") from e
+        except ImportError as e:  # a shard the check above found but cannot import
+            raise ConfigError(no_shards) from e
         except (OSError, RuntimeError) as e:  # the cache folder is not writable, or the joined file is damaged
             raise ConfigError(
                 f"cannot prepare the {weight} weights of encoder {name!r}: {first_line(e)}; "
