@@ -61,8 +61,7 @@ def ondisk_params(n: int, dim: int, *, pq_bytes: int = 64) -> dict[str, Any]:
     """Build parameters for ``n`` vectors: those of ``ivfpq`` (about sqrt(n) lists, OPQ), with
     ``pq_bytes``-byte codes (the lists are on disk, so the memory budget does not bound them)."""
     params = fx.build_params(IndexType.IVFPQ, n, dim, memory_budget_mb=max(1.0, n * (pq_bytes + 8) / 2**20))
-    m = int(params["m"])
-    return {**params, "opq_dim": min(4 * m, dim - dim % m)}
+    return {**params, "opq_dim": fx.opq_dim(int(params["m"]), dim, on_disk=True)}
 
 
 @dataclass
@@ -115,6 +114,7 @@ class OnDiskIVFPQ:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.index.d)
         ivf = faiss.extract_index_ivf(self.index)
         ivf.nprobe = min(nprobe, ivf.nlist)
+        fx.single_query_on_all_cores(ivf)
         k = max(1, min(k, len(self)))
         if rerank <= 1:
             return self.index.search(queries, k)

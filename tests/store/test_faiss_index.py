@@ -110,6 +110,15 @@ def test_auto_rule(n, dim, budget_mb, expected):
     assert choose_index_type(n, dim, memory_budget_mb=budget_mb) is expected
 
 
+def test_an_on_disk_index_keeps_twice_the_dimensions_for_its_coarse_quantizer():
+    # ivfpq-disk is built as ivfpq in memory; only the OPQ output differs (512 of 1280 against 256)
+    kind, disk, _ = faiss_module.plan(IndexType.IVFPQ_DISK, 2_000_000, 1280, memory_budget_mb=140)
+    _, memory, _ = faiss_module.plan(IndexType.IVFPQ, 2_000_000, 1280, memory_budget_mb=140)  # 64-byte codes
+    assert kind is IndexType.IVFPQ and disk["m"] == memory["m"] == 64
+    assert (disk["opq_dim"], memory["opq_dim"]) == (512, 256)
+    assert faiss_module.opq_dim(48, 64, on_disk=True) == 48  # never more than the vectors have
+
+
 # -- search against an exact reference ----------------------------------------------------------------
 
 def test_flat_is_exact_with_and_without_a_filter(stores, data, queries):
@@ -193,6 +202,17 @@ def test_save_then_load_gives_identical_results(stores, queries, kind):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.distances, b.distances)
     np.testing.assert_allclose(loaded.vectors(), _unit(_clustered(N)), atol=1e-6)
+
+
+def test_one_query_at_a_time_gives_the_batch_results(stores, queries):
+    # an ivfpq index scans one query's lists on every core (faiss parallel_mode 1): same results
+    store = stores["ivfpq"]
+    assert faiss.extract_index_ivf(store.index).parallel_mode == 1
+    batch = store.search(queries, 10)
+    for i in range(len(queries)):
+        one = store.search(queries[i : i + 1], 10)
+        np.testing.assert_array_equal(one.ids[0], batch.ids[i])
+        np.testing.assert_allclose(one.distances[0], batch.distances[i], atol=1e-6)
 
 
 def test_ivfpq_keeps_the_exact_vectors_beside_its_codes(stores):

@@ -65,6 +65,10 @@ def test_same_top_k_as_the_in_memory_index(vectors, metric, tmp_path):
     want_scores, want_ids = memory.search(queries, K)
     got_scores, got_ids = ondisk.search(queries, K, nprobe=8, rerank=0)
     check_ref_knn_with_draws(want_scores, want_ids, got_scores, got_ids)
+    # one query at a time (its lists scanned on every core) finds what the batch found
+    for i in range(0, len(queries), 7):
+        one_scores, one_ids = ondisk.search(queries[i : i + 1], K, nprobe=8, rerank=0)
+        check_ref_knn_with_draws(got_scores[i : i + 1], got_ids[i : i + 1], one_scores, one_ids)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -134,7 +138,7 @@ def test_training_on_a_sample(tmp_path):
 
 def test_default_parameters_follow_the_ivfpq_rule():
     params = ondisk_params(10_000_000, 1280)
-    assert params["nlist"] == 4096 and params["m"] == 64 and params["opq_dim"] == 256
+    assert params["nlist"] == 4096 and params["m"] == 64 and params["opq_dim"] == 512
     assert params["rerank"] == fx.IVFPQ_RERANK
 
 
