@@ -17,7 +17,7 @@ The rules:
   images: fine-tuned at 64 px, mAP@5 88.7 on test; the adapter at 128 px, 83.9).
 * **Input size.** Small images (at most 64 px a side, as MedMNIST's 28 px) go in at 128 px: 224
   adds no detail to an upscaled 28 px image and costs three times as much. When fine-tuning at 128
-  px does not fit the budget, small images are fine-tuned at 64 px (2.4 times cheaper an epoch)
+  px does not fit the budget, small images are fine-tuned at 64 px (3 times cheaper an epoch)
   before the recipe falls back to an adapter. Larger images keep the encoder's 224 px.
 * **Epochs.** An adapter's are chosen by cross-validation among :data:`ADAPTER_EPOCHS`. Fine-tuning
   takes as many as fit in the budget, at most 20.
@@ -40,6 +40,7 @@ __all__ = [
     "ADAPTER_EPOCHS",
     "FINETUNE_MIN_CASES",
     "FINETUNE_MIN_EPOCHS",
+    "VAL_GALLERY",
     "DataProfile",
     "Machine",
     "Recipe",
@@ -62,6 +63,9 @@ SMALL_IMAGE_SIZE = 128
 #: Small images are fine-tuned at this size when SMALL_IMAGE_SIZE does not fit the budget.
 SMALL_FINETUNE_SIZE = 64
 DEFAULT_SIZE = 224
+#: At most this many training cases (a seeded subset) form the gallery the val cases search after
+#: each epoch, so that a large training set does not make each validation as slow as the epoch.
+VAL_GALLERY = 2000
 #: Class imbalance (largest class / smallest) from which the run says the set is imbalanced.
 IMBALANCED = 3.0
 
@@ -103,35 +107,35 @@ class DataProfile:
 class Machine:
     """How fast this machine embeds and fine-tunes, to estimate a run's time.
 
-    The defaults are measured on a 2-core VM without a GPU (docs/benchmarks/training.md): ONNX
-    Runtime embeds about 100 images a second at 224 px; a fine-tuning epoch (augmentations,
-    forward and backward) takes about 0.026 s an image at 64 px, 0.062 at 128 and 0.24 at 224
-    (interpolated in between, in proportion to the pixel count beyond). Both scale with the number
-    of cores; a GPU fine-tunes about 30 times faster.
+    The defaults are measured on a 2-core VM without a GPU, alone (``benchmarks/train_speed.py``,
+    rounded up by about 5%): ONNX Runtime embeds about 100 images a second at 224 px (an adapter's
+    one pass); a fine-tuning epoch (augmentations, forward, backward, the optimizer's step) takes
+    0.006 s an image at 64 px, 0.019 at 128 and 0.09 at 224; the validation after each epoch (the
+    network in training embedding the gallery and the val cases) 0.003 s an image at 64 px, 0.013
+    at 128 and 0.045 at 224. In between, interpolated; beyond 224, in proportion to the pixel count.
+    All scale with the number of cores; a GPU is taken as 30 times faster (not measured here).
     """
 
     device: str = "cpu"
     cores: int = 2
     embed_per_s_224: float = 100.0
-    finetune_s_per_image: tuple[tuple[int, float], ...] = ((64, 0.026), (128, 0.062), (224, 0.24))
+    finetune_s_per_image: tuple[tuple[int, float], ...] = ((64, 0.006), (128, 0.019), (224, 0.09))
+    validate_s_per_input: tuple[tuple[int, float], ...] = ((64, 0.003), (128, 0.013), (224, 0.045))
 
     def _speedup(self) -> float:
         return max(1, self.cores) / 2
+
+    def _network_speedup(self) -> float:
+        return 30.0 if self.device == "cuda" else self._speedup()
 
     def embed_seconds(self, n_inputs: int, size: int) -> float:
         return n_inputs / (self.embed_per_s_224 * self._speedup()) * (size / 224) ** 2
 
     def finetune_epoch_seconds(self, n_inputs: int, size: int) -> float:
-        anchors = self.finetune_s_per_image
-        area = float(size) ** 2
-        areas = [float(s) ** 2 for s, _ in anchors]
-        per_image = (
-            float(np.interp(area, areas, [t for _, t in anchors]))
-            if area <= areas[-1]
-            else anchors[-1][1] * area / areas[-1]
-        )
-        speedup = 30.0 if self.device == "cuda" else self._speedup()
-        return n_inputs * per_image / speedup
+        return n_inputs * _per_input(self.finetune_s_per_image, size) / self._network_speedup()
+
+    def validate_seconds(self, n_inputs: int, size: int) -> float:
+        return n_inputs * _per_input(self.validate_s_per_input, size) / self._network_speedup()
 
     def adapter_seconds(self, n_inputs: int, folds: int) -> float:
         """Cross-validation of two adapter kinds, then the members of the chosen one (1 thread)."""
@@ -178,6 +182,15 @@ class Recipe:
         return out
 
 
+def _per_input(anchors: tuple[tuple[int, float], ...], size: int) -> float:
+    """Seconds an input at ``size`` px, from (size, seconds) anchors: interpolated on the pixel count."""
+    area = float(size) ** 2
+    areas = [float(s) ** 2 for s, _ in anchors]
+    if area <= areas[-1]:
+        return float(np.interp(area, areas, [t for _, t in anchors]))
+    return anchors[-1][1] * area / areas[-1]
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -219,11 +232,14 @@ def pick_recipe(
 
     train_inputs = profile.n_train * profile.inputs_per_case
     all_inputs = n_cases * profile.inputs_per_case
+    validated = (min(profile.n_train, VAL_GALLERY) + profile.n_val) * profile.inputs_per_case
     folds = _folds(profile)
     # the frozen encoder at the default size, embedded once more when the recipe picks another size
     reference_s = machine.embed_seconds(all_inputs, DEFAULT_SIZE) if size is None and run_size != DEFAULT_SIZE else 0.0
     adapter_s = machine.embed_seconds(all_inputs, run_size) + machine.adapter_seconds(all_inputs, folds) + reference_s
-    epoch_s = machine.finetune_epoch_seconds(train_inputs, run_size) + machine.embed_seconds(all_inputs, run_size)
+    epoch_s = machine.finetune_epoch_seconds(train_inputs, run_size) + machine.validate_seconds(validated, run_size)
+    # before the first epoch, the network as loaded is validated once (the frozen candidate)
+    start_s = machine.validate_seconds(validated, run_size)
 
     if mode is TrainMode.AUTO:
         if not profile.has_labels:
@@ -238,16 +254,17 @@ def pick_recipe(
                 f"adapter on the frozen encoder: {profile.n_train} training cases are too few to fine-tune "
                 f"the network and select an epoch reliably (fine-tuning from {FINETUNE_MIN_CASES})"
             )
-        elif FINETUNE_MIN_EPOCHS * epoch_s + reference_s > budget_s:
-            small_s = machine.finetune_epoch_seconds(train_inputs, SMALL_FINETUNE_SIZE) + machine.embed_seconds(
-                all_inputs, SMALL_FINETUNE_SIZE
+        elif (FINETUNE_MIN_EPOCHS + 1) * epoch_s + reference_s > budget_s:
+            small_s = machine.finetune_epoch_seconds(train_inputs, SMALL_FINETUNE_SIZE) + machine.validate_seconds(
+                validated, SMALL_FINETUNE_SIZE
             )
             over = (
                 f"{FINETUNE_MIN_EPOCHS} epochs of fine-tuning at {run_size} px would take about "
                 f"{_minutes(FINETUNE_MIN_EPOCHS * epoch_s)} here, over the budget of {_minutes(budget_s)}"
             )
-            if size is None and run_size == SMALL_IMAGE_SIZE and FINETUNE_MIN_EPOCHS * small_s + reference_s <= budget_s:
+            if size is None and run_size == SMALL_IMAGE_SIZE and (FINETUNE_MIN_EPOCHS + 1) * small_s + reference_s <= budget_s:
                 mode, run_size, epoch_s = TrainMode.SUPERVISED, SMALL_FINETUNE_SIZE, small_s
+                start_s = machine.validate_seconds(validated, run_size)
                 reasons.pop(0)  # the input size is this reason's now
                 reasons.append(
                     f"fine-tuning (supervised) at {run_size} px: {profile.n_train} training cases; {over}, and at "
@@ -283,7 +300,7 @@ def pick_recipe(
     if epochs is not None:
         run_epochs = int(epochs)
     else:
-        fit = int(max(0.0, budget_s - reference_s) // max(per_epoch, 1e-9))
+        fit = int(max(0.0, budget_s - reference_s - start_s) // max(per_epoch, 1e-9))
         run_epochs = max(1, min(FINETUNE_MAX_EPOCHS, fit))
         reasons.append(
             f"{run_epochs} epochs: about {_minutes(per_epoch)} each here, within the budget of {_minutes(budget_s)}"
@@ -299,7 +316,7 @@ def pick_recipe(
     else:
         run_loss = SupervisedLoss.MULTISIMILARITY
         reasons.append(_balance_reason(imbalance, "Multi-Similarity loss with its miner"))
-    return Recipe(mode, run_size, run_epochs, run_loss, 0, budget_s, per_epoch * run_epochs + reference_s, tuple(reasons))
+    return Recipe(mode, run_size, run_epochs, run_loss, 0, budget_s, per_epoch * run_epochs + start_s + reference_s, tuple(reasons))
 
 
 def _balance_reason(imbalance: float, loss: str) -> str:

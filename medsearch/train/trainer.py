@@ -36,6 +36,7 @@ from medsearch.errors import ConfigError, MedsearchError, WriteError, first_line
 from medsearch.train.augment import Augmentation
 from medsearch.train.data import Split, TrainData
 from medsearch.train.options import SupervisedLoss, TrainMode
+from medsearch.train.recipe import VAL_GALLERY
 from medsearch.train.select import pool_rows, score_queries
 
 __all__ = ["FORMAT", "RunSettings", "Trainer"]
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Version of the resume state and of the JSON record a run writes.
 FORMAT = 2
-# Gallery of the validation search: at most this many training cases (a seeded subset), so that a
-# large training set does not make every epoch's validation as slow as the epoch itself.
-_VAL_GALLERY = 2000
 
 
 @dataclass(frozen=True)
@@ -370,11 +368,11 @@ class Trainer:
         return pool_rows(np.concatenate(out), split.case, split.n_cases, str(self.settings.preprocess.get("pool", "mean")))
 
     def validation_cases(self) -> tuple[np.ndarray, np.ndarray]:
-        """The labelled training cases searched (at most a seeded :data:`_VAL_GALLERY`) and the val cases querying."""
+        """The labelled training cases searched (at most a seeded :data:`VAL_GALLERY`) and the val cases querying."""
         train, val = self.data.train, self.data.val
         g_rows = np.flatnonzero(train.labels >= 0)
-        if g_rows.size > _VAL_GALLERY:
-            g_rows = np.sort(np.random.default_rng(self.settings.seed).choice(g_rows, _VAL_GALLERY, replace=False))
+        if g_rows.size > VAL_GALLERY:
+            g_rows = np.sort(np.random.default_rng(self.settings.seed).choice(g_rows, VAL_GALLERY, replace=False))
         return g_rows, np.flatnonzero(val.labels >= 0)
 
     def _validate(self, epoch: int, *, frozen: bool = False) -> dict[str, float]:

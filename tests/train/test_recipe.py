@@ -6,7 +6,7 @@ import pytest
 
 from medsearch.errors import ConfigError
 from medsearch.train.options import SupervisedLoss, TrainMode
-from medsearch.train.recipe import ADAPTER_EPOCHS, FINETUNE_MAX_EPOCHS, DataProfile, Machine, pick_recipe
+from medsearch.train.recipe import ADAPTER_EPOCHS, FINETUNE_MAX_EPOCHS, VAL_GALLERY, DataProfile, Machine, pick_recipe
 
 CPU, GPU = Machine(device="cpu", cores=2), Machine(device="cuda", cores=2)
 M, A, S, SSL = TrainMode.AUTO, TrainMode.ADAPTER, TrainMode.SUPERVISED, TrainMode.SELFSUPERVISED
@@ -18,15 +18,17 @@ CASES = [
      A, 128, MS, max(ADAPTER_EPOCHS), "too few to fine-tune"),
     ("small imbalanced", DataProfile(546, 78, (50, 496), 28), CPU, {},
      A, 128, MS, max(ADAPTER_EPOCHS), "imbalanced (9.9 to 1)"),
-    ("large, CPU, 30 min", DataProfile(20000, 2000, (10000, 10000), 28), CPU, {"budget_minutes": 30},
+    ("large, CPU, 30 min", DataProfile(60000, 6000, (30000, 30000), 28), CPU, {"budget_minutes": 30},
      A, 128, MS, max(ADAPTER_EPOCHS), "over the budget"),
     ("large, CPU, 10 hours", DataProfile(20000, 2000, (10000, 10000), 28), CPU, {"budget_minutes": 600},
      S, 128, MS, FINETUNE_MAX_EPOCHS, "fine-tuning (supervised)"),
     ("large imbalanced, GPU", DataProfile(5000, 500, (500, 4500), 28), GPU, {"budget_minutes": 30},
      S, 128, MS, FINETUNE_MAX_EPOCHS, "imbalanced (9.0 to 1)"),
     ("PneumoniaMNIST, CPU, 30 min", DataProfile(3882, 524, (388, 3494), 28), CPU, {},
-     S, 128, MS, 6, "fit in the budget"),
-    ("mid-sized, CPU, 30 min: 64 px", DataProfile(6000, 600, (3000, 3000), 28), CPU, {},
+     S, 128, MS, 16, "fit in the budget"),
+    ("mid-sized, CPU, 30 min: 128 px", DataProfile(6000, 600, (3000, 3000), 28), CPU, {},
+     S, 128, MS, 11, "fit in the budget"),
+    ("larger, CPU, 30 min: 64 px", DataProfile(20000, 2000, (10000, 10000), 28), CPU, {},
      S, 64, MS, None, "fine-tuning (supervised) at 64 px"),
     ("mid-sized, larger images: no fall back to 64 px", DataProfile(6000, 600, (3000, 3000), 256), CPU, {},
      A, 224, MS, None, "over the budget"),
@@ -74,3 +76,13 @@ def test_the_estimate_stays_within_the_budget_when_fine_tuning():
 def test_learning_from_labels_without_labels_is_refused(mode):
     with pytest.raises(ConfigError, match="needs labels; give --labels CSV, or use --mode selfsupervised"):
         pick_recipe(DataProfile(300, 50, (), 64), CPU, budget_minutes=30, mode=mode)
+
+
+def test_the_estimate_counts_each_epoch_s_validation_and_the_frozen_one():
+    profile = DataProfile(3882, 524, (388, 3494), 28)
+    recipe = pick_recipe(profile, CPU, budget_minutes=30)
+    validated = min(profile.n_train, VAL_GALLERY) + profile.n_val  # the gallery is capped, the queries are not
+    epoch = CPU.finetune_epoch_seconds(3882, 128) + CPU.validate_seconds(validated, 128)
+    reference = CPU.embed_seconds(3882 + 524, 224)  # the frozen encoder at its own size
+    assert recipe.estimate_s == pytest.approx(recipe.epochs * epoch + CPU.validate_seconds(validated, 128) + reference)
+    assert recipe.estimate_s <= recipe.budget_s < recipe.estimate_s + epoch
