@@ -102,7 +102,7 @@ def drop_from_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def single_ms(index: OnDiskIVFPQ, queries: np.ndarray, *, nprobe: int, rerank: int = fx.IVFPQ_RERANK) -> np.ndarray:
+def single_ms(index: OnDiskIVFPQ, queries: np.ndarray, *, nprobe: int, rerank: int | None = None) -> np.ndarray:
     out = []
     for q in queries:
         t = time.perf_counter()

@@ -61,7 +61,7 @@ def ondisk_params(n: int, dim: int, *, pq_bytes: int = 64) -> dict[str, Any]:
     """Build parameters for ``n`` vectors: those of ``ivfpq`` (about sqrt(n) lists, OPQ), with
     ``pq_bytes``-byte codes (the lists are on disk, so the memory budget does not bound them)."""
     params = fx.build_params(IndexType.IVFPQ, n, dim, memory_budget_mb=max(1.0, n * (pq_bytes + 8) / 2**20))
-    return {**params, "opq_dim": fx.opq_dim(int(params["m"]), dim, on_disk=True)}
+    return {**params, "opq_dim": fx.opq_dim(int(params["m"]), dim, on_disk=True), "rerank": fx.DISK_RERANK}
 
 
 @dataclass
@@ -104,13 +104,16 @@ class OnDiskIVFPQ:
         return int(self.index.ntotal)
 
     def search(
-        self, queries: np.ndarray, k: int, *, nprobe: int = 64, rerank: int = fx.IVFPQ_RERANK
+        self, queries: np.ndarray, k: int, *, nprobe: int = 64, rerank: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids of the ``k`` best rows for each query (normalized for cosine, as stored).
 
         The ``k * rerank`` best candidates by their codes are scored again with their exact vectors
-        (read from ``exact.npy`` for those rows only); ``rerank=0`` keeps the codes' scores.
+        (read from ``exact.npy`` for those rows only); ``rerank=0`` keeps the codes' scores. Default:
+        the index's own (``params["rerank"]``).
         """
+        if rerank is None:
+            rerank = int(self.params.get("rerank", fx.DISK_RERANK))
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.index.d)
         ivf = faiss.extract_index_ivf(self.index)
         ivf.nprobe = min(nprobe, ivf.nlist)

@@ -116,6 +116,7 @@ def test_an_on_disk_index_keeps_twice_the_dimensions_for_its_coarse_quantizer():
     _, memory, _ = faiss_module.plan(IndexType.IVFPQ, 2_000_000, 1280, memory_budget_mb=140)  # 64-byte codes
     assert kind is IndexType.IVFPQ and disk["m"] == memory["m"] == 64
     assert (disk["opq_dim"], memory["opq_dim"]) == (512, 256)
+    assert (disk["rerank"], memory["rerank"]) == (faiss_module.DISK_RERANK, faiss_module.IVFPQ_RERANK)
     assert faiss_module.opq_dim(48, 64, on_disk=True) == 48  # never more than the vectors have
 
 

@@ -139,7 +139,7 @@ def test_training_on_a_sample(tmp_path):
 def test_default_parameters_follow_the_ivfpq_rule():
     params = ondisk_params(10_000_000, 1280)
     assert params["nlist"] == 4096 and params["m"] == 64 and params["opq_dim"] == 512
-    assert params["rerank"] == fx.IVFPQ_RERANK
+    assert params["rerank"] == fx.DISK_RERANK == 32
 
 
 # -- the store's ivfpq-disk type --------------------------------------------------------------------
