@@ -56,7 +56,7 @@ def subset(data: Path, out: Path, *, n_train: int, n_val: int, seed: int = 0) ->
     np.savez(out, **picked)
 
 
-def measure(data: Path, size: int, *, n_train: int, n_val: int, work: Path) -> dict[str, Any]:
+def measure(data: Path, size: int, *, work: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     report = train_encoder(
         data, work / f"speed{size}", mode="supervised", size=size, epochs=1, patience=0, progress=False, budget_minutes=600
@@ -102,7 +102,7 @@ def main() -> None:
         work = Path(tmp)
         small = work / "subset.npz"
         subset(args.data, small, n_train=args.train, n_val=args.val)
-        rows = [measure(small, int(s), n_train=args.train, n_val=args.val, work=work) for s in args.sizes.split(",")]
+        rows = [measure(small, int(s), work=work) for s in args.sizes.split(",")]
     result = {
         "data": args.data.name,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
