@@ -254,7 +254,7 @@ def pick_recipe(
                 f"adapter on the frozen encoder: {profile.n_train} training cases are too few to fine-tune "
                 f"the network and select an epoch reliably (fine-tuning from {FINETUNE_MIN_CASES})"
             )
-        elif (FINETUNE_MIN_EPOCHS + 1) * epoch_s + reference_s > budget_s:
+        elif FINETUNE_MIN_EPOCHS * epoch_s + start_s + reference_s > budget_s:
             small_s = machine.finetune_epoch_seconds(train_inputs, SMALL_FINETUNE_SIZE) + machine.validate_seconds(
                 validated, SMALL_FINETUNE_SIZE
             )
@@ -262,9 +262,13 @@ def pick_recipe(
                 f"{FINETUNE_MIN_EPOCHS} epochs of fine-tuning at {run_size} px would take about "
                 f"{_minutes(FINETUNE_MIN_EPOCHS * epoch_s)} here, over the budget of {_minutes(budget_s)}"
             )
-            if size is None and run_size == SMALL_IMAGE_SIZE and (FINETUNE_MIN_EPOCHS + 1) * small_s + reference_s <= budget_s:
-                mode, run_size, epoch_s = TrainMode.SUPERVISED, SMALL_FINETUNE_SIZE, small_s
-                start_s = machine.validate_seconds(validated, run_size)
+            small_start_s = machine.validate_seconds(validated, SMALL_FINETUNE_SIZE)
+            if (
+                size is None
+                and run_size == SMALL_IMAGE_SIZE
+                and FINETUNE_MIN_EPOCHS * small_s + small_start_s + reference_s <= budget_s
+            ):
+                mode, run_size, epoch_s, start_s = TrainMode.SUPERVISED, SMALL_FINETUNE_SIZE, small_s, small_start_s
                 reasons.pop(0)  # the input size is this reason's now
                 reasons.append(
                     f"fine-tuning (supervised) at {run_size} px: {profile.n_train} training cases; {over}, and at "
@@ -316,7 +320,9 @@ def pick_recipe(
     else:
         run_loss = SupervisedLoss.MULTISIMILARITY
         reasons.append(_balance_reason(imbalance, "Multi-Similarity loss with its miner"))
-    return Recipe(mode, run_size, run_epochs, run_loss, 0, budget_s, per_epoch * run_epochs + start_s + reference_s, tuple(reasons))
+    return Recipe(
+        mode, run_size, run_epochs, run_loss, 0, budget_s, per_epoch * run_epochs + start_s + reference_s, tuple(reasons)
+    )
 
 
 def _balance_reason(imbalance: float, loss: str) -> str:
