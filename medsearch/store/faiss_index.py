@@ -147,10 +147,7 @@ def plan(requested: IndexType, n: int, dim: int, *, memory_budget_mb: int) -> tu
             "it searches exactly (flat) until then and converts when it grows"
         )
         kind = IndexType.FLAT
-    params = build_params(kind, n, dim, memory_budget_mb)
-    if on_disk and kind is IndexType.IVFPQ:
-        params.update(opq_dim=opq_dim(int(params["m"]), dim, on_disk=True), rerank=DISK_RERANK)
-    return kind, params, note
+    return kind, build_params(kind, n, dim, memory_budget_mb, on_disk=on_disk), note
 
 
 def rebuild_due(planned: IndexType, current: IndexType, n: int, *, built_for: int) -> bool:
@@ -163,8 +160,9 @@ def rebuild_due(planned: IndexType, current: IndexType, n: int, *, built_for: in
     return False
 
 
-def build_params(kind: IndexType, n: int, dim: int, memory_budget_mb: float) -> dict[str, Any]:
-    """The build parameters of an index of ``kind`` for ``n`` vectors (recorded in the manifest)."""
+def build_params(kind: IndexType, n: int, dim: int, memory_budget_mb: float, *, on_disk: bool = False) -> dict[str, Any]:
+    """The build parameters of an index of ``kind`` for ``n`` vectors (recorded in the manifest);
+    ``on_disk``: an ivfpq index whose lists go to disk (``ivfpq-disk``: see :func:`opq_dim`, :data:`DISK_RERANK`)."""
     if kind is IndexType.HNSW:
         return {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}
     if kind is not IndexType.IVFPQ:
@@ -177,7 +175,14 @@ def build_params(kind: IndexType, n: int, dim: int, memory_budget_mb: float) -> 
     sizes = [m for m in (8, 16, 32, 48, 64, 96, 128) if m <= dim // 2] or [1]
     m = max([s for s in sizes if s <= per_vector] or [sizes[0]])
     train = min(max(IVFPQ_MIN_VECTORS, 40 * nlist), _IVFPQ_MAX_TRAIN)
-    return {"nlist": nlist, "m": m, "nbits": 8, "opq_dim": opq_dim(m, dim), "train_size": train, "rerank": IVFPQ_RERANK}
+    return {
+        "nlist": nlist,
+        "m": m,
+        "nbits": 8,
+        "opq_dim": opq_dim(m, dim, on_disk=on_disk),
+        "train_size": train,
+        "rerank": DISK_RERANK if on_disk else IVFPQ_RERANK,
+    }
 
 
 def opq_dim(m: int, dim: int, *, on_disk: bool = False) -> int:

@@ -60,8 +60,7 @@ _CHUNK = 65_536
 def ondisk_params(n: int, dim: int, *, pq_bytes: int = 64) -> dict[str, Any]:
     """Build parameters for ``n`` vectors: those of ``ivfpq`` (about sqrt(n) lists, OPQ), with
     ``pq_bytes``-byte codes (the lists are on disk, so the memory budget does not bound them)."""
-    params = fx.build_params(IndexType.IVFPQ, n, dim, memory_budget_mb=max(1.0, n * (pq_bytes + 8) / 2**20))
-    return {**params, "opq_dim": fx.opq_dim(int(params["m"]), dim, on_disk=True), "rerank": fx.DISK_RERANK}
+    return fx.build_params(IndexType.IVFPQ, n, dim, memory_budget_mb=max(1.0, n * (pq_bytes + 8) / 2**20), on_disk=True)
 
 
 @dataclass
@@ -98,6 +97,7 @@ class OnDiskIVFPQ:
             raise IndexCorruptError(
                 f"{path}: {index.ntotal} coded and {exact.shape[0]} exact vectors where {ONDISK_META} says {n}; build it again"
             )
+        fx.single_query_on_all_cores(faiss.extract_index_ivf(index))
         return cls(path, index, exact, Metric(meta["metric"]), dict(meta["params"]))
 
     def __len__(self) -> int:
@@ -117,7 +117,6 @@ class OnDiskIVFPQ:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.index.d)
         ivf = faiss.extract_index_ivf(self.index)
         ivf.nprobe = min(nprobe, ivf.nlist)
-        fx.single_query_on_all_cores(ivf)
         k = max(1, min(k, len(self)))
         if rerank <= 1:
             return self.index.search(queries, k)

@@ -237,9 +237,9 @@ def pick_recipe(
     # the frozen encoder at the default size, embedded once more when the recipe picks another size
     reference_s = machine.embed_seconds(all_inputs, DEFAULT_SIZE) if size is None and run_size != DEFAULT_SIZE else 0.0
     adapter_s = machine.embed_seconds(all_inputs, run_size) + machine.adapter_seconds(all_inputs, folds) + reference_s
-    epoch_s = machine.finetune_epoch_seconds(train_inputs, run_size) + machine.validate_seconds(validated, run_size)
-    # before the first epoch, the network as loaded is validated once (the frozen candidate)
+    # each epoch ends with a validation, and the network as loaded is validated once before the first
     start_s = machine.validate_seconds(validated, run_size)
+    epoch_s = machine.finetune_epoch_seconds(train_inputs, run_size) + start_s
 
     if mode is TrainMode.AUTO:
         if not profile.has_labels:
@@ -255,14 +255,12 @@ def pick_recipe(
                 f"the network and select an epoch reliably (fine-tuning from {FINETUNE_MIN_CASES})"
             )
         elif FINETUNE_MIN_EPOCHS * epoch_s + start_s + reference_s > budget_s:
-            small_s = machine.finetune_epoch_seconds(train_inputs, SMALL_FINETUNE_SIZE) + machine.validate_seconds(
-                validated, SMALL_FINETUNE_SIZE
-            )
+            small_start_s = machine.validate_seconds(validated, SMALL_FINETUNE_SIZE)
+            small_s = machine.finetune_epoch_seconds(train_inputs, SMALL_FINETUNE_SIZE) + small_start_s
             over = (
                 f"{FINETUNE_MIN_EPOCHS} epochs of fine-tuning at {run_size} px would take about "
                 f"{_minutes(FINETUNE_MIN_EPOCHS * epoch_s)} here, over the budget of {_minutes(budget_s)}"
             )
-            small_start_s = machine.validate_seconds(validated, SMALL_FINETUNE_SIZE)
             if (
                 size is None
                 and run_size == SMALL_IMAGE_SIZE
