@@ -9,6 +9,8 @@ Layout of an index directory::
     slices-<gen>.npy       optional: the slice vectors of every case, float16, memory-mapped
     slicetab-<gen>.npz     with them: which rows belong to which case, their stack indices and slice gaps
                            (:mod:`medsearch.store.slices`)
+    crops-<gen>.npy        optional (``crop_grid``): the vectors of tiles of every kept slice, float16
+    croptab-<gen>.npz      with them: as slicetab, plus each tile's box in pixels
     cases-<gen>.csv        one row per case: pseudonymous case id and allow-listed metadata
     thumbs-<gen>.npy       optional: one small uint8 gray thumbnail per case, for result sheets
     <extra files>          reports written with a commit
@@ -87,7 +89,8 @@ DISTANCE_TEXT = {
 _GENERATIONS_KEPT = 2
 #: the data file of each role in generation <gen>: (stem, suffix) -> ``vectors-000003.faiss``
 _GENERATION_FILES = {"vectors": ("vectors", ".faiss"), "cases": ("cases", ".csv"), "thumbnails": ("thumbs", ".npy"), "raw": ("raw", ".npy"),
-                     "slices": ("slices", ".npy"), "slice_table": ("slicetab", ".npz"), "lists": ("lists", ".ivfdata")}
+                     "slices": ("slices", ".npy"), "slice_table": ("slicetab", ".npz"), "crops": ("crops", ".npy"), "crop_table": ("croptab", ".npz"),
+                     "lists": ("lists", ".ivfdata")}
 _RAW_CHUNK = 65_536  # rows of the exact vectors handed to the writer at a time
 _DEFAULTS = IndexConfig()
 # A file modified within this long after it was hashed could keep its modification time (file
@@ -381,7 +384,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 def generation_file(role: str, generation: int) -> str:
     """The name of a data file of ``role`` (``vectors``, ``cases``, ``thumbnails``, ``raw``, ``slices``,
-    ``slice_table``) in ``generation``."""
+    ``slice_table``, ``crops``, ``crop_table``) in ``generation``."""
     stem, suffix = _GENERATION_FILES[role]
     return f"{stem}-{generation:06d}{suffix}"
 

@@ -106,6 +106,7 @@ class IndexStore:
         thumbnails: np.ndarray | None = None,
         raw: np.ndarray | None = None,
         slices: SliceTable | None = None,
+        crops: SliceTable | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -115,6 +116,8 @@ class IndexStore:
         self.thumbnails = thumbnails
         # the slice vectors of each case (medsearch.store.slices), or None: an index without them
         self.slices = slices
+        # the crop vectors of each case (tiles of its slices, ``crop_grid``), or None
+        self.crops = crops
         self._ids = set(cases["case_id"]) if len(cases) else set()
         # ivfpq only: the exact (normalized) vectors in row order, a memory-mapped file then additions
         self._raw: list[np.ndarray] = [raw] if raw is not None else []
@@ -251,8 +254,9 @@ class IndexStore:
                 check_file(path, files["raw"], verified, full=True)
             raw_checked = verify or verified.known(path / files["raw"].name, files["raw"])
         slices = SliceTable.open(path, files, cases=len(cases), dim=manifest.dim, verified=verified, full=verify)
+        crops = SliceTable.open(path, files, cases=len(cases), dim=manifest.dim, verified=verified, full=verify, crops=True)
         verified.save(keep={entry.name for entry in files.values()})
-        store = cls(path, manifest, index, cases, thumbnails, raw, slices)
+        store = cls(path, manifest, index, cases, thumbnails, raw, slices, crops)
         store._raw_checked = store._raw_checked or raw_checked
         return store
 
@@ -364,6 +368,7 @@ class IndexStore:
         rows: pd.DataFrame,
         thumbnails: np.ndarray | None = None,
         slices: Sequence[SlicesLike | None] | None = None,
+        crops: Sequence[SlicesLike | None] | None = None,
     ) -> None:
         """Append cases (in memory). ``rows`` needs a ``case_id`` column; ids already present are skipped.
 
@@ -371,7 +376,8 @@ class IndexStore:
         thumbnails every later addition must bring them too (missing ones are stored black).
         ``slices``, if given, holds each row's slice vectors (a
         :class:`~medsearch.embedding.SliceSet`, or None for a case without); cases added without
-        them own no slice vectors (re-ranking then compares their case vector).
+        them own no slice vectors (re-ranking then compares their case vector). ``crops`` likewise
+        holds each row's crop vectors (a slice set with ``boxes``), or None.
 
         Raises
         ------
@@ -388,8 +394,9 @@ class IndexStore:
         fresh = ~rows["case_id"].isin(self._ids).to_numpy() & ~rows["case_id"].duplicated().to_numpy()
         if not fresh.any():
             return
-        if slices is not None and len(slices) != len(fresh):
-            raise ValueError(f"{len(slices)} slice sets for {len(fresh)} vectors")
+        for sets in (slices, crops):
+            if sets is not None and len(sets) != len(fresh):
+                raise ValueError(f"{len(sets)} slice sets for {len(fresh)} vectors")
         if not fresh.all():  # (a copy of a large batch only when needed)
             vectors, rows = vectors[fresh], rows.loc[fresh]
         if thumbnails is not None:
@@ -400,11 +407,8 @@ class IndexStore:
         elif self.thumbnails is not None:
             size = self.thumbnails.shape[1:]
             self._add_thumbnails(np.zeros((int(fresh.sum()), *size), np.uint8))
-        if slices is not None and self.slices is None:
-            self.slices = SliceTable(self.dim)
-            self.slices.add_empty(len(self))
-        if self.slices is not None:
-            self.slices.add([s for s, keep in zip(slices, fresh.tolist()) if keep] if slices is not None else [None] * int(fresh.sum()))
+        self.slices = self._add_sets(self.slices, slices, fresh, crops=False)
+        self.crops = self._add_sets(self.crops, crops, fresh, crops=True)
         kind, params, note = self._plan(len(self) + len(vectors))
         if len(self) == 0 and self._due(kind, len(vectors)):
             # a first batch large enough for an approximate index: build it straight from the batch
@@ -507,6 +511,17 @@ class IndexStore:
         self._raw = [np.load(self.path / name, mmap_mode="r")]
         self._raw_checked = True
         return entry
+
+    def _add_sets(self, table: SliceTable | None, sets: Sequence[SlicesLike | None] | None, fresh: np.ndarray, *,
+                  crops: bool) -> SliceTable | None:
+        """``table`` with the sets of the ``fresh`` rows appended (created, empty for the cases
+        before, on the first sets); the cases of a batch without sets own no rows."""
+        if sets is not None and table is None:
+            table = SliceTable(self.dim, crops=crops)
+            table.add_empty(len(self))
+        if table is not None:
+            table.add([s for s, keep in zip(sets, fresh.tolist()) if keep] if sets is not None else [None] * int(fresh.sum()))
+        return table
 
     def _add_thumbnails(self, new: np.ndarray) -> None:
         if self.thumbnails is None:
@@ -675,8 +690,9 @@ class IndexStore:
             self._raw, self._raw_checked = [exact], True
         elif self.index_type is IndexType.IVFPQ:
             files["raw"] = self._write_raw(generation_file("raw", generation))
-        if self.slices is not None:
-            files.update(self.slices.write(self.path, generation))
+        for table in (self.slices, self.crops):
+            if table is not None:
+                files.update(table.write(self.path, generation))
         for name, data in (extra or {}).items():
             write_file(self.path, name, data)
         manifest = recorded.committed(

@@ -13,7 +13,14 @@ case-table order, as two data files of each generation (:mod:`medsearch.store.fi
 
 Both are listed in the manifest with their size and SHA-256 and written atomically as part of a
 commit, like every data file; an index built before slice vectors existed has neither, and a case
-added without them (a 3D encoder, tri-planar images) owns no rows. float16 keeps a cosine to about
+added without them (a 3D encoder, tri-planar images) owns no rows.
+
+An index built with ``crop_grid`` (``[index]``) keeps a second table of the same kind, the *crop
+vectors*: each kept slice cut into overlapping tiles, each tile embedded as an image of its own,
+which region queries with a box (``--roi``) compare. Its files are ``crops-<gen>.npy`` and
+``croptab-<gen>.npz``, whose table holds one more array, ``boxes`` (T, 4) int32: each row's tile as
+x0, y0, x1, y1 in pixels of the stored image (x1, y1 excluded). Its rows are in slice order, the
+tiles of one slice together. float16 keeps a cosine to about
 1e-3 of its float32 value: well below the gaps between neighbouring candidates that re-ranking
 orders.
 
@@ -58,28 +65,49 @@ class SlicesLike(Protocol):
     @property
     def gap_mm(self) -> float | None: ...
 
+    @property
+    def boxes(self) -> np.ndarray | None: ...
+
 
 @dataclass(frozen=True)
 class CandidateSlices:
     """The slice vectors of some cases, gathered for re-ranking: ``vectors[owner == j]`` are the
-    slices of the ``j``-th case asked for, at stack ``indices``; ``gaps[j]`` its slice gap (NaN: unknown)."""
+    slices of the ``j``-th case asked for, at stack ``indices``; ``gaps[j]`` its slice gap (NaN: unknown).
+    ``boxes``, for crop vectors: each row's tile (x0, y0, x1, y1); a row of ``-1`` is a whole slice."""
 
     vectors: np.ndarray  # (T, dim) float32
     owner: np.ndarray  # (T,) int64, non-decreasing
     indices: np.ndarray  # (T,) int32
     gaps: np.ndarray  # (n,) float32
+    boxes: np.ndarray | None = None  # (T, 4) int32
+
+    def merged(self, other: CandidateSlices) -> CandidateSlices:
+        """The rows of both (of the same candidates, e.g. slices and crops), each candidate's rows
+        together in stack order; rows without a box get ``-1``."""
+        def boxes(found: CandidateSlices) -> np.ndarray:
+            return found.boxes if found.boxes is not None else np.full((len(found.owner), 4), -1, np.int32)
+
+        owner = np.concatenate([self.owner, other.owner])
+        indices = np.concatenate([self.indices, other.indices])
+        order = np.lexsort((indices, owner))
+        return CandidateSlices(np.concatenate([self.vectors, other.vectors])[order], owner[order], indices[order],
+                               self.gaps, np.concatenate([boxes(self), boxes(other)])[order])
 
 
 class SliceTable:
-    """The slice vectors of every case of an index, in case-table order (see the module docstring)."""
+    """The slice vectors of every case of an index, in case-table order (see the module docstring);
+    with ``crops``, the crop vectors, each row with its box."""
 
     def __init__(self, dim: int, vectors: np.ndarray | None = None, offsets: np.ndarray | None = None,
-                 indices: np.ndarray | None = None, gaps: np.ndarray | None = None) -> None:
+                 indices: np.ndarray | None = None, gaps: np.ndarray | None = None, *, crops: bool = False,
+                 boxes: np.ndarray | None = None) -> None:
         self.dim = int(dim)
+        self.crops = crops
         self._parts: list[np.ndarray] = [vectors] if vectors is not None and len(vectors) else []
         self._offsets = [np.asarray(offsets if offsets is not None else [0], dtype=np.int64)]
         self._indices = [np.asarray(indices if indices is not None else [], dtype=np.int32)]
         self._gaps = [np.asarray(gaps if gaps is not None else [], dtype=np.float32)]
+        self._boxes = [np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.int32).reshape(-1, 4)]
 
     # -- contents ---------------------------------------------------------------------------------
 
@@ -109,6 +137,13 @@ class SliceTable:
             self._gaps = [np.concatenate(self._gaps)]
         return self._gaps[0]
 
+    @property
+    def boxes(self) -> np.ndarray:
+        """(T, 4) int32: each row's box (crop vectors; empty for slice vectors)."""
+        if len(self._boxes) > 1:
+            self._boxes = [np.concatenate(self._boxes)]
+        return self._boxes[0]
+
     def _vectors(self) -> np.ndarray:
         if len(self._parts) > 1:
             self._parts = [np.concatenate(self._parts)]
@@ -133,19 +168,21 @@ class SliceTable:
         # every row's position in the stored array, without a Python loop over slices
         take = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
         vectors = np.asarray(self._vectors()[take], dtype=np.float32) if total else np.zeros((0, self.dim), np.float32)
-        return CandidateSlices(vectors, owner, self.indices[take], self.gaps[rows])
+        return CandidateSlices(vectors, owner, self.indices[take], self.gaps[rows], self.boxes[take] if self.crops else None)
 
     # -- adding -------------------------------------------------------------------------------------
 
     def add(self, sets: Sequence[SlicesLike | None]) -> None:
-        """Append one entry per new case: its slice set, or None for a case without slices.
+        """Append one entry per new case: its slice set (crop set, for crop vectors), or None for a
+        case without.
 
         Raises
         ------
         ValueError
-            A slice set of another dimension, or whose indices and vectors differ in number.
+            A set of another dimension, whose indices and vectors differ in number, or (crop
+            vectors) without one box per row.
         """
-        counts, gaps, vectors, indices = [], [], [], []
+        counts, gaps, vectors, indices, boxes = [], [], [], [], []
         for item in sets:
             if item is None or not len(item.indices):
                 counts.append(0)
@@ -154,6 +191,11 @@ class SliceTable:
             v = np.asarray(item.vectors)
             if v.ndim != 2 or v.shape[1] != self.dim or len(v) != len(item.indices):
                 raise ValueError(f"slice vectors must be (S, {self.dim}) with one index each, got {v.shape} for {len(item.indices)} indices")
+            if self.crops:
+                box = np.asarray(item.boxes if item.boxes is not None else (), dtype=np.int32)
+                if box.shape != (len(v), 4):
+                    raise ValueError(f"crop vectors need one box (x0, y0, x1, y1) per row, got {box.shape} for {len(v)} rows")
+                boxes.append(box)
             vectors.append(v.astype(_DTYPE))
             indices.append(np.asarray(item.indices, dtype=np.int32))
             counts.append(len(v))
@@ -166,6 +208,8 @@ class SliceTable:
         if vectors:
             self._parts.append(np.concatenate(vectors))
             self._indices.append(np.concatenate(indices))
+        if boxes:
+            self._boxes.append(np.concatenate(boxes))
 
     def add_empty(self, n: int) -> None:
         """Append ``n`` cases without slices."""
@@ -173,48 +217,62 @@ class SliceTable:
 
     # -- files --------------------------------------------------------------------------------------
 
+    @staticmethod
+    def roles(crops: bool) -> tuple[str, str]:
+        """The manifest roles of the two files: slice vectors, or crop vectors."""
+        return ("crops", "crop_table") if crops else ("slices", "slice_table")
+
     def write(self, folder: Path, generation: int) -> dict[str, FileEntry]:
         """Write both files of ``generation`` atomically; their manifest entries by role."""
-        name = generation_file("slices", generation)
+        role, table_role = self.roles(self.crops)
+        name = generation_file(role, generation)
         vectors = self._vectors()
         entry = write_raw(folder, name, [vectors], rows=len(vectors), dim=self.dim, dtype=_DTYPE)
         self._parts = [np.load(folder / name, mmap_mode="r")] if len(vectors) else []
         buffer = BytesIO()
-        np.savez(buffer, offsets=self.offsets, indices=self.indices, gaps=self.gaps)
-        table = write_file(folder, generation_file("slice_table", generation), buffer.getvalue())
-        return {"slices": entry, "slice_table": table}
+        arrays: dict[str, np.ndarray] = {"offsets": self.offsets, "indices": self.indices, "gaps": self.gaps}
+        if self.crops:
+            arrays["boxes"] = self.boxes
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        table = write_file(folder, generation_file(table_role, generation), buffer.getvalue())
+        return {role: entry, table_role: table}
 
     @classmethod
     def open(cls, folder: Path, files: dict[str, FileEntry], *, cases: int, dim: int, verified: VerifiedFiles,
-             full: bool) -> SliceTable | None:
-        """The slice vectors an index folder lists, checked against the manifest; None where it lists none.
+             full: bool, crops: bool = False) -> SliceTable | None:
+        """The slice vectors (``crops``: crop vectors) an index folder lists, checked against the
+        manifest; None where it lists none.
 
         Raises
         ------
         IndexCorruptError
             A file is missing, of another size or checksum, or does not fit the case table.
         """
-        if "slices" not in files and "slice_table" not in files:
+        role, table_role = cls.roles(crops)
+        what = "crop-vector" if crops else "slice-vector"
+        if role not in files and table_role not in files:
             return None
-        if "slices" not in files or "slice_table" not in files:
-            raise IndexCorruptError(f"{folder}: the manifest lists only one of the two slice-vector files; rebuild the index")
-        table = read_checked(folder, files["slice_table"], verified, full=full)
-        path = check_file(folder, files["slices"], verified, full=full)
+        if role not in files or table_role not in files:
+            raise IndexCorruptError(f"{folder}: the manifest lists only one of the two {what} files; rebuild the index")
+        table = read_checked(folder, files[table_role], verified, full=full)
+        path = check_file(folder, files[role], verified, full=full)
         try:
             with np.load(BytesIO(table), allow_pickle=False) as data:
                 offsets, indices, gaps = data["offsets"], data["indices"], data["gaps"]
+                boxes = data["boxes"] if crops else None
             empty = not len(offsets) or int(offsets[-1]) == 0  # (an empty array cannot be memory-mapped)
             vectors: Any = np.load(path, mmap_mode=None if empty else "r", allow_pickle=False)
         except (OSError, ValueError, KeyError) as e:
-            raise IndexCorruptError(f"{folder}: the slice-vector files are unreadable; rebuild the index") from e
+            raise IndexCorruptError(f"{folder}: the {what} files are unreadable; rebuild the index") from e
         total = int(offsets[-1]) if len(offsets) else -1
         if (len(offsets) != cases + 1 or len(gaps) != cases or len(indices) != total or vectors.dtype != _DTYPE
-                or vectors.shape != (total, dim) or np.any(np.diff(offsets) < 0)):
+                or vectors.shape != (total, dim) or np.any(np.diff(offsets) < 0)
+                or (boxes is not None and boxes.shape != (total, 4))):
             raise IndexCorruptError(
-                f"{folder}: the slice vectors do not fit the index ({cases} cases of dimension {dim}); rebuild the index"
+                f"{folder}: the {what}s do not fit the index ({cases} cases of dimension {dim}); rebuild the index"
             )
-        return cls(dim, vectors, offsets, indices, gaps)
+        return cls(dim, vectors, offsets, indices, gaps, crops=crops, boxes=boxes)
 
     def nbytes(self) -> int:
         """Bytes the slice vectors take on disk (their table included, roughly)."""
-        return int(self.n_slices * self.dim * 2 + self.n_slices * 4 + len(self) * 12)
+        return int(self.n_slices * self.dim * 2 + self.n_slices * (20 if self.crops else 4) + len(self) * 12)

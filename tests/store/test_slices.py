@@ -96,3 +96,61 @@ def test_an_export_keeps_the_slice_vectors(tmp_path):
     copy = IndexStore.open(tmp_path / "copy", verify=True)
     assert copy.slices is not None
     np.testing.assert_array_equal(copy.slices.case(2)[0], IndexStore.open(tmp_path / "ix").slices.case(2)[0])
+
+
+def _crop_sets(n: int, seed: int = 0) -> list[SliceSet | None]:
+    """Crop sets: each slice of a case cut into four tiles (boxes on a 64 x 64 image)."""
+    boxes = np.array([[0, 0, 43, 43], [21, 0, 64, 43], [0, 21, 43, 64], [21, 21, 64, 64]], np.int32)
+    out: list[SliceSet | None] = []
+    for item in _sets(n, seed):
+        if item is None:
+            out.append(None)
+            continue
+        rng = np.random.default_rng(len(item))
+        vectors = rng.normal(size=(4 * len(item), 16)).astype(np.float32)
+        out.append(SliceSet(vectors, np.repeat(item.indices, 4), item.gap_mm, np.tile(boxes, (len(item), 1))))
+    return out
+
+
+def test_crop_vectors_survive_a_commit_and_an_open_beside_the_slices(tmp_path):
+    slices, crops = _sets(8), _crop_sets(8)
+    store = IndexStore.create(tmp_path / "ix", dim=16, encoder=ENCODER, preprocess=PREPROCESS)
+    store.add(_vectors(8), _rows(8), slices=slices, crops=crops)
+    store.commit()
+    manifest = json.loads((tmp_path / "ix" / MANIFEST).read_text())
+    assert {"slices", "slice_table", "crops", "crop_table"} <= set(manifest["files"])
+    assert manifest["files"]["crops"]["name"].startswith("crops-")
+    loaded = IndexStore.open(tmp_path / "ix", verify=True)
+    assert loaded.crops is not None and loaded.crops.crops and not loaded.slices.crops
+    assert loaded.crops.n_slices == 4 * loaded.slices.n_slices
+    for row, expected in enumerate(crops):
+        vectors, indices, gap = loaded.crops.case(row)
+        if expected is None:
+            assert len(vectors) == 0
+            continue
+        np.testing.assert_array_equal(vectors, expected.vectors.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(indices, expected.indices)
+    found = loaded.crops.gather([2, 0])
+    assert found.boxes is not None and found.boxes.shape == (len(found.owner), 4)
+    np.testing.assert_array_equal(found.boxes[:4], crops[2].boxes[:4])
+    # the slices and the tiles of the same candidates, merged: each candidate's rows in stack order
+    merged = loaded.slices.gather([2, 0]).merged(found)
+    assert np.all(np.diff(merged.owner) >= 0)
+    for j in (0, 1):
+        assert np.all(np.diff(merged.indices[merged.owner == j]) >= 0)
+    assert int((merged.boxes[:, 0] < 0).sum()) == len(loaded.slices.gather([2, 0]).owner)  # whole slices: -1
+
+
+def test_crop_vectors_need_their_boxes_and_damage_is_refused(tmp_path):
+    table = SliceTable(16, crops=True)
+    with pytest.raises(ValueError, match="one box"):
+        table.add(_sets(2))  # slice sets without boxes
+    store = IndexStore.create(tmp_path / "ix", dim=16, encoder=ENCODER, preprocess=PREPROCESS)
+    store.add(_vectors(4), _rows(4), slices=_sets(4), crops=_crop_sets(4))
+    store.commit()
+    name = store.manifest.files["crop_table"].name
+    data = bytearray((tmp_path / "ix" / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "ix" / name).write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptError, match="checksum|crop"):
+        IndexStore.open(tmp_path / "ix", verify=True)
