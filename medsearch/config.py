@@ -163,6 +163,10 @@ class IndexConfig:
     thumbnail_size: int = 256
     # images smaller than this on either side are not indexed (skipped as not_an_image); 0: no minimum
     min_image_size: int = 32
+    # region queries with a box: also keep the vectors of tiles of every kept slice, a grid of G x G
+    # overlapping tiles each 2/(G+1) of the image a side (2: 4 tiles of 2/3, 3: 9 of 1/2, 4: 16 of 2/5);
+    # 0 keeps none. Indexing then encodes G^2 + 1 images a slice instead of 1 (docs/query.md)
+    crop_grid: int = 0
     # which faiss index; "auto" follows the collection size and the memory budget
     index_type: IndexType = IndexType.AUTO
     # the most memory the faiss index may take, in MB ("auto" picks a smaller index type beyond it)
@@ -180,6 +184,8 @@ class IndexConfig:
                 raise ConfigError(f"index.{name} must be a whole number of at least 1, got {value!r}")
         if not (self.thumbnail_size == 0 or 16 <= int(self.thumbnail_size) <= 512):
             raise ConfigError(f"index.thumbnail_size must be 0 (none) or 16 to 512 pixels, got {self.thumbnail_size}")
+        if isinstance(self.crop_grid, bool) or not isinstance(self.crop_grid, int) or self.crop_grid not in (0, 2, 3, 4):
+            raise ConfigError(f"index.crop_grid must be 0 (no crop vectors), 2, 3 or 4 (tiles a side), got {self.crop_grid!r}")
         if isinstance(self.min_image_size, bool) or not isinstance(self.min_image_size, int) or not 0 <= self.min_image_size <= 1024:
             raise ConfigError(f"index.min_image_size must be a whole number of pixels from 0 (no minimum) to 1024, got {self.min_image_size!r}")
 

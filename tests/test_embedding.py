@@ -8,7 +8,18 @@ import pytest
 from series import phantom
 
 from medsearch.config import Config, PreprocessConfig
-from medsearch.embedding import Region, embed_slices, embed_volume, pool_slices, region_array, slice_indices
+from medsearch.embedding import (
+    Region,
+    crop_array,
+    crop_boxes,
+    embed_crops,
+    embed_slices,
+    embed_volume,
+    embedded_box,
+    pool_slices,
+    region_array,
+    slice_indices,
+)
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError
 from medsearch.io import Volume
@@ -111,6 +122,43 @@ def test_region_batches_are_the_slab_and_the_crop(encoder):
     assert where == [12] and crop.shape == (1, 3, 224, 224)  # the middle slice, the box filling the input
     whole, _ = region_array(volume, encoder.info, config, Region((12, 13), None))
     assert not np.allclose(crop, whole)
+
+
+@pytest.mark.parametrize(("height", "width", "grid"), [(64, 64, 2), (512, 512, 3), (90, 120, 2), (37, 53, 4)])
+def test_every_small_box_lies_inside_a_tile(height, width, grid):
+    tiles = crop_boxes(height, width, grid)
+    assert len(tiles) == grid * grid
+    assert min(t[0] for t in tiles) == 0 and max(t[2] for t in tiles) == width
+    assert min(t[1] for t in tiles) == 0 and max(t[3] for t in tiles) == height
+    side_x, side_y = width // (grid + 1), height // (grid + 1)  # half a tile, rounded down
+    for x0 in range(0, width - side_x + 1, max(1, width // 17)):
+        for y0 in range(0, height - side_y + 1, max(1, height // 13)):
+            assert any(t[0] <= x0 and t[1] <= y0 and x0 + side_x <= t[2] and y0 + side_y <= t[3] for t in tiles)
+    assert crop_boxes(height, width, 0) == []
+
+
+def test_a_query_box_is_widened_to_the_tiles_of_the_index():
+    assert embedded_box((30, 30, 40, 40), 64, 64, 2) == (14, 14, 57, 57)  # a tile is 43 px: centred on the box
+    assert embedded_box((0, 50, 10, 64), 64, 64, 2) == (0, 21, 43, 64)  # kept inside the image
+    assert embedded_box((0, 0, 60, 60), 64, 64, 2) == (0, 0, 60, 60)  # larger than a tile: as given
+    assert embedded_box((30, 30, 40, 40), 64, 64, 0) == (30, 30, 40, 40)  # no tiles in the index
+
+
+def test_crop_vectors_are_the_tiles_of_the_kept_slices(encoder):
+    config = Config().replace(preprocess={"slice_spacing_mm": 5.0}, index={"crop_grid": 2})
+    volume = _volume()
+    chosen = slice_indices(volume, encoder.info, config)
+    batch, rows, boxes = crop_array(volume, encoder.info, config, chosen)
+    tiles = crop_boxes(64, 64, 2)
+    assert batch.shape == (4 * len(chosen), 3, 224, 224)
+    assert rows.tolist() == [i for i in chosen for _ in tiles] and boxes.tolist() == [list(t) for t in tiles] * len(chosen)
+    # a tile embeds as a query of the same box does: the index and the query see the same pixels
+    tile, where = region_array(volume, encoder.info, config, Region((chosen[1], chosen[1] + 1), tiles[3]))
+    assert where == [chosen[1]]
+    np.testing.assert_allclose(batch[4 + 3], tile[0], atol=1e-6)
+    found = embed_crops(volume, encoder, config)
+    assert found is not None and found.boxes is not None and len(found) == 4 * len(chosen) and found.gap_mm == 2.5
+    assert embed_crops(volume, encoder, Config().replace(preprocess={"slice_spacing_mm": 5.0})) is None
 
 
 @pytest.mark.parametrize(

@@ -428,7 +428,8 @@ def _flush(
             report.n_cases_labelled += 1
     if chunk.vectors:
         store.add(np.stack(chunk.vectors), pd.DataFrame(chunk.rows), np.stack(chunk.thumbnails) if chunk.thumbnails else None,
-                  slices=chunk.slices if len(chunk.slices) == len(chunk.vectors) else None)
+                  slices=chunk.slices if len(chunk.slices) == len(chunk.vectors) else None,
+                  crops=chunk.crops if len(chunk.crops) == len(chunk.vectors) and any(c is not None for c in chunk.crops) else None)
     report.n_cases_total = len(store)
     # the link table first: a case in the index always has its way back
     if link_table is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medsearch.config import Config, SliceMode
-from medsearch.embedding import Region, encoder_input, region_array, slice_indices
+from medsearch.embedding import Region, crop_array, encoder_input, region_array, slice_indices
 from medsearch.encoders import EncoderInfo
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.indexing.options import IndexOptions
@@ -74,6 +74,9 @@ class PreparedCase:
     # or tri-planar images, whose slice vectors are not kept
     slice_indices: list[int] | None = None
     gap_mm: float | None = None
+    # with ``crop_grid``: the encoder input of the tiles of those slices, and each tile's slice and
+    # box (:func:`~medsearch.embedding.crop_array`); None without
+    crops: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -129,6 +132,9 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
     try:
         images = encoder_input(volume, setup.encoder, setup.config).numpy()
         chosen = slice_indices(volume, setup.encoder, setup.config)
+        crops = None
+        if chosen is not None and setup.config.index.crop_grid >= 2:
+            crops = crop_array(volume, setup.encoder, setup.config, chosen)
         size = setup.config.index.thumbnail_size
         thumb = None
         if size:
@@ -151,6 +157,7 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
         preprocess_s=time.perf_counter() - decoded,
         slice_indices=chosen,
         gap_mm=float(volume.spacing[0]) if volume.z_known else None,
+        crops=crops,
     )
 
 

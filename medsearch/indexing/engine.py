@@ -81,6 +81,8 @@ class Chunk:
     thumbnails: list[np.ndarray] = field(default_factory=list)
     # each case's slice vectors (None: a case whose encoder input holds no axial slices)
     slices: list[SliceSet | None] = field(default_factory=list)
+    # each case's crop vectors (``crop_grid``; None: without)
+    crops: list[SliceSet | None] = field(default_factory=list)
     decoded: list[tuple[str, Sequence[_FileState], Sequence[tuple[_FileState, SkippedFile]]]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -509,6 +511,19 @@ def _slice_set(prepared: PreparedCase, vectors: np.ndarray) -> SliceSet | None:
     return SliceSet(np.asarray(vectors, np.float16), np.asarray(prepared.slice_indices, np.int32), prepared.gap_mm)
 
 
+def _inputs(prepared: PreparedCase) -> list[np.ndarray]:
+    """What the encoder embeds of a case: its images, and its tiles when it has them."""
+    return [prepared.images] if prepared.crops is None else [prepared.images, prepared.crops[0]]
+
+
+def _crop_set(prepared: PreparedCase, vectors: np.ndarray) -> SliceSet | None:
+    """A case's crop vectors as the index keeps them (the encoder's output for ``prepared.crops``)."""
+    if prepared.crops is None or not len(vectors):
+        return None
+    _, indices, boxes = prepared.crops
+    return SliceSet(np.asarray(vectors, np.float16), indices, prepared.gap_mm, boxes)
+
+
 def _encode_all(
     results: Iterable[tuple[int, PreparedCase | FailedCase] | None],
     jobs: list[CaseJob],
@@ -538,15 +553,18 @@ def _encode_all(
         if not waiting:
             return
         started = time.perf_counter()
-        batch = np.concatenate([prepared.images for _, prepared in waiting])
+        # each case's images, then its tiles (crop_grid), all in one encoder call
+        batch = np.concatenate([part for _, prepared in waiting for part in _inputs(prepared)])
         vectors = encoder.embed(batch)
         report.stage_seconds["encode"] += time.perf_counter() - started
         offset = 0
         for job, prepared in waiting:
             n = prepared.images.shape[0]
+            tiles = 0 if prepared.crops is None else len(prepared.crops[0])
             committer.chunk.vectors.append(pool_slices(vectors[offset : offset + n], config.preprocess.pool))
             committer.chunk.slices.append(_slice_set(prepared, vectors[offset : offset + n]))
-            offset += n
+            committer.chunk.crops.append(_crop_set(prepared, vectors[offset + n : offset + n + tiles]))
+            offset += n + tiles
             committer.chunk.rows.append(prepared.row)
             if prepared.thumbnail is not None:
                 committer.chunk.thumbnails.append(prepared.thumbnail)
@@ -555,7 +573,7 @@ def _encode_all(
                 _link(links, job.case_id, job.case)
             report.n_cases_added += 1
             report.n_files_added += prepared.n_files
-            report.n_images_encoded += n
+            report.n_images_encoded += n + tiles
             bar.update(len(job.case.files))
             committer.maybe_commit()
         waiting.clear()
@@ -580,7 +598,7 @@ def _encode_all(
         report.stage_seconds["preprocess"] += result.preprocess_s
         report.skipped.extend(result.skipped)
         waiting.append((job, result))
-        n_images += result.images.shape[0]
+        n_images += sum(len(part) for part in _inputs(result))
         if n_images >= batch_images:
             encode()
     encode()

@@ -113,11 +113,17 @@ def index_files_ray(
     Raises
     ------
     ConfigError
-        Ray is not installed.
+        Ray is not installed, or the config asks for crop vectors (``crop_grid``), which the Ray
+        engine does not compute.
     MedsearchError
         The cluster cannot be reached.
     """
     options = options or IndexOptions()
+    if config.index.crop_grid:
+        # the shards carry slice vectors only; a run that dropped the tiles would leave an index
+        # whose box queries silently fall back to whole slices
+        raise ConfigError("crop vectors (index.crop_grid) are built by the local engine only; "
+                          "index without --ray, or set crop_grid = 0")
     ray = _import_ray()
     setup = _Setup(config=config, encoder=encoder.info, describe=describe, options=options,
                    log_level=logging.getLogger().getEffectiveLevel())
