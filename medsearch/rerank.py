@@ -23,6 +23,10 @@ Each re-ranked result says where it matched: of the aligned pairs, the one of hi
 first slice. A candidate without slice vectors (an index built before they were kept, a 3D encoder)
 keeps its case-vector similarity as its score, and no location.
 
+Boxes. A query of a box (``--roi``) compares each query crop with the candidate's whole slices and,
+where the index keeps them (``crop_grid``), with the tiles of those slices: a candidate slice scores
+the best of its own cosine and its tiles', and the match names the tile (``best_box``).
+
 This module takes numpy arrays; it imports neither torch nor an encoder.
 """
 
@@ -36,7 +40,7 @@ import numpy as np
 
 from medsearch.store import CandidateSlices, SliceTable
 
-__all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "late_interaction", "location", "rerank_rows",
+__all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "gathered", "late_interaction", "location", "rerank_rows",
            "reorder_by_slices"]
 
 #: Candidates the case-vector index gives the re-ranking, at least (``10 * k`` when more).
@@ -53,12 +57,14 @@ LATE_DISTANCE_TEXT = (
 @dataclass(frozen=True)
 class SliceMatch:
     """How one candidate matched: ``score`` (the late-interaction similarity, at most 1), and its
-    best aligned pair: ``query_slice`` and ``best_slice`` (stack indices) with their cosine."""
+    best aligned pair: ``query_slice`` and ``best_slice`` (stack indices) with their cosine; with
+    crop vectors, ``best_box``: the tile of ``best_slice`` that matched (None: the whole slice)."""
 
     score: float
     query_slice: int
     best_slice: int
     slice_score: float
+    best_box: tuple[int, int, int, int] | None = None  # the tile of best_slice it matched (crop vectors)
 
 
 def candidate_count(k: int, total: int, candidates: int | None = None) -> int:
@@ -79,23 +85,35 @@ def late_interaction(
     query_indices
         ``(Q,)`` their stack indices.
     found
-        The candidates' slices (:meth:`~medsearch.store.SliceTable.gather`).
+        The candidates' slices (:meth:`~medsearch.store.SliceTable.gather`), each candidate's rows
+        in stack order. Several rows of one stack slice (a slice and its tiles, crop vectors) count
+        as one candidate slice, of the best of their cosines; the match then names its box.
     ordered
         Align in anatomical order (see the module docstring); False: plain MaxSim.
     """
     n = len(found.gaps)
-    counts = np.bincount(found.owner, minlength=n) if len(found.owner) else np.zeros(n, np.int64)
     q = len(query)
-    if n == 0 or q == 0 or not counts.any():
+    owner, rows_index = found.owner, found.indices
+    if n == 0 or q == 0 or not len(owner):
         return [None] * n
+    # one column per (candidate, stack slice): the rows of a slice (its tiles) share it
+    new = np.ones(len(owner), dtype=bool)
+    new[1:] = (owner[1:] != owner[:-1]) | (rows_index[1:] != rows_index[:-1])
+    group = np.cumsum(new) - 1
+    counts = np.bincount(owner[new], minlength=n)
+    starts = np.cumsum(counts) - counts  # each candidate's first column, as a group number
+    column = group - starts[owner]
+    slice_of = rows_index[new]  # the stack index of each group
     width = int(counts.max())
-    # (n, width, Q) similarities, -inf where a candidate has fewer slices
-    starts = np.cumsum(counts) - counts
-    column = np.arange(len(found.owner)) - np.repeat(starts, counts)
-    table = np.full((n, width, q), -np.inf, dtype=np.float32)
     # both sides as the index stores slices (float16), each made unit length again: a slice compared
     # with its own stored copy then scores 1 to float32 rounding, as its case vector does
-    table[found.owner, column] = np.minimum(_unit(found.vectors) @ _unit(_stored(query)).T, 1.0)
+    cosines = np.minimum(_unit(found.vectors) @ _unit(_stored(query)).T, 1.0)  # (T, Q)
+    # (n, width, Q) similarities, -inf where a candidate has fewer slices
+    table = np.full((n, width, q), -np.inf, dtype=np.float32)
+    if new.all():
+        table[owner, column] = cosines
+    else:
+        np.maximum.at(table, (owner, column), cosines)
     if ordered and q > 1:
         total, pairs = _aligned(table)
     else:
@@ -107,16 +125,27 @@ def late_interaction(
         if counts[c] == 0:
             out.append(None)
             continue
-        cosines = table[c, pairs[c], np.arange(q)]
+        aligned = table[c, pairs[c], np.arange(q)]
         # ties (a study against its own copy) go to the pair nearest the middle of the query
-        top = int(np.argmax(cosines - 1e-6 * np.abs(np.arange(q) - (q - 1) / 2)))
+        top = int(np.argmax(aligned - 1e-6 * np.abs(np.arange(q) - (q - 1) / 2)))
+        col = int(pairs[c, top])
         out.append(SliceMatch(
             score=float(total[c]) / q,
             query_slice=int(query_indices[top]),
-            best_slice=int(found.indices[starts[c] + pairs[c, top]]),
-            slice_score=float(cosines[top]),
+            best_slice=int(slice_of[starts[c] + col]),
+            slice_score=float(aligned[top]),
+            best_box=_box(found, cosines[:, top], group == starts[c] + col),
         ))
     return out
+
+
+def _box(found: CandidateSlices, cosines: np.ndarray, rows: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box of the best of ``rows`` (one candidate slice's rows); None for a whole slice."""
+    if found.boxes is None:
+        return None
+    where = np.flatnonzero(rows)
+    box = found.boxes[where[int(np.argmax(cosines[where]))]]
+    return None if int(box[0]) < 0 else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
 
 
 def _stored(vectors: np.ndarray) -> np.ndarray:
@@ -163,21 +192,29 @@ def rerank_rows(
     distances: Sequence[float] | np.ndarray,
     *,
     ordered: bool = True,
+    crops: SliceTable | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[SliceMatch | None]]:
     """Candidates (case-table ``rows`` with their case-vector ``distances``) re-ordered by late
     interaction, closest first: the rows, their distances (``1 - score``) and their matches.
 
     A candidate without slice vectors scores its case-vector similarity (``1 - distance`` for the
-    cosine metric). Ties keep the case-vector order.
+    cosine metric). Ties keep the case-vector order. ``crops``: the index's crop vectors, compared
+    beside the slices (a query of boxes, ``--roi``).
     """
     rows = np.asarray(rows, dtype=np.int64)
     distances = np.asarray(distances, dtype=np.float64)
     if table is None or not len(rows):
         return rows, distances, [None] * len(rows)
-    matches = late_interaction(query, query_indices, table.gather(rows), ordered=ordered)
+    matches = late_interaction(query, query_indices, gathered(table, rows, crops), ordered=ordered)
     scores = np.array([m.score if m is not None else 1.0 - d for m, d in zip(matches, distances)])
     order = np.argsort(-scores, kind="stable")
     return rows[order], np.maximum(1.0 - scores[order], 0.0), [matches[i] for i in order]
+
+
+def gathered(table: SliceTable, rows: Sequence[int] | np.ndarray, crops: SliceTable | None = None) -> CandidateSlices:
+    """The slices of the cases at ``rows``, with their crop vectors when ``crops`` is given."""
+    found = table.gather(rows)
+    return found if crops is None else found.merged(crops.gather(rows))
 
 
 def reorder_by_slices(
@@ -205,13 +242,17 @@ def reorder_by_slices(
 
 def location(match: SliceMatch | None, *, query_gap: float | None, case_gap: float | None) -> dict[str, Any] | None:
     """A match's location as a result reports it (``best_slice``, ``best_slice_mm``, ``query_slice``,
-    ``query_slice_mm``, ``slice_score``); positions in mm from the first slice, None when unknown."""
+    ``query_slice_mm``, ``slice_score``, and ``best_box`` where a tile matched: x0, y0, x1, y1 in
+    pixels of the case's slice); positions in mm from the first slice, None when unknown."""
     if match is None:
         return None
-    return {
+    out: dict[str, Any] = {
         "best_slice": match.best_slice,
         "best_slice_mm": None if case_gap is None else round(match.best_slice * case_gap, 2),
         "query_slice": match.query_slice,
         "query_slice_mm": None if query_gap is None else round(match.query_slice * query_gap, 2),
         "slice_score": round(match.slice_score, 4),
     }
+    if match.best_box is not None:
+        out["best_box"] = list(match.best_box)
+    return out

@@ -28,14 +28,14 @@ import pandas as pd
 from medsearch._json import plain
 from medsearch.config import Config, as_config, config_for_index
 from medsearch.deid import SiteKey, patient_pseudonym
-from medsearch.embedding import Region, SliceSet, embed_slices, embed_volume, pool_slices
+from medsearch.embedding import Region, SliceSet, embed_slices, embed_volume, embedded_box, pool_slices
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, scan
-from medsearch.rerank import LATE_DISTANCE_TEXT, ON_BY_DEFAULT, candidate_count, late_interaction, location, rerank_rows
+from medsearch.rerank import LATE_DISTANCE_TEXT, ON_BY_DEFAULT, candidate_count, gathered, late_interaction, location, rerank_rows
 from medsearch.sharing import DEFAULT_K, LinkTable, measure_k_anonymity
-from medsearch.store import MANIFEST, IndexStore
+from medsearch.store import MANIFEST, IndexStore, SliceTable
 
 if TYPE_CHECKING:  # for type checkers only: at run time, __getattr__ (below) loads them on first use
     from medsearch.indexing import IndexReport as IndexReport
@@ -211,6 +211,10 @@ class Searcher:
         store.check_compatible(self.encoder.info.to_dict(), self.config.to_dict()["preprocess"])
         if self._own_config:  # a config's search knobs apply to this searcher (not written to the index)
             store.configure(ef_search=self.config.index.ef_search, nprobe=self.config.index.nprobe)
+        # a query box is widened to the tiles the index keeps (embedded_box): their grid, 0 without
+        grid = int((store.manifest.config or {}).get("index", {}).get("crop_grid", 0)) if store.crops is not None else 0
+        if grid != self.config.index.crop_grid:
+            self.config = self.config.replace(index={"crop_grid": grid})
         self.store = store
 
     def refresh(self) -> bool:
@@ -326,6 +330,9 @@ class Searcher:
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
         if region is not None:
             info["region"] = region.to_dict()
+            if region.roi is not None:  # what the encoder saw of the box (widened to the index's tiles)
+                height, width = (int(n) for n in volume.pixels.shape[1:3])
+                info["region"]["embedded_box"] = list(embedded_box(region.roi, height, width, self.config.index.crop_grid))
         if filters:
             info["where"] = [str(f) for f in filters]
             info["matching_cases"] = int(matching.sum())
@@ -377,7 +384,8 @@ class Searcher:
             valid = hits.ids[0] >= 0
             rows, distances = hits.ids[0][valid], hits.distances[0][valid]
             if late and slices is not None:
-                rows, distances, matches = rerank_rows(self.store.slices, slices.vectors, slices.indices, rows, distances)
+                rows, distances, matches = rerank_rows(self.store.slices, slices.vectors, slices.indices, rows, distances,
+                                                       crops=self._crops(slices))
                 found = dict(zip(rows.tolist(), matches))
             kept = picker.pick(rows, distances, k)
             # done: k kept, or faiss gave fewer candidates than asked (none left), or all were asked
@@ -420,7 +428,16 @@ class Searcher:
         elif slices is None or not len(slices):
             why = "the encoder sees no slices (a 3D encoder or tri-planar images): ranked by case vector"
         info["rerank"] = {"used": not why, **({"note": why} if why else {})}
+        if not why and slices is not None and slices.cropped:
+            info["rerank"]["crop_vectors"] = self.store.crops is not None
+            if self.store.crops is None:
+                info["rerank"]["crop_note"] = ("the index keeps no crop vectors: the box was matched against whole slices; "
+                                               "rebuild it with [index] crop_grid = 2 or 3 to match tiles")
         return not why
+
+    def _crops(self, slices: SliceSet) -> SliceTable | None:
+        """The index's crop vectors, for a query of boxes; None otherwise."""
+        return self.store.crops if slices.cropped else None
 
     def _locations(
         self, slices: SliceSet | None, rows: list[int], found: dict[int, Any] | None
@@ -430,10 +447,10 @@ class Searcher:
         if slices is None or table is None or not len(slices) or not rows:
             return [None] * len(rows)
         if found is None:
-            found = dict(zip(rows, late_interaction(slices.vectors, slices.indices, table.gather(rows))))
+            found = dict(zip(rows, late_interaction(slices.vectors, slices.indices, gathered(table, rows, self._crops(slices)))))
         gaps, counts = table.gaps, np.diff(table.offsets)
-        # one image against one image: nothing to locate
-        single = len(slices) == 1 and int(slices.indices[0]) == 0
+        # one image against one image: nothing to locate (but a box, which a tile may locate)
+        single = len(slices) == 1 and int(slices.indices[0]) == 0 and not slices.cropped
         return [
             None if single and counts[row] <= 1 else
             location(found.get(row), query_gap=slices.gap_mm, case_gap=float(gaps[row]) if np.isfinite(gaps[row]) else None)
@@ -605,7 +622,7 @@ def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = Fals
     m = store.manifest
     cases = store.cases
     tallies = {
-        col: {str(k): int(v) for k, v in cases[col].fillna("unknown").value_counts().head(12).items()}
+        col: {str(k): int(v) for k, v in cases[col].astype(object).fillna("unknown").value_counts().head(12).items()}
         for col in ("modality", "body_part", "sex", "age_band", "manufacturer")
         if col in cases
     }
@@ -623,14 +640,14 @@ def _store_info(store: IndexStore, index_dir: str | Path, *, verify: bool = Fals
         "last_run": m.last_run or {},
         "tallies": tallies,
         "verified": sorted(entry.name for entry in m.files.values()) if verify else [],
-        "slice_vectors": _slice_info(store),
+        "slice_vectors": _slice_info(store.slices),
+        "crop_vectors": _slice_info(store.crops),
         "k_anonymity": measure_k_anonymity(cases, k=k).to_dict(),
     }
 
 
-def _slice_info(store: IndexStore) -> dict[str, Any]:
-    """What the index keeps of slice vectors: how many, for how many cases, and their bytes per case."""
-    table = store.slices
+def _slice_info(table: SliceTable | None) -> dict[str, Any]:
+    """What the index keeps of slice (or crop) vectors: how many, for how many cases, and their bytes per case."""
     if table is None:
         return {"kept": False}
     with_slices = int((np.diff(table.offsets) > 0).sum())

@@ -88,3 +88,28 @@ def test_the_alignment_is_the_best_monotone_one(seed):
         assert totals[c] == pytest.approx(best, abs=1e-5)
         assert np.all(np.diff(pairs[c]) >= 0) and pairs[c].max() < s
         assert sum(table[c, j, i] for i, j in enumerate(pairs[c])) == pytest.approx(best, abs=1e-5)
+
+
+def test_a_box_query_matches_the_tile_that_holds_it(anatomy):
+    """Crop vectors: a candidate slice scores the best of its own cosine and its tiles', and the
+    match names the tile; a candidate without tiles is compared by its whole slices."""
+    rng, levels, _ = anatomy
+    tiles = _unit(rng, 4)  # what the four tiles of a slice show
+    query = SliceSet(_near(tiles[2:3], rng, 0.05), np.array([7], np.int32), 5.0, cropped=True)
+    boxes = np.array([[0, 0, 40, 40], [20, 0, 60, 40], [0, 20, 40, 60], [20, 20, 60, 60]], np.int32)
+    slices, crops = SliceTable(DIM), SliceTable(DIM, crops=True)
+    slices.add([SliceSet(levels[:3], np.arange(3, dtype=np.int32), 5.0)] * 2)
+    # case 0: tile 2 of its slice 1 shows the box; case 1: unrelated tiles; both share the same whole slices
+    crops.add([
+        SliceSet(np.concatenate([_unit(rng, 4), tiles, _unit(rng, 4)]), np.repeat(np.arange(3, dtype=np.int32), 4), 5.0,
+                 np.tile(boxes, (3, 1))),
+        SliceSet(_unit(rng, 12), np.repeat(np.arange(3, dtype=np.int32), 4), 5.0, np.tile(boxes, (3, 1))),
+    ])
+    rows, _, matches = rerank_rows(slices, query.vectors, query.indices, [1, 0], [0.2, 0.3], crops=crops)
+    assert rows.tolist() == [0, 1]
+    assert matches[0].best_slice == 1 and matches[0].best_box == (0, 20, 40, 60) and matches[0].score > 0.95
+    assert location(matches[0], query_gap=5.0, case_gap=5.0)["best_box"] == [0, 20, 40, 60]
+    # without the tiles the same query compares whole slices only: no box, and no such match
+    _, _, plain = rerank_rows(slices, query.vectors, query.indices, [1, 0], [0.2, 0.3])
+    assert plain[0].best_box is None and plain[0].score < 0.6
+    assert "best_box" not in location(plain[0], query_gap=5.0, case_gap=5.0)

@@ -410,7 +410,7 @@ def test_a_noisy_shifted_slab_lands_within_two_slices(phantom_index, start):
 def test_a_box_on_a_slice_is_matched_against_slices(phantom_index):
     archive, index = phantom_index
     result = query(archive / "s2", index, k=3, slices="12", roi="8,8,56,56")
-    assert result.query["region"] == {"slices": [12, 13], "roi": [8, 8, 56, 56]}
+    assert result.query["region"] == {"slices": [12, 13], "roi": [8, 8, 56, 56], "embedded_box": [8, 8, 56, 56]}
     top = result.results[0]
     assert top.case_id == query(archive / "s2", index, k=1).results[0].case_id
     assert top.location["query_slice"] == 12 and abs(top.location["best_slice"] - 12) <= 2
@@ -487,3 +487,73 @@ def test_a_slab_of_a_real_series_finds_it(shared_dicom, tmp_path):
     slab = _slab(load_study(series)[1], 12, 8, seed=0)
     moved = searcher.search("slab", volume=slab, k=2).results[0]
     assert moved.case_id == own and abs(moved.location["best_slice"] - moved.location["query_slice"] - 12) <= 2
+
+
+# -- box queries against crop vectors (index.crop_grid) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crop_index(phantom_index, tmp_path_factory):
+    """The phantom archive indexed again with crop vectors: each kept slice in 2 x 2 tiles."""
+    from medsearch.config import load_config
+
+    archive, _ = phantom_index
+    index = tmp_path_factory.mktemp("crops") / "index"
+    build_index(archive, index, config=load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}, index={"crop_grid": 2}))
+    return archive, index
+
+
+def test_a_box_query_names_the_tile_it_matched(crop_index):
+    from medsearch.search import index_info
+
+    archive, index = crop_index
+    info = index_info(index)
+    assert info["crop_vectors"]["kept"] and info["crop_vectors"]["vectors"] == 4 * info["slice_vectors"]["vectors"]
+    result = query(archive / "s2", index, k=3, slices="12", roi="40,40,56,56")
+    assert result.query["rerank"]["crop_vectors"] is True and "crop_note" not in result.query["rerank"]
+    # a 16 px box, widened about its centre to a tile (43 px of a 64 px slice) and kept inside the image
+    assert result.query["region"]["embedded_box"] == [21, 21, 64, 64]
+    top = result.results[0]
+    assert top.case_id == query(archive / "s2", index, k=1).results[0].case_id
+    x0, y0, x1, y1 = top.location["best_box"]
+    assert x0 <= 48 < x1 and y0 <= 48 < y1  # the tile holds the box's centre
+    assert abs(top.location["best_slice"] - 12) <= 2 and top.to_dict()["best_box"] == [x0, y0, x1, y1]
+
+
+def test_a_box_query_on_an_index_without_crops_says_what_it_compared(phantom_index):
+    archive, index = phantom_index
+    result = query(archive / "s2", index, k=2, slices="12", roi="40,40,56,56")
+    assert result.query["rerank"]["crop_vectors"] is False and "crop_grid" in result.query["rerank"]["crop_note"]
+    assert result.query["region"]["embedded_box"] == [40, 40, 56, 56]  # no tiles: the box as given
+    assert "best_box" not in result.results[0].to_dict()
+
+
+def test_query_json_and_table_carry_the_matched_tile(crop_index):
+    from typer.testing import CliRunner
+
+    from medsearch.cli import app
+
+    archive, index = crop_index
+    run = CliRunner().invoke(app, ["query", str(archive / "s1"), "--index", str(index), "-k", "2", "--roi", "4,4,20,20", "--json"])
+    assert run.exit_code == 0, run.output
+    top = json.loads(run.stdout)["results"][0]
+    assert len(top["best_box"]) == 4 and top["best_box"][0] <= 12 < top["best_box"][2]
+    table = CliRunner().invoke(app, ["query", str(archive / "s1"), "--index", str(index), "-k", "2", "--roi", "4,4,20,20"])
+    assert table.exit_code == 0 and "box " in table.stdout
+
+
+def test_a_box_on_a_real_ct_slice_finds_its_series_and_tile(shared_dicom, tmp_path):
+    from medsearch.config import load_config
+    from medsearch.io import load_study
+
+    series = shared_dicom / "ct-head-ge-gantry-tilt"
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": 5.0}, index={"crop_grid": 2})
+    build_index(series, tmp_path / "ix", config=config)
+    build_index(shared_dicom / "mr-philips-fmri", tmp_path / "ix", config=config)
+    searcher = Searcher(tmp_path / "ix")
+    own = searcher.search(series, k=1).results[0].case_id
+    moved = _slab(load_study(series)[1], 14, 1, seed=0)  # one slice, noisy and shifted by 2 px
+    top = searcher.search("box", volume=moved, k=2, roi="300,150,400,250").results[0]
+    x0, y0, x1, y1 = top.location["best_box"]
+    assert top.case_id == own and abs(top.location["best_slice"] - 14) <= 2
+    assert x0 <= 352 < x1 and y0 <= 198 < y1

@@ -441,3 +441,24 @@ def test_region_queries_carry_where_each_case_matched(phantom_index, tmp_path, u
     assert box["query"]["region"]["roi"] == [8, 8, 56, 56] and box["results"][0]["query_slice"] == 12
     assert "rerank" not in whole["query"] and "best_slice" in whole["results"][0]
     assert bad.status_code == 422 and "outside the study's 24 slice" in bad.json()["error"]
+
+
+def test_a_box_query_names_the_tile_on_an_index_with_crop_vectors(phantom_index, tmp_path, uploads):
+    """``?roi=`` on an index built with ``crop_grid``: the box widened to a tile in the decoding
+    worker, each result naming the tile it matched, as ``query --roi`` does."""
+    from series import phantom, write_multiframe
+
+    from medsearch.config import load_config
+    from medsearch.indexing import build_index
+
+    archive, _ = phantom_index
+    index = tmp_path / "ix"
+    build_index(archive, index, config=load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}, index={"crop_grid": 2}))
+    upload = write_multiframe(tmp_path / "mf.dcm", phantom(1), seed=1).read_bytes()
+    with TestClient(create_app(index, decode_workers=1)) as client:
+        box = client.post("/query", params={"k": 2, "roi": "40,40,56,56", "slices": "12"}, content=upload,
+                          headers={"Content-Type": "application/dicom"}).json()
+    expected = Searcher(index).search(archive / "s1", k=2, slices="12", roi="40,40,56,56")
+    top = box["results"][0]
+    assert box["query"]["rerank"]["crop_vectors"] is True
+    assert top["case_id"] == expected.results[0].case_id and top["best_box"] == expected.results[0].location["best_box"]

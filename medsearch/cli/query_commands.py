@@ -19,7 +19,7 @@ def query(
     index_dir: Path = typer.Option(..., "--index", "-i", help="Index directory built by 'medsearch index'."),
     k: int = typer.Option(10, "-k", "--top", min=1, help="How many similar cases to return."),
     config: str | None = typer.Option(None, "--config", "-c", help="Must match the index's settings (default: the index's own)."),
-    as_json: bool = typer.Option(False, "--json", help="Print {query, results: [{rank, case_id, distance, metadata}]} as JSON; a series also gets best_slice, best_slice_mm, query_slice, query_slice_mm, slice_score."),
+    as_json: bool = typer.Option(False, "--json", help="Print {query, results: [{rank, case_id, distance, metadata}]} as JSON; a series also gets best_slice, best_slice_mm, query_slice, query_slice_mm, slice_score, and a --roi query on an index with crop vectors best_box."),
     resolve: Path | None = typer.Option(None, "--resolve", help="Link table from 'index --links': show where each result's files are."),
     sheet: Path | None = typer.Option(None, "--sheet", help="Also write a result sheet PNG: the query beside its results, captioned."),
     sheet_html: Path | None = typer.Option(None, "--html", help="Also write the result sheet as a self-contained HTML page."),
@@ -34,7 +34,7 @@ def query(
     dicomweb_auth_file: Path | None = typer.Option(None, "--dicomweb-auth-file", help="A file holding 'Bearer TOKEN' or 'USER:PASSWORD' (default: MEDSEARCH_DICOMWEB_TOKEN, or MEDSEARCH_DICOMWEB_USER and MEDSEARCH_DICOMWEB_PASSWORD)."),
     viewer: str = typer.Option("ohif", "--viewer", help="With --resolve: the viewer link of each result from a PACS: ohif, orthanc (Orthanc Explorer 2), stone, or a template with {root} {base} {study_uid} {series_uid}."),
     slices: str | None = typer.Option(None, "--slices", help="Query with a slab of the study: START:STOP (e.g. 40:60; 0 = first slice in stack order, STOP excluded) or one slice number. Results say where each case matched."),
-    roi: str | None = typer.Option(None, "--roi", help="Query with a box X0,Y0,X1,Y1 (pixels, x across, y down) on the --slices slab, or on the middle slice: cropped and matched against each case's slices."),
+    roi: str | None = typer.Option(None, "--roi", help="Query with a box X0,Y0,X1,Y1 (pixels, x across, y down) on the --slices slab, or on the middle slice: cropped and matched against each case's slices, and against their tiles where the index keeps them ([index] crop_grid; the box is then widened to a tile and each result names the tile, best_box)."),
     rerank: bool | None = typer.Option(None, "--rerank/--no-rerank", help="Re-order the case-vector candidates by how their slices match the query's (late interaction, anatomical order). Default: on (always on for --slices/--roi)."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first.
@@ -178,7 +178,9 @@ def _where_matched(place: dict[str, Any] | None) -> str:
     def at(index: int, mm: float | None) -> str:
         return f"{index}" + ("" if mm is None else f" ({mm:.1f} mm)")
 
-    return f"slice {at(place['best_slice'], place.get('best_slice_mm'))} <- {at(place['query_slice'], place.get('query_slice_mm'))}"
+    where = f"slice {at(place['best_slice'], place.get('best_slice_mm'))} <- {at(place['query_slice'], place.get('query_slice_mm'))}"
+    box = place.get("best_box")
+    return where + (f", box {box[0]},{box[1]},{box[2]},{box[3]}" if box else "")
 
 
 def _print_results(result: Any) -> None:

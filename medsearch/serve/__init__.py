@@ -416,7 +416,9 @@ def _search(
         vectors = searcher.encoder.embed(prepared.images)
         vector = pool_slices(vectors, searcher.config.preprocess.pool)
         chosen = prepared.slice_indices
-        slices = SliceSet(vectors, np.asarray(chosen, np.int32), prepared.gap_mm) if chosen and len(chosen) == len(vectors) else None
+        cropped = region is not None and region.roi is not None
+        slices = (SliceSet(vectors, np.asarray(chosen, np.int32), prepared.gap_mm, cropped=cropped)
+                  if chosen and len(chosen) == len(vectors) else None)
         info: dict[str, Any] = {"path": "upload", "modality": prepared.modality, "n_slices": prepared.n_slices}
         if region is not None:
             info["region"] = region.to_dict()

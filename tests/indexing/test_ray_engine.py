@@ -269,3 +269,8 @@ def test_an_unknown_engine_is_refused(mixed_archive, sample_key, tmp_path):
     with pytest.raises(ConfigError, match="engine must be one of 'local', 'ray'"):
         build_index(mixed_archive, tmp_path / "index", key=sample_key, config=FAST, engine="spark")
     assert not (tmp_path / "index").exists()
+
+
+def test_crop_vectors_are_refused_by_the_ray_engine_in_one_line(mixed_archive, sample_key, tmp_path):
+    with pytest.raises(ConfigError, match="crop vectors .* local engine only"):
+        build_index(mixed_archive, tmp_path / "index", key=sample_key, config=FAST.replace(index={"crop_grid": 2}), engine="ray")
