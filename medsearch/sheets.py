@@ -52,7 +52,7 @@ from medsearch.io import Volume, load_study, load_volume, scan
 from medsearch.io.dicom.window import BODY_PART_WINDOWS, WINDOWS, display_window
 from medsearch.search import QueryResult, Searcher
 from medsearch.store import IndexStore
-from medsearch.transforms import make_thumbnail, middle_picture
+from medsearch.transforms import make_thumbnail, middle_picture, picture_box
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -94,6 +94,9 @@ class SheetItem:
         Why there is no picture (empty when there is one).
     full : numpy.ndarray or None
         The query's middle slice at its own resolution (uint8), for the HTML page; None for results.
+    box, full_box : tuple of float or None
+        A box outlined on ``image`` and on ``full`` (x0, y0, x1, y1 in their pixels): the query's
+        region, or the tile a result matched it on.
     """
 
     heading: str
@@ -102,6 +105,8 @@ class SheetItem:
     image: np.ndarray | None = field(default=None, repr=False)
     placeholder: str = ""
     full: np.ndarray | None = field(default=None, repr=False)
+    box: tuple[float, float, float, float] | None = None
+    full_box: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -199,12 +204,12 @@ class ResultSheet:
         head = "".join(f"<th>{esc(c)}</th>" for c in ("picture", *self.columns))
         rows = []
         for item in [self.query, *self.matches]:
-            shown = item.full if item.full is not None else item.image
+            shown, box = (item.full, item.full_box) if item.full is not None else (item.image, item.box)
             if shown is not None:
                 # each picture at its own size: the query's slice at full resolution, thumbnails as stored
                 height, width = shown.shape[:2]
                 picture = (f'<img alt="{esc(item.heading)}" width="{width}" height="{height}" '
-                           f'src="data:image/png;base64,{_png_base64(shown)}">')
+                           f'src="data:image/png;base64,{_png_base64(shown, box)}">')
             else:
                 picture = f'<div class="placeholder">{esc(item.placeholder)}</div>'
             cells = "".join(f"<td>{esc(item.fields.get(c, ''))}</td>" for c in self.columns)
@@ -267,7 +272,8 @@ def make_sheet(
 
     study = query_study if query_study is not None else result.query.get("path")
     first = result.results[0].location if result.results else None
-    query_item = _query_item(study, preprocess, size, first["query_slice"] if first else None)
+    region_box = (result.query.get("region") or {}).get("roi")
+    query_item = _query_item(study, preprocess, size, first["query_slice"] if first else None, region_box)
 
     rows = {cid: i for i, cid in enumerate(store.cases["case_id"])} if len(store.cases) else {}
     labels = list(result.labels)
@@ -284,14 +290,18 @@ def make_sheet(
             why = "no thumbnail stored for this case"
         else:
             image = thumbs[row]
-        where = ""
+        where, box = "", None
         if m.location is not None:
             best = int(m.location["best_slice"])
             drawn = _source_slice(m.source, best, preprocess, size)
             of = f" of {m.metadata['n_slices']}" if m.metadata.get("n_slices") else ""
             where = f"best slice {best + 1}{of}" + ("" if drawn is not None else " (picture: middle slice)")
+            tile = m.location.get("best_box")
+            if tile:
+                where += f", box {tile[0]},{tile[1]},{tile[2]},{tile[3]}"
             if drawn is not None:
-                image, why = drawn, ""
+                image, why = drawn[0], ""
+                box = picture_box(tile, drawn[1], drawn[2], size) if tile else None
         values = {f: _text(m.metadata.get(f)) for f in CAPTION_FIELDS}
         label_values = {name: _text(m.metadata.get(name)) for name in labels}
         fields = {"rank": str(m.rank), "distance": f"{m.distance:.4f}", "case id": m.case_id,
@@ -308,7 +318,7 @@ def make_sheet(
         if where:
             fields["matched at"] = where
         matches.append(SheetItem(heading=f"#{m.rank}", lines=tuple(x for x in lines if x), fields=fields,
-                                 image=image, placeholder=why))
+                                 image=image, placeholder=why, box=box))
 
     modalities = {query_item.fields.get("modality", "")} | {m.fields.get("modality", "") for m in matches}
     return ResultSheet(query=query_item, matches=matches, columns=columns,
@@ -388,9 +398,12 @@ def _preprocess_config(store: IndexStore) -> PreprocessConfig:
     return config_from_dict({"preprocess": dict(data)}, source=f"index {store.path}").preprocess
 
 
-def _source_slice(source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int) -> np.ndarray | None:
+def _source_slice(
+    source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int
+) -> tuple[np.ndarray, tuple[int, int], tuple[float, ...]] | None:
     """Slice ``index`` of a result's case, read from its source files (from the link table), as a
-    thumbnail; None where the files are not given or cannot be read (the stored thumbnail is drawn)."""
+    thumbnail, with the slice's shape and the volume's spacing; None where the files are not given
+    or cannot be read (the stored thumbnail is drawn)."""
     files = [Path(f) for f in (source or {}).get("files", []) if Path(f).is_file()]
     if not files:
         return None
@@ -402,14 +415,17 @@ def _source_slice(source: dict[str, Any] | None, index: int, preprocess: Preproc
         volume, _ = load_volume(case, select=lambda depth: [index] if index < depth else [])
         if index >= volume.pixels.shape[0]:
             return None
-        return make_thumbnail(volume.pixels[index:index + 1], config=preprocess, modality=volume.modality, rgb=volume.rgb,
-                              spacing=volume.spacing, size=size, window=display_window(case.header))
+        picture = make_thumbnail(volume.pixels[index:index + 1], config=preprocess, modality=volume.modality, rgb=volume.rgb,
+                                 spacing=volume.spacing, size=size, window=display_window(case.header))
+        shape = (int(volume.pixels.shape[1]), int(volume.pixels.shape[2]))
+        return picture, shape, tuple(float(v) for v in volume.spacing)
     except Exception:  # noqa: BLE001 - a picture is a courtesy: the stored thumbnail stands in
         return None
 
 
 def _query_item(
-    study: str | Path | Volume | None, preprocess: PreprocessConfig, size: int, matched: int | None = None
+    study: str | Path | Volume | None, preprocess: PreprocessConfig, size: int, matched: int | None = None,
+    region_box: Sequence[int] | None = None,
 ) -> SheetItem:
     if study is None:
         return SheetItem(heading="query", lines=(), fields={"rank": "query"},
@@ -430,8 +446,14 @@ def _query_item(
     if n > 1 and matched is not None and pixels is not volume.pixels:
         where = f"slice {matched + 1} of {n} (matched #1)"
     modality = str(volume.modality or "")
+    box = full_box = None
+    if region_box:  # the query's box, outlined where it was drawn
+        shape = (int(volume.pixels.shape[1]), int(volume.pixels.shape[2]))
+        box = picture_box(region_box, shape, volume.spacing, size)
+        full_box = picture_box(region_box, shape, volume.spacing)
+        where += f", box {','.join(str(int(v)) for v in region_box)}"
     return SheetItem(heading="query", lines=tuple(x for x in (modality, where) if x),
-                     fields={"rank": "query", "modality": modality}, image=image, full=full)
+                     fields={"rank": "query", "modality": modality}, image=image, full=full, box=box, full_box=full_box)
 
 
 def _notes(preprocess: PreprocessConfig, modalities: set[str], distance: str) -> tuple[str, ...]:
@@ -472,18 +494,41 @@ def _draw_picture(ax: Any, item: SheetItem) -> None:
         spine.set_visible(False)
     if item.image is not None:
         ax.imshow(item.image, cmap="gray", vmin=0, vmax=255, interpolation="lanczos")
+        if item.box is not None:
+            from matplotlib.patches import Rectangle
+
+            x0, y0, x1, y1 = item.box
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=_BOX_RGB_HEX, linewidth=1.5))
         return
     ax.set_facecolor("#e6e6e6")
     ax.text(0.5, 0.5, _wrap(item.placeholder, 20), ha="center", va="center", fontsize=_FONT_PT - 1,
             color="#444444", transform=ax.transAxes)
 
 
-def _png_base64(image: np.ndarray) -> str:
+def _png_base64(image: np.ndarray, box: tuple[float, float, float, float] | None = None) -> str:
     from matplotlib.image import imsave
 
     buffer = BytesIO()
+    if box is not None:
+        image = _outlined(image, box)
     imsave(buffer, image, cmap="gray", vmin=0, vmax=255, format="png")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+_BOX_RGB = (255, 140, 0)  # the outline of a box: orange, apart from any gray level
+_BOX_RGB_HEX = "#ff8c00"
+
+
+def _outlined(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """A gray picture as RGB, with ``box`` outlined 2 px wide (clipped to the picture)."""
+    rgb = np.repeat(image[:, :, None], 3, axis=2).astype(np.uint8)
+    height, width = image.shape[:2]
+    x0, y0 = (max(0, min(int(round(v)), limit - 1)) for v, limit in ((box[0], width), (box[1], height)))
+    x1, y1 = (max(0, min(int(round(v)) - 1, limit - 1)) for v, limit in ((box[2], width), (box[3], height)))
+    for edge in (rgb[y0:y0 + 2, x0:x1 + 1], rgb[max(y1 - 1, 0):y1 + 1, x0:x1 + 1],
+                 rgb[y0:y1 + 1, x0:x0 + 2], rgb[y0:y1 + 1, max(x1 - 1, 0):x1 + 1]):
+        edge[...] = _BOX_RGB
+    return rgb
 
 
 def _text(value: Any) -> str:

@@ -318,3 +318,30 @@ def test_a_sheet_draws_the_slices_that_matched(phantom_index, tmp_path):
     assert not np.array_equal(sheet.matches[0].image, IndexStore.open(index).thumbnails[0])
     unresolved = make_sheet(result, index, query_study=archive / "s1")
     assert any("(picture: middle slice)" in line for line in unresolved.matches[0].lines)
+
+
+def test_a_sheet_outlines_the_query_box_and_the_tile_each_result_matched(phantom_index, tmp_path):
+    from medsearch import query
+    from medsearch.config import load_config
+    from medsearch.indexing import build_index
+    from medsearch.sheets import _BOX_RGB
+
+    archive, _ = phantom_index
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}, index={"crop_grid": 2})
+    build_index(archive, tmp_path / "ix", config=config, links=tmp_path / "links.csv")
+    result = query(archive / "s1", tmp_path / "ix", k=2, slices="12", roi="40,40,56,56").resolve(tmp_path / "links.csv")
+    tile = result.results[0].location["best_box"]
+    sheet = make_sheet(result, tmp_path / "ix", query_study=archive / "s1")
+    size = sheet.matches[0].image.shape[0]
+    # 64 px slices of square pixels on a square thumbnail: pixel boxes scale by size / 64
+    assert sheet.matches[0].box == pytest.approx(tuple(v * size / 64 for v in tile))
+    assert sheet.query.box == pytest.approx((40 * size / 64, 40 * size / 64, 56 * size / 64, 56 * size / 64))
+    assert sheet.query.full_box == (40, 40, 56, 56) and "box 40,40,56,56" in sheet.query.lines[-1]
+    assert any(f"box {tile[0]},{tile[1]},{tile[2]},{tile[3]}" in line for line in sheet.matches[0].lines)
+    page = render_sheet(result, tmp_path / "ix", tmp_path / "s.png", html=tmp_path / "s.html", query_study=archive / "s1").to_html()
+    assert (tmp_path / "s.png").stat().st_size > 0 and page.count("data:image/png") == 3
+    from medsearch.sheets import _outlined
+
+    drawn = _outlined(sheet.matches[0].image, sheet.matches[0].box)
+    x0, y0 = (int(round(v)) for v in sheet.matches[0].box[:2])
+    assert tuple(drawn[y0, x0]) == _BOX_RGB and drawn.shape == (*sheet.matches[0].image.shape, 3)
