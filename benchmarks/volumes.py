@@ -1,6 +1,6 @@
 """Volumes and regions: slab localisation, the cost of re-ranking, and pooled vs re-ranked vs tri-planar.
 
-Three parts, each its own run (``--part``), each well under 15 minutes on a 2-core machine:
+Four parts, each its own run (``--part``), each well under 15 minutes on a 2-core machine:
 
 ``localise``
     Index every series of ``../shared/data/dicom`` (slices every ``--spacing`` mm, slice vectors
@@ -12,6 +12,13 @@ Three parts, each its own run (``--part``), each well under 15 minutes on a 2-co
     index counts once) and the match location (``best_slice - query_slice``, in stack slices)
     lands within ``--tolerance`` slices of where the slab was cut. Scored for the case-vector
     ranking (locations computed for its results) and for the re-ranked one.
+``roi``
+    Index every case of ``../shared/data/dicom`` with ``--crop-grid`` (0: no crop vectors). From
+    each series of at least ``--min-depth`` slices (``--per-series`` slices) and every
+    ``--single-every``-th single image, cut one slice with noise and a shift, and query the index
+    with ``--boxes`` seeded boxes of ``--box`` times the shorter side on it (``--roi``). A box is
+    located when its own case comes first with the best slice within ``--tolerance`` of the one cut,
+    and in the tile when the matched tile (``best_box``) holds the box's centre.
 ``cost``
     Median time of the search stage for k = 10 (``Searcher.search_vector``: case-vector search,
     exclusions, metadata) with and without re-ranking 100 candidates, interleaved, on the index of
@@ -28,6 +35,7 @@ Three parts, each its own run (``--part``), each well under 15 minutes on a 2-co
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part localise --json localise.json
+    nice -n 5 .venv/bin/python benchmarks/volumes.py --part roi --crop-grid 2 --json roi2.json
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part cost --json cost.json
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --slices 5 --json vessel5.json
     nice -n 10 .venv/bin/python benchmarks/volumes.py --part vessel --mode triplanar --json tri.json
@@ -52,7 +60,7 @@ import numpy as np
 from medsearch.config import load_config
 from medsearch.embedding import SliceSet, embed_slices, pool_slices
 from medsearch.io import Volume, find_files, load_volume, scan
-from medsearch.search import Searcher
+from medsearch.search import Searcher, index_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDSEARCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -66,14 +74,14 @@ def machine() -> dict[str, Any]:
 # -- localise -------------------------------------------------------------------------------------
 
 
-def build(folder: Path, spacing: float) -> tuple[Path, dict[str, str]]:
+def build(folder: Path, spacing: float, crop_grid: int = 0) -> tuple[Path, dict[str, str]]:
     """The index of ``../shared/data/dicom`` and a map from each case's first file to its case id."""
     from medsearch.indexing import build_index
     from medsearch.sharing import LinkTable
 
     index = folder / "index"
     links = folder / "links.csv"
-    config = load_config("default").replace(preprocess={"slice_spacing_mm": spacing})
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": spacing}, index={"crop_grid": crop_grid})
     started = time.perf_counter()
     report = build_index(SHARED / "dicom", index, config=config, links=links, progress=False)
     print(f"indexed {report.n_cases_total} cases in {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -163,6 +171,68 @@ def localise(args: argparse.Namespace) -> dict[str, Any]:
             }
         return {"summary": summary, "series": sorted({r["series"] for r in records}),
                 "near_copies": {k: sorted(v) for k, v in near.items() if v}, "records": records}
+
+
+def roi(args: argparse.Namespace) -> dict[str, Any]:
+    """Box queries: a box cut from one slice of a case must find its case first, the slice within
+    ``--tolerance`` and (with crop vectors) a tile that holds the box's centre."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        index, owner = build(Path(tmp), args.spacing, args.crop_grid)
+        build_s = time.perf_counter() - t0
+        searcher = Searcher(index)
+        cases = searcher.store.cases
+        copies = cases.set_index("case_id")["pixel_hash"].to_dict() if "pixel_hash" in cases else {}
+        volumes = {}
+        for case in scan(find_files(SHARED / "dicom")).cases:
+            cid = owner.get(str(Path(case.files[0]).resolve()))
+            if cid is not None:
+                volumes[cid] = load_volume(case)[0]
+        near = near_copies({c: v for c, v in volumes.items() if v.pixels.shape[0] > 1})
+        singles = sorted(c for c, v in volumes.items() if v.pixels.shape[0] == 1)[:: args.single_every]
+        records = []
+        for cid, volume in volumes.items():
+            depth, height, width = volume.pixels.shape[:3]
+            if depth < args.min_depth and cid not in singles:
+                continue
+            picks = np.unique(np.linspace(2, depth - 3, args.per_series).round().astype(int)) if depth > 1 else np.array([0])
+            for s in picks.tolist():
+                rng = np.random.default_rng(1000 + s)
+                side = max(8, int(round(args.box * min(height, width))))
+                for b in range(args.boxes):
+                    x0 = int(rng.integers(int(0.1 * width), int(0.9 * width) - side))
+                    y0 = int(rng.integers(int(0.1 * height), int(0.9 * height) - side))
+                    query = degraded(volume, s, 1, noise=args.noise, shift=args.shift, seed=s * 10 + b)
+                    step = max(1, int(round(args.shift * width))) if args.shift > 0 else 0
+                    # the query's content moved down and left by step: its box shows the original's box up and right
+                    cx, cy = x0 + side / 2 + step, y0 + side / 2 - step
+                    started = time.perf_counter()
+                    result = searcher.search("box", volume=query, k=5, roi=(x0, y0, x0 + side, y0 + side))
+                    elapsed = time.perf_counter() - started
+                    top = result.results[0]
+                    own = (top.case_id == cid or top.case_id in near.get(cid, ())
+                           or bool(copies.get(top.case_id) and copies.get(top.case_id) == copies.get(cid)))
+                    place = top.location or {}
+                    error = abs(int(place.get("best_slice", 0)) - s) if depth > 1 else 0
+                    box = place.get("best_box")
+                    inside = box is not None and box[0] <= cx < box[2] and box[1] <= cy < box[3]
+                    records.append({"case": cid, "depth": depth, "slice": s, "box": [x0, y0, x0 + side, y0 + side],
+                                    "first": top.case_id, "own_first": bool(own), "slice_error": error,
+                                    "best_box": box, "centre_in_box": bool(inside),
+                                    "located": bool(own and error <= args.tolerance), "query_s": elapsed})
+        def share(key: str, rows: list[dict[str, Any]]) -> float:
+            return sum(bool(r[key]) for r in rows) / max(len(rows), 1)
+        summary = {}
+        for name, rows in (("all", records), ("series", [r for r in records if r["depth"] > 1]),
+                           ("single images", [r for r in records if r["depth"] == 1])):
+            summary[name] = {"queries": len(rows), "own_first": share("own_first", rows), "located": share("located", rows),
+                             "centre_in_matched_tile": share("centre_in_box", rows),
+                             "located_and_in_tile": sum(r["located"] and r["centre_in_box"] for r in rows) / max(len(rows), 1)}
+        summary["median_query_s"] = statistics.median(r["query_s"] for r in records) if records else None
+        summary["build_s"] = build_s
+        summary["crop_vectors"] = {k: v for k, v in index_info(index)["crop_vectors"].items()}
+        summary["slice_vectors"] = {k: v for k, v in index_info(index)["slice_vectors"].items()}
+        return {"summary": summary, "records": records}
 
 
 def near_copies(volumes: dict[str, Volume], threshold: float = 0.02) -> dict[str, set[str]]:
@@ -284,7 +354,7 @@ def vessel(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("localise", "cost", "vessel"), required=True)
+    parser.add_argument("--part", choices=("localise", "roi", "cost", "vessel"), required=True)
     parser.add_argument("--spacing", type=float, default=5.0, help="slice density of the index, mm")
     parser.add_argument("--slab", type=int, default=8)
     parser.add_argument("--per-series", type=int, default=6, help="slabs cut from each series")
@@ -292,6 +362,10 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.03)
     parser.add_argument("--shift", type=float, default=0.03)
     parser.add_argument("--tolerance", type=int, default=2)
+    parser.add_argument("--crop-grid", type=int, default=0, help="roi: the index's crop_grid (0: no crop vectors)")
+    parser.add_argument("--box", type=float, default=0.25, help="roi: the box side, a fraction of the image's shorter side")
+    parser.add_argument("--boxes", type=int, default=2, help="roi: boxes per query slice")
+    parser.add_argument("--single-every", type=int, default=5, help="roi: every Nth single-image case is queried")
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--synthetic-cases", type=int, default=1000)
     parser.add_argument("--synthetic-slices", type=int, default=64)
@@ -302,7 +376,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
-    result = {"localise": localise, "cost": cost, "vessel": vessel}[args.part](args)
+    result = {"localise": localise, "roi": roi, "cost": cost, "vessel": vessel}[args.part](args)
     result = {"part": args.part, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
               "wall_s": time.perf_counter() - started, **result}
     text = json.dumps(result, indent=2, default=str)
