@@ -134,15 +134,15 @@ def late_interaction(
             query_slice=int(query_indices[top]),
             best_slice=int(slice_of[starts[c] + col]),
             slice_score=float(aligned[top]),
-            best_box=_box(found, cosines[:, top], group == starts[c] + col),
+            best_box=None if found.boxes is None else _box(found, cosines[:, top], group == starts[c] + col),
         ))
     return out
 
 
 def _box(found: CandidateSlices, cosines: np.ndarray, rows: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The box of the best of ``rows`` (one candidate slice's rows); None for a whole slice."""
-    if found.boxes is None:
-        return None
+    """The box of the best of ``rows`` (one candidate slice's rows, ``found.boxes`` given); None
+    for a whole slice."""
+    assert found.boxes is not None
     where = np.flatnonzero(rows)
     box = found.boxes[where[int(np.argmax(cosines[where]))]]
     return None if int(box[0]) < 0 else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))

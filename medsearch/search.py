@@ -432,7 +432,7 @@ class Searcher:
             info["rerank"]["crop_vectors"] = self.store.crops is not None
             if self.store.crops is None:
                 info["rerank"]["crop_note"] = ("the index keeps no crop vectors: the box was matched against whole slices; "
-                                               "rebuild it with [index] crop_grid = 2 or 3 to match tiles")
+                                               "rebuild it with [index] crop_grid = 2 to match tiles")
         return not why
 
     def _crops(self, slices: SliceSet) -> SliceTable | None:
