@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from medsearch.config import load_config
-from medsearch.embedding import SliceSet, embed_slices, pool_slices
+from medsearch.embedding import Region, SliceSet, embed_slices, pool_slices
 from medsearch.io import Volume, find_files, load_volume, scan
 from medsearch.search import Searcher, index_info
 
@@ -289,7 +289,7 @@ def synthetic_index(folder: Path, n: int, slices: int, dim: int, seed: int = 0) 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        index, _ = build(Path(tmp), args.spacing)
+        index, _ = build(Path(tmp), args.spacing, args.crop_grid)
         searcher = Searcher(index)
         case = next(c for c in scan(find_files(SHARED / "dicom" / "ct-head-ge-gantry-tilt")).cases)
         volume, _ = load_volume(case)
@@ -301,6 +301,19 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         out["real_index_search_stage"] = {"cases": len(searcher.store), "query_slices": len(query),
                                           "stored_slices": searcher.store.slices.n_slices if searcher.store.slices else 0,
                                           "pooled_ms": pooled * 1e3, "reranked_ms": late * 1e3, "ratio": late / pooled}
+        if searcher.store.crops is not None:  # a box on the middle slice, against slices and tiles
+            box = embed_slices(volume, searcher.encoder, searcher.config, Region.parse(roi=(300, 150, 400, 250)))
+            assert box is not None and box.cropped
+            box_vector = pool_slices(box.vectors)
+            pooled, late = interleaved(lambda: searcher.search_vector(box_vector, k=10, slices=box, rerank=False),
+                                       lambda: searcher.search_vector(box_vector, k=10, slices=box, rerank=True), args.repeats)
+            out["box_search_stage"] = {"crop_grid": args.crop_grid, "stored_tiles": searcher.store.crops.n_slices,
+                                       "pooled_ms": pooled * 1e3, "reranked_ms": late * 1e3, "ratio": late / pooled}
+            folder = SHARED / "dicom" / "ct-head-ge-gantry-tilt"
+            pooled, late = interleaved(lambda: searcher.search(folder, k=10, roi=(300, 150, 400, 250), rerank=False),
+                                       lambda: searcher.search(folder, k=10, roi=(300, 150, 400, 250), rerank=True),
+                                       max(3, args.repeats // 10))
+            out["box_end_to_end"] = {"pooled_s": pooled, "reranked_s": late, "ratio": late / pooled}
         folder = SHARED / "dicom" / "ct-head-ge-gantry-tilt"
         pooled, late = interleaved(lambda: searcher.search(folder, k=10, rerank=False),
                                    lambda: searcher.search(folder, k=10, rerank=True), max(3, args.repeats // 10))
@@ -362,7 +375,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.03)
     parser.add_argument("--shift", type=float, default=0.03)
     parser.add_argument("--tolerance", type=int, default=2)
-    parser.add_argument("--crop-grid", type=int, default=0, help="roi: the index's crop_grid (0: no crop vectors)")
+    parser.add_argument("--crop-grid", type=int, default=0, help="roi, cost: the index's crop_grid (0: no crop vectors)")
     parser.add_argument("--box", type=float, default=0.25, help="roi: the box side, a fraction of the image's shorter side")
     parser.add_argument("--boxes", type=int, default=2, help="roi: boxes per query slice")
     parser.add_argument("--single-every", type=int, default=5, help="roi: every Nth single-image case is queried")
