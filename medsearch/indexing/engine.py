@@ -455,7 +455,9 @@ def _prepared(
     """Each job's index and result, in job order, with at most ``ahead`` cases decoded ahead of the encoder.
 
     ``ahead`` covers one encoder batch of one-image cases plus two cases per worker, so that the
-    workers keep going while this process encodes. While no result comes, a ``None`` is yielded
+    workers keep going while this process encodes. With crop vectors a one-image case brings its
+    tiles too (``1 + crop_grid ** 2`` images), so fewer cases make a batch: the cases in flight, and
+    the memory their encoder input holds, shrink by that factor. While no result comes, a ``None`` is yielded
     every :data:`_TICK_S` seconds, so that the caller can commit on time. When the case next in line
     has been waited for longer than ``patience`` seconds (a worker stuck on one file), the results
     that are in are handed over out of order, and more cases are sent to the other workers.
@@ -466,7 +468,8 @@ def _prepared(
                 result = prepare_case(job, setup)
             yield seq, result
         return
-    ahead = batch_images + 2 * pool.size
+    images_per_image = 1 + (setup.config.index.crop_grid ** 2 if setup is not None else 0)
+    ahead = max(1, batch_images // images_per_image) + 2 * pool.size
     waiting: dict[int, Any] = {}
     early: set[int] = set()  # handed over before the case ahead of them
     sent = handed = head = 0
