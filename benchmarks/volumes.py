@@ -59,6 +59,7 @@ import numpy as np
 
 from medsearch.config import load_config
 from medsearch.embedding import Region, SliceSet, embed_slices, pool_slices
+from medsearch.evaluate.regions import degraded
 from medsearch.io import Volume, find_files, load_volume, scan
 from medsearch.search import Searcher, index_info
 
@@ -94,21 +95,6 @@ def build(folder: Path, spacing: float, crop_grid: int = 0) -> tuple[Path, dict[
         for f in (found or {}).get("files", []):
             owner[str(Path(f).resolve())] = cid
     return index, owner
-
-
-def degraded(volume: Volume, start: int, length: int, *, noise: float, shift: float, seed: int) -> Volume:
-    """Slices ``start:start + length`` of ``volume`` with Gaussian noise and an in-plane shift."""
-    rng = np.random.default_rng(seed)
-    slab = np.array(volume.pixels[start:start + length], dtype=np.float32)
-    low, high = np.percentile(slab, [1, 99])
-    slab += rng.normal(0.0, noise * max(float(high - low), 1e-6), slab.shape).astype(np.float32)
-    step = max(1, int(round(shift * slab.shape[2]))) if shift > 0 else 0
-    slab = np.roll(slab, (step, -step), axis=(1, 2))  # down and to the left
-    if step:
-        fill = float(slab.min())
-        slab[:, :step] = fill
-        slab[:, :, -step:] = fill
-    return Volume(slab, volume.spacing, volume.modality, volume.rgb, window=volume.window, z_known=volume.z_known)
 
 
 def localise(args: argparse.Namespace) -> dict[str, Any]:

@@ -38,16 +38,32 @@ def evaluate(
     cache: Path | None = typer.Option(None, "--cache", help="Keep npz embeddings in this folder (keyed by data, encoder and preprocessing)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     rerank: bool = typer.Option(False, "--rerank", help="Also score late-interaction re-ranking over slice vectors (npz volumes: each encoder pooled, then re-ranked, compared)."),
+    regions: Path | None = typer.Option(None, "--regions", metavar="LINKS", help="Region localisation on --index: slabs cut from its series (read back through this link table, from index --links), noisy and shifted, must find their series first and the place they were cut."),
+    slab: int = typer.Option(8, "--slab", min=1, help="--regions: slices per slab."),
+    tolerance: int = typer.Option(2, "--tolerance", min=0, help="--regions: slices a location may be off and still count."),
 ) -> None:
     """Measure retrieval against labels: hit@k, precision@k, recall@k, mAP, majority votes, MAP@R, nDCG, MRR.
 
     Three inputs: DATA.npz (query split against gallery split, through the index's pipeline);
     --index DIR [--label COL] [--exclude-same-patient] (leave-one-out over a labeled index); or
     --queries FOLDER --labels CSV --index DIR. Intervals are 95% bootstrap intervals over queries.
+
+    --index DIR --regions LINKS measures region queries instead: six slabs of --slab slices from each
+    series of 16 slices or more, with noise and a shift, each searched by case vector and re-ranked;
+    found = its own series first, located = found and the place within --tolerance slices.
     """
     from medsearch.errors import ConfigError
-    from medsearch.evaluate import evaluate_index, evaluate_npz, evaluate_queries
+    from medsearch.evaluate import evaluate_index, evaluate_npz, evaluate_queries, evaluate_regions
 
+    if regions is not None:
+        if index_dir is None or data is not None or queries is not None:
+            raise ConfigError("--regions LINKS goes with --index DIR alone: the slabs are cut from that index's own series")
+        found = evaluate_regions(index_dir, regions, slab=slab, tolerance=tolerance, limit=limit, seed=seed, progress=not quiet)
+        _print_regions(found)
+        if json_file is not None:
+            found.save_json(json_file)
+            stderr.print(f"wrote {json_file}", highlight=False)
+        return
     cutoffs = _evaluate_ks(ks)
     npz_only = {"--protocol": protocol, "--encoder": encoders, "--config": config, "--gallery-split": gallery_split,
                 "--query-split": query_split, "--cache": cache, "--rerank": rerank}
@@ -81,6 +97,22 @@ def evaluate(
         if path is not None:
             write(path)
             stderr.print(f"wrote {path}", highlight=False)
+
+
+def _print_regions(report: Any) -> None:
+    """Found and located, per ranking; the series left out, with why."""
+    settings = report.settings
+    table = Table(title_justify="left", title=(
+        f"region localisation on {report.index}: slabs of {settings['slab']} slices, noise {settings['noise']:g}, "
+        f"shift {settings['shift']:g}, tolerance {settings['tolerance']} slices"))
+    for column in ("ranking", "series", "slabs", "own series first", "located", "located when found", "query (median)"):
+        table.add_column(column, justify="left" if column == "ranking" else "right", no_wrap=True)
+    for ranking, row in report.summary.items():
+        table.add_row(ranking, str(row["series"]), str(row["slabs"]), f"{row['found']:.1%}", f"{row['located']:.1%}",
+                      f"{row['located_when_found']:.1%}", f"{row['median_query_s'] * 1e3:.0f} ms")
+    stdout.print(table)
+    for case_id, why in report.left_out.items():
+        stdout.print(f"left out {case_id}: {why}", highlight=False)
 
 
 def _evaluate_ks(values: list[str] | None) -> list[int] | None:

@@ -7,6 +7,9 @@ Three inputs (``runners``), one scoring core (``scoring``):
 * :func:`evaluate_index`: leave-one-out over the labeled cases of an index.
 * :func:`evaluate_queries`: a folder of labeled query studies against an index.
 
+:func:`evaluate_regions` (``regions``) measures something else: whether a slab cut from a series of
+an index finds that series first, and the place it was cut (region queries).
+
 Each embeds (or reads) vectors and calls :func:`evaluate_embeddings`, which searches an exact index
 and scores the ranked labels with :mod:`medsearch.metrics`. ``protocols`` holds the presets of
 published evaluations (:data:`PROTOCOLS`); ``results`` the :class:`EvaluationResult` and
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from medsearch.evaluate.npz import embed_npz_split, parse_encoder_spec
 from medsearch.evaluate.protocols import DEFAULT_KS, PROTOCOLS, Protocol, ProtocolSpec
+from medsearch.evaluate.regions import RegionReport, evaluate_regions
 from medsearch.evaluate.results import EvaluationReport, EvaluationResult, compare_results, save_figure
 from medsearch.evaluate.runners import evaluate_index, evaluate_npz, evaluate_queries
 from medsearch.evaluate.scoring import evaluate_embeddings
@@ -29,12 +33,14 @@ __all__ = [
     "PROTOCOLS",
     "Protocol",
     "ProtocolSpec",
+    "RegionReport",
     "compare_results",
     "embed_npz_split",
     "evaluate_embeddings",
     "evaluate_index",
     "evaluate_npz",
     "evaluate_queries",
+    "evaluate_regions",
     "parse_encoder_spec",
     "save_figure",
 ]
