@@ -68,6 +68,8 @@ def test_replace_changes_one_key():
     ({"index_type": "annoy"}, "index.index_type must be one of 'auto', 'flat', 'hnsw', 'ivfpq', 'ivfpq-disk', got 'annoy'"),
     ({"nprobe": 0}, "index.nprobe must be a whole number of at least 1, got 0"),
     ({"memory_budget_mb": "lots"}, "index.memory_budget_mb must be a whole number"),
+    ({"crop_grid": 1}, r"index.crop_grid must be 0 \(no crop vectors\), 2, 3 or 4 \(tiles a side\), got 1"),
+    ({"crop_grid": True}, "index.crop_grid must be 0"),
 ])
 def test_index_config_rejects_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
