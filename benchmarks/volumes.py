@@ -98,49 +98,37 @@ def build(folder: Path, spacing: float, crop_grid: int = 0) -> tuple[Path, dict[
 
 
 def localise(args: argparse.Namespace) -> dict[str, Any]:
+    """``medsearch evaluate --regions`` (:func:`~medsearch.evaluate.evaluate_regions`) on the index of
+    ``../shared/data/dicom``, its records then also scored against near copies and siblings."""
+    from medsearch.evaluate import evaluate_regions
+
     with tempfile.TemporaryDirectory() as tmp:
         index, owner = build(Path(tmp), args.spacing)
-        searcher = Searcher(index)
-        cases = searcher.store.cases
-        copies = cases.set_index("case_id")["pixel_hash"].to_dict() if "pixel_hash" in cases else {}
+        report = evaluate_regions(index, Path(tmp) / "links.csv", slab=args.slab, per_series=args.per_series,
+                                  min_depth=args.min_depth, noise=args.noise, shift=args.shift, tolerance=args.tolerance)
+        cases = Searcher(index).store.cases
         # a sibling: another series of the same patient with the same geometry (a time point, a
         # diffusion direction, a repeat): the same anatomy on the same grid
         shape = cases.set_index("case_id")[["patient", "rows", "columns", "spacing_mm"]].astype(str).agg("|".join, axis=1).to_dict()
         volumes = {}
         for case in scan(find_files(SHARED / "dicom")).cases:
             cid = owner.get(str(Path(case.files[0]).resolve()))
-            if cid is None:
-                continue
-            volume, _ = load_volume(case)
-            if volume.pixels.shape[0] > 1:
-                volumes[cid] = volume
+            if cid is not None:
+                volume, _ = load_volume(case)
+                if volume.pixels.shape[0] > 1:
+                    volumes[cid] = volume
         near = near_copies(volumes)
         records = []
-        for cid, volume in volumes.items():
-            depth = volume.pixels.shape[0]
-            if depth < args.min_depth:
-                continue
-            starts = np.unique(np.linspace(0, depth - args.slab, args.per_series).round().astype(int))
-            for start in starts.tolist():
-                slab = degraded(volume, start, args.slab, noise=args.noise, shift=args.shift, seed=start)
-                for ranking in ("case vector", "re-ranked"):
-                    t0 = time.perf_counter()
-                    result = searcher.search("slab", volume=slab, k=5, rerank=ranking == "re-ranked")
-                    elapsed = time.perf_counter() - t0
-                    top = result.results[0]
-                    exact = top.case_id == cid or bool(copies.get(top.case_id) and copies.get(top.case_id) == copies.get(cid))
-                    own = exact or top.case_id in near.get(cid, ())
-                    sibling = own or shape.get(top.case_id) == shape.get(cid)
-                    place = top.location
-                    offset = None if place is None else place["best_slice"] - place["query_slice"]
-                    error = None if offset is None else abs(offset - start)
-                    records.append({"series": cid, "depth": depth, "start": start, "ranking": ranking,
-                                    "own_series_first": bool(own), "strictly_own_first": exact, "first": top.case_id,
-                                    "own_or_sibling_first": bool(sibling),
-                                    "located_on_own_or_sibling": bool(sibling and error is not None and error <= args.tolerance),
-                                    "offset": offset, "error_slices": error,
-                                    "located": bool(own and error is not None and error <= args.tolerance),
-                                    "query_s": elapsed})
+        for r in report.records:
+            cid, first, error = r["case_id"], r["first"], r["error_slices"]
+            own = r["found"] or first in near.get(cid, ())
+            sibling = own or shape.get(first) == shape.get(cid)
+            records.append({"series": cid, "depth": r["depth"], "start": r["start"], "ranking": r["ranking"],
+                            "own_series_first": bool(own), "strictly_own_first": r["found"], "first": first,
+                            "own_or_sibling_first": bool(sibling),
+                            "located_on_own_or_sibling": bool(sibling and error is not None and error <= args.tolerance),
+                            "error_slices": error, "located": bool(own and error is not None and error <= args.tolerance),
+                            "query_s": r["query_s"]})
         summary = {}
         for ranking in ("case vector", "re-ranked"):
             rows = [r for r in records if r["ranking"] == ranking]
@@ -216,8 +204,8 @@ def roi(args: argparse.Namespace) -> dict[str, Any]:
                              "located_and_in_tile": sum(r["located"] and r["centre_in_box"] for r in rows) / max(len(rows), 1)}
         summary["median_query_s"] = statistics.median(r["query_s"] for r in records) if records else None
         summary["build_s"] = build_s
-        summary["crop_vectors"] = {k: v for k, v in index_info(index)["crop_vectors"].items()}
-        summary["slice_vectors"] = {k: v for k, v in index_info(index)["slice_vectors"].items()}
+        info = index_info(index)
+        summary["crop_vectors"], summary["slice_vectors"] = info["crop_vectors"], info["slice_vectors"]
         return {"summary": summary, "records": records}
 
 
