@@ -288,6 +288,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                                        lambda: searcher.search(folder, k=10, roi=(300, 150, 400, 250), rerank=True),
                                        max(3, args.repeats // 10))
             out["box_end_to_end"] = {"pooled_s": pooled, "reranked_s": late, "ratio": late / pooled}
+            out["tiles_against_none"] = tiles_against_none(Path(tmp), args, searcher, folder)
         folder = SHARED / "dicom" / "ct-head-ge-gantry-tilt"
         pooled, late = interleaved(lambda: searcher.search(folder, k=10, rerank=False),
                                    lambda: searcher.search(folder, k=10, rerank=True), max(3, args.repeats // 10))
@@ -308,6 +309,25 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                                          "query_slices": len(q), "pooled_ms": pooled * 1e3, "reranked_ms": late * 1e3,
                                          "ratio": late / pooled, "rerank_added_ms": (late - pooled) * 1e3}
     return out
+
+
+def tiles_against_none(folder: Path, args: argparse.Namespace, tiled: Searcher, study: Path) -> dict[str, Any]:
+    """What crop vectors cost, in one run: whole-index builds with and without tiles, alternating
+    (a first pair to warm the file cache, then three), and the whole box query on each index,
+    interleaved (re-ranked, as a box query is by default)."""
+    builds: dict[int, list[float]] = {0: [], args.crop_grid: []}
+    for rep in range(4):
+        for grid in builds:
+            started = time.perf_counter()
+            build(folder / f"build-{grid}-{rep}", args.spacing, grid)
+            builds[grid].append(time.perf_counter() - started)
+    plain = Searcher(folder / "build-0-0" / "index")
+    box = (300, 150, 400, 250)
+    without, with_tiles = interleaved(lambda: plain.search(study, k=10, roi=box), lambda: tiled.search(study, k=10, roi=box),
+                                      max(3, args.repeats // 4))
+    build_without, build_with = statistics.median(builds[0][1:]), statistics.median(builds[args.crop_grid][1:])
+    return {"build_s": builds, "build_median_s": [build_without, build_with], "build_ratio": build_with / build_without,
+            "box_query_s": [without, with_tiles], "box_query_ratio": with_tiles / without}
 
 
 # -- vessel ---------------------------------------------------------------------------------------
