@@ -118,6 +118,15 @@ class Region:
             out["roi"] = list(self.roi)
         return out
 
+    def record(self, height: int, width: int, grid: int) -> dict[str, list[int]]:
+        """What a query's answer records of this region on ``height`` x ``width`` slices, against an
+        index with ``crop_grid = grid``: :meth:`to_dict`, and for a box ``embedded_box``, the box as
+        the encoder saw it (:func:`embedded_box`)."""
+        out = self.to_dict()
+        if self.roi is not None:
+            out["embedded_box"] = list(embedded_box(self.roi, height, width, grid))
+        return out
+
     def slab(self, depth: int) -> tuple[int, int]:
         """The slab of a stack of ``depth``: the one given, else the middle slice (with a box) or all.
 

@@ -28,7 +28,7 @@ import pandas as pd
 from medsearch._json import plain
 from medsearch.config import Config, as_config, config_for_index
 from medsearch.deid import SiteKey, patient_pseudonym
-from medsearch.embedding import Region, SliceSet, embed_slices, embed_volume, embedded_box, pool_slices
+from medsearch.embedding import Region, SliceSet, embed_slices, embed_volume, pool_slices
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
@@ -329,10 +329,8 @@ class Searcher:
             vector = pool_slices(query_slices.vectors, self.config.preprocess.pool)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
         if region is not None:
-            info["region"] = region.to_dict()
-            if region.roi is not None:  # what the encoder saw of the box (widened to the index's tiles)
-                height, width = (int(n) for n in volume.pixels.shape[1:3])
-                info["region"]["embedded_box"] = list(embedded_box(region.roi, height, width, self.config.index.crop_grid))
+            height, width = (int(n) for n in volume.pixels.shape[1:3])
+            info["region"] = region.record(height, width, self.config.index.crop_grid)
         if filters:
             info["where"] = [str(f) for f in filters]
             info["matching_cases"] = int(matching.sum())

@@ -226,6 +226,7 @@ class PreparedStudy:
     n_slices: int
     slice_indices: list[int] | None = None  # the stack slices ``images`` holds (see PreparedCase)
     gap_mm: float | None = None
+    region: dict[str, list[int]] | None = None  # what the answer records of a region query (Region.record)
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,12 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
     if isinstance(path, tuple):
         path, region = path
     chosen: list[int] | None
+    record = None
     try:
         _, volume = load_study(path, load=setup.options.load)
         if region is not None:
             images, chosen = region_array(volume, setup.encoder, setup.config, region)
+            record = region.record(*(int(n) for n in volume.pixels.shape[1:3]), setup.config.index.crop_grid)
         else:
             images = encoder_input(volume, setup.encoder, setup.config).numpy()
             chosen = slice_indices(volume, setup.encoder, setup.config)
@@ -266,4 +269,5 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
     except BaseException as exc:  # noqa: BLE001 - a decoder bug: its message may quote the upload, so its type only
         return StudyError("internal", type(exc).__name__)
     gap = float(volume.spacing[0]) if volume.z_known else None
-    return PreparedStudy(np.ascontiguousarray(images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]), chosen, gap)
+    return PreparedStudy(np.ascontiguousarray(images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]), chosen, gap,
+                         record)

@@ -304,9 +304,9 @@ def create_app(
         data["query"]["path"] = filename or "upload"
         return _json(data)
 
-    async def prepare(path: Path, deadline: float) -> PreparedStudy:  # the page's uploads: the same bounded decoder
-        try:
-            return await decoder.prepare(path, deadline)
+    async def prepare(path: Path, deadline: float, region: Region | None = None) -> PreparedStudy:  # the page's uploads
+        try:  # the same bounded decoder
+            return await decoder.prepare(path, deadline, region)
         except _UploadError as e:
             raise Refused(e.status, str(e)) from e
         except _InternalError as e:
@@ -420,8 +420,8 @@ def _search(
         slices = (SliceSet(vectors, np.asarray(chosen, np.int32), prepared.gap_mm, cropped=cropped)
                   if chosen and len(chosen) == len(vectors) else None)
         info: dict[str, Any] = {"path": "upload", "modality": prepared.modality, "n_slices": prepared.n_slices}
-        if region is not None:
-            info["region"] = region.to_dict()
+        if region is not None:  # with the box as the encoder saw it, as Searcher.search records it
+            info["region"] = prepared.region if prepared.region is not None else region.to_dict()
         if filters:
             info["where"] = [str(f) for f in filters]
         return searcher.search_vector(vector, k=k, where=filters, query=info, slices=slices, **(options or {}))

@@ -9,7 +9,9 @@ Each line says when, who, from where, what was asked and which cases came back::
 ``cases`` are the pseudonymous case ids returned, in rank order. The log holds no file name, no
 UID and nothing read from an upload: a filter value that looks like a name, a date, a UID or an
 e-mail address (:func:`~medsearch.deid.vocabulary.looks_identifying`) is written as ``(withheld)``.
-A query that fails is logged too, with its HTTP status and no cases.
+A query that fails is logged too, with its HTTP status and no cases. A region query adds its slab
+and box under ``options`` (``"region": {"slices": [40, 60], "roi": [x0, y0, x1, y1]}``: slice and
+pixel numbers; a malformed region, refused, is written as ``(malformed)``, not as sent).
 
 The page's endpoints record their queries themselves; :class:`AuditedQueries` (an ASGI middleware)
 records those of the JSON API (``POST /query``) from the request's parameters and the answer's case
@@ -34,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from medsearch.deid.vocabulary import looks_identifying
+from medsearch.embedding import Region
 from medsearch.errors import ConfigError
 from medsearch.filters import Filter
 
@@ -185,12 +188,17 @@ class AuditedQueries:
             k = 0
         state = scope.get("state", {})
         client = scope.get("client")
+        options: dict[str, Any] = {f: v[0].lower() in ("1", "true", "yes", "on") for f in _FLAGS if (v := params.get(f))}
+        if "slices" in params or "roi" in params:  # a region query: its slab and box, as pixel and slice numbers
+            try:
+                region = Region.parse(slices=params.get("slices", [None])[0], roi=params.get("roi", [None])[0])
+                options["region"] = region.to_dict() if region is not None else None
+            except ConfigError:
+                options["region"] = "(malformed)"  # refused with a 422; its text is not written
         try:
             self.audit.record(
                 user=str(state.get("user") or "anonymous"), client=str(client[0]) if client else "unknown", via="api",
-                k=k, filters=params.get("where", []),
-                options={f: v[0].lower() in ("1", "true", "yes", "on") for f in _FLAGS if (v := params.get(f))},
-                status=status, cases=cases,
+                k=k, filters=params.get("where", []), options=options, status=status, cases=cases,
             )
         except OSError as e:
             log.error("the audit log %s cannot be written: %s", self.audit.path, e.strerror or type(e).__name__)

@@ -10,6 +10,9 @@ engine decodes in a thread of this process, as :meth:`Searcher.search` does.
 A study goes the way of ``medsearch query FOLDER``: :func:`~medsearch.io.load_study` on the upload's
 folder, the configured preprocessing (:func:`~medsearch.embedding.encoder_input`), the encoder, and
 :func:`~medsearch.embedding.pool_slices`; the vector then goes to :meth:`Searcher.search_vector`.
+A region of the study (a :class:`~medsearch.embedding.Region`: a slab, a box) goes the way of
+``medsearch query FOLDER --slices/--roi``: only the region is embedded
+(:func:`~medsearch.embedding.region_array`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.embedding import SliceSet, encoder_input, pool_slices, slice_indices
+from medsearch.embedding import Region, SliceSet, encoder_input, pool_slices, region_array, slice_indices
 from medsearch.errors import MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, load_volume
@@ -52,8 +55,8 @@ class Prepared(Protocol):
     def n_slices(self) -> int: ...
 
 
-#: The service's decoder: (the study's path, a deadline of time.monotonic()) -> the encoder input.
-Prepare = Callable[[Path, float], Awaitable[Prepared]]
+#: The service's decoder: (the study's path, a deadline of time.monotonic(), the region or None) -> the encoder input.
+Prepare = Callable[[Path, float, Region | None], Awaitable[Prepared]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class EncodedStudy:
     n_slices: int
     loaded: tuple[CaseRef, Volume] | None = None  # set when it was decoded in this process
     slices: SliceSet | None = None  # its slice vectors, for re-ranking and the match location
+    region: dict[str, list[int]] | None = None  # a region query's region, as the answer records it (Region.record)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class _InProcess:
     loaded: tuple[CaseRef, Volume]
     slice_indices: list[int] | None = None
     gap_mm: float | None = None
+    region: dict[str, list[int]] | None = None
 
 
 class PageEngine:
@@ -127,8 +132,8 @@ class PageEngine:
         await run_in_threadpool(self._locked, deadline, lambda: self.searcher.store.matching(filters))
         return filters
 
-    async def encode(self, path: Path, deadline: float) -> EncodedStudy:
-        """The case vector of the study at ``path`` (a file or a folder of one series).
+    async def encode(self, path: Path, deadline: float, region: Region | None = None) -> EncodedStudy:
+        """The case vector of the study at ``path`` (a file or a folder of one series), or of its ``region``.
 
         Raises
         ------
@@ -138,18 +143,23 @@ class PageEngine:
             The service's decoder refused the study (too slow, crashed), or stayed busy.
         """
         if self._prepare is not None:
-            prepared: Prepared = await self._prepare(path, deadline)
+            prepared: Prepared = await self._prepare(path, deadline, region)
             loaded = None
         else:
-            local = await asyncio.wait_for(run_in_threadpool(self._prepare_here, path), max(0.0, deadline - time.monotonic()))
+            local = await asyncio.wait_for(run_in_threadpool(self._prepare_here, path, region),
+                                           max(0.0, deadline - time.monotonic()))
             prepared, loaded = local, local.loaded
         vectors = await run_in_threadpool(self._locked, deadline, lambda: self.searcher.encoder.embed(prepared.images))
         vector = pool_slices(vectors, self.searcher.config.preprocess.pool)
         chosen = getattr(prepared, "slice_indices", None)
         slices = None
         if chosen is not None and len(chosen) == len(vectors):
-            slices = SliceSet(vectors, np.asarray(chosen, np.int32), getattr(prepared, "gap_mm", None))
-        return EncodedStudy(vector, prepared.modality, int(prepared.n_slices), loaded, slices)
+            cropped = region is not None and region.roi is not None  # matched against the index's tiles too
+            slices = SliceSet(vectors, np.asarray(chosen, np.int32), getattr(prepared, "gap_mm", None), cropped=cropped)
+        record = None
+        if region is not None:
+            record = getattr(prepared, "region", None) or region.to_dict()
+        return EncodedStudy(vector, prepared.modality, int(prepared.n_slices), loaded, slices, record)
 
     async def search(
         self, vector: np.ndarray, *, k: int, filters: Sequence[Filter], query: dict[str, Any], deadline: float,
@@ -177,13 +187,19 @@ class PageEngine:
             return await run_in_threadpool(make_preview, case, volume)
         return await run_in_threadpool(_load_preview, path)
 
-    def _prepare_here(self, path: Path) -> _InProcess:
+    def _prepare_here(self, path: Path, region: Region | None = None) -> _InProcess:
+        info, config = self.searcher.encoder.info, self.searcher.config
+        record = None
         with pydicom_silenced():
             case, volume = load_study(path)
-            images = encoder_input(volume, self.searcher.encoder.info, self.searcher.config).numpy()
-            chosen = slice_indices(volume, self.searcher.encoder.info, self.searcher.config)
+            if region is not None:
+                images, chosen = region_array(volume, info, config, region)
+                record = region.record(*(int(n) for n in volume.pixels.shape[1:3]), config.index.crop_grid)
+            else:
+                images = encoder_input(volume, info, config).numpy()
+                chosen = slice_indices(volume, info, config)
         return _InProcess(np.ascontiguousarray(images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume),
-                          chosen, float(volume.spacing[0]) if volume.z_known else None)
+                          chosen, float(volume.spacing[0]) if volume.z_known else None, record)
 
     def _locked(self, deadline: float, work: Callable[[], Any]) -> Any:
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):

@@ -9,11 +9,14 @@
   age range, label columns and their values), ``k``'s range, and which features are on;
 * ``POST /api/search``: a study (one DICOM file as the body, or any number of files as a
   ``multipart/form-data`` form: several files or the files of a series folder) and the query
-  (``k``, ``where`` filters as ``query --where``, ``exclude_same_patient``, ``one_per_patient``).
-  The answer is the JSON of ``query --json`` plus ``study`` (a token for the study, kept a while:
-  :mod:`medsearch.web.studies`), ``preview`` (how to draw it) and each result's ``thumbnail`` URL;
-* ``GET /api/search?study=TOKEN&k=...``: the same query again for a kept study, with other filters or
-  ``k`` (a reload, a shared link), without another upload;
+  (``k``, ``where`` filters as ``query --where``, ``exclude_same_patient``, ``one_per_patient``,
+  and for a region query ``slices=START:STOP`` and ``roi=X0,Y0,X1,Y1`` as ``query --slices/--roi``,
+  re-ranked). The answer is the JSON of ``query --json`` plus ``study`` (a token for the study, or
+  for its region, kept a while: :mod:`medsearch.web.studies`), ``preview`` (how to draw the whole
+  study) and each result's ``thumbnail`` URL. The service keeps no file of a study, so the page
+  sends the files again (or the Study UID) for each region it searches;
+* ``GET /api/search?study=TOKEN&k=...``: the same query again for a kept study (or region), with
+  other filters or ``k`` (a reload, a shared link), without another upload;
 * ``GET /api/study/TOKEN/slice/I``: slice ``I`` of a kept study's preview, as raw little-endian pixels;
 * ``GET /api/thumbnail/CASE_ID``: a case's stored thumbnail as a PNG.
 
@@ -45,6 +48,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from medsearch.config import SliceMode
+from medsearch.embedding import Region
 from medsearch.errors import (
     EncoderMismatchError,
     IndexCorruptError,
@@ -184,11 +189,15 @@ def create_router(
         one_per_patient: bool = False,
         study_uid: str | None = None,
         series_uid: str | None = None,
+        slices: str | None = None,
+        roi: str | None = None,
     ) -> Response:
         asked = _Asked(k, {"exclude_same_patient": exclude_same_patient, "one_per_patient": one_per_patient})
         try:
             deadline = engine.deadline()
             _check_k(k)
+            region = Region.parse(slices=slices, roi=roi)  # a malformed region fails before the upload is read
+            asked.region = region.to_dict() if region is not None else None
             asked.filters = await engine.filters(where, deadline)
             if exclude_same_patient:
                 await _site_key(engine)  # a missing key fails before the upload is read
@@ -199,12 +208,13 @@ def create_router(
                 else:  # the Study UID field: fetched from the PACS where an upload would be written
                     count, path = await fetch_for_page(dicomweb, study_uid, series_uid, folder), folder
                 try:
-                    encoded = await engine.encode(path, deadline)
+                    encoded = await engine.encode(path, deadline, region)
                     preview = await engine.preview(path, encoded)
                     patient = await _patient(engine, path)
                 except (MedsearchError, Refused) as e:
                     raise _StudyProblem(e, folder, count) from e
-            study = kept.add(encoded.vector, _query_info(encoded), preview, {"patient": patient, "slices": encoded.slices})
+            study = kept.add(encoded.vector, _query_info(encoded), preview,
+                             {"patient": patient, "slices": encoded.slices, "region": encoded.region is not None})
             asked.result = await engine.search(study.vector, k=k, filters=asked.filters, query=dict(study.query),
                                                deadline=deadline, options=_search_options(asked.choices, study.extra))
             response = _json(_answer(asked.result, study.token, study.query, preview.describe(), asked.choices, engine))
@@ -231,6 +241,7 @@ def create_router(
             if held is None:
                 raise Refused(404, "this study is no longer held by the service (it keeps the last ones, until it "
                                    "restarts); drop the study on the page again")
+            asked.region = held.query.get("region")
             if exclude_same_patient and not held.extra.get("patient"):
                 await _site_key(engine)
                 raise Refused(422, "the patient of this study is not known; drop the study again to leave out its patient")
@@ -350,11 +361,16 @@ def _search_options(choices: dict[str, bool], extra: dict[str, Any]) -> dict[str
     options: dict[str, Any] = {"one_per_patient": choices["one_per_patient"], "slices": extra.get("slices")}
     if choices["exclude_same_patient"]:
         options["exclude_patients"] = (extra["patient"],)
+    if extra.get("region"):  # a region query is re-ranked by its slice vectors, as query --slices/--roi is
+        options["rerank"] = True
     return options
 
 
 def _query_info(encoded: EncodedStudy) -> dict[str, Any]:
-    return {"path": "upload", "modality": encoded.modality, "n_slices": encoded.n_slices}
+    info: dict[str, Any] = {"path": "upload", "modality": encoded.modality, "n_slices": encoded.n_slices}
+    if encoded.region is not None:
+        info["region"] = encoded.region
+    return info
 
 
 def _check_k(k: int) -> None:
@@ -383,16 +399,20 @@ class _Asked:
     filters: Sequence[Filter] = ()
     result: QueryResult | None = None
     status: int = 200
+    region: dict[str, Any] | None = None  # a region query's slab and box (pixel numbers, nothing of the patient)
 
 
 def _recorded(audit: AuditLog | None, request: Request, asked: _Asked, response: Response) -> Response:
     """``response``, once the query is in the audit log; a 503 instead when it cannot be written there."""
     if audit is None:
         return response
+    options: dict[str, Any] = {name: True for name, on in asked.choices.items() if on}
+    if asked.region:
+        options["region"] = {name: asked.region[name] for name in ("slices", "roi") if name in asked.region}
     try:
         audit.record(
             user=request_user(request.scope), client=client_address(request.scope), via="page", k=asked.k,
-            filters=asked.filters, options={name: True for name, on in asked.choices.items() if on}, status=asked.status,
+            filters=asked.filters, options=options, status=asked.status,
             cases=[m.case_id for m in asked.result.results] if asked.result is not None else (),
         )
     except OSError as e:
@@ -440,8 +460,15 @@ def _options(engine: PageEngine, max_upload_bytes: int, access: Access | None, r
         "max_upload_bytes": max_upload_bytes,
         "user": request_user(request.scope) if access is not None and access.required else None,
         "features": {"exclude_same_patient": key_ok and "patient" in cases, "one_per_patient": "patient" in cases,
-                     "dicomweb": dicomweb, "thumbnails": store.thumbnails is not None},
+                     "dicomweb": dicomweb, "thumbnails": store.thumbnails is not None,
+                     "regions": _regions(engine), "crop_vectors": store.crops is not None},
     }
+
+
+def _regions(engine: PageEngine) -> bool:
+    """Whether the index takes region queries: its encoder sees axial slices (not a 3D encoder, not tri-planar)."""
+    searcher = engine.searcher
+    return searcher.encoder.info.spatial_dims == 2 and searcher.config.preprocess.slice_mode is SliceMode.AXIAL
 
 
 def _choices(values: Any) -> list[list[Any]]:

@@ -114,7 +114,23 @@ def test_the_json_api_is_logged_too(page_searcher, tmp_path, monkeypatch):
     assert answered["via"] == "api" and answered["user"] == USER and answered["cases"] == ["c-0", "c-1"]
     assert answered["filters"] == ["sex=F"] and answered["options"] == {"exclude_same_patient": True}
     assert refused["status"] == 422 and refused["cases"] == [] and refused["k"] == 9
+    client.post("/query?k=1&slices=4:9&roi=10,10,90,90", headers=headers)
+    client.post("/query?k=1&roi=Doe^Jane", headers=headers)
+    region, malformed = _lines(tmp_path / "audit.jsonl")[2:]
+    assert region["options"] == {"region": {"slices": [4, 9], "roi": [10, 10, 90, 90]}}
+    assert malformed["options"] == {"region": "(malformed)"} and "Doe" not in (tmp_path / "audit.jsonl").read_text()
 
     monkeypatch.setattr(audit, "record", lambda **_: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     response = client.post("/query?k=2", headers=headers)
     assert response.status_code == 503 and "audit log" in response.json()["error"]
+
+
+def test_a_region_query_is_logged_with_its_slab_and_box(page_searcher, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    client = TestClient(page_app(page_searcher, audit=AuditLog(path)))
+    with open(QUERY, "rb") as f:
+        first = client.post("/api/search", params={"k": 2, "roi": "100,120,300,320"}, files={"file": ("a.dcm", f)}).json()
+    client.get("/api/search", params={"study": first["study"], "k": 2})
+    upload, again = _lines(path)
+    assert upload["options"]["region"] == {"roi": [100, 120, 300, 320]} == again["options"]["region"]
+    assert upload["cases"] == [r["case_id"] for r in first["results"]]

@@ -2,8 +2,9 @@
 
 A clinician's path: drop a CT slice and see k results in order of distance; filter, change k, reload the
 shared address; a text file gives a message in the page; a series gets a slice slider; the window
-presets; the page works with the keyboard and at a tablet's width; with credentials, the page asks
-to sign in. A screenshot of the result page is saved (into $MEDSEARCH_SCREENSHOTS when set: the
+presets; a region of a series (a slab from the slider, a box dragged on the image) is searched as
+``query --slices/--roi``; the page works with the keyboard and at a tablet's width; with
+credentials, the page asks to sign in. A screenshot of the result page is saved (into $MEDSEARCH_SCREENSHOTS when set: the
 README's picture is made so).
 """
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 from web.pages import QUERY, SECRET, USER, live_server, make_series
 
+from medsearch.search import Searcher
 from medsearch.serve import create_app
 from medsearch.web import Credentials
 
@@ -163,7 +165,7 @@ def test_a_series_gets_a_slice_slider_and_the_window_presets(server, open_page, 
     page = open_page(server + "/")
     _ready(page)
     _upload(page, *paths, expect=10)
-    slider = page.get_by_label(re.compile("^Slice"))
+    slider = page.get_by_label(re.compile(r"^Slice\b"))
     assert slider.is_visible() and slider.get_attribute("max") == "2"
     assert page.locator("#slice-out").inner_text() == "2 of 3"
     slider.focus()
@@ -177,6 +179,65 @@ def test_a_series_gets_a_slice_slider_and_the_window_presets(server, open_page, 
     assert page.locator("#detail").is_visible() and "#1" in page.locator("#detail-title").inner_text()
     page.keyboard.press("Escape")
     assert page.locator("#detail").is_hidden()
+
+
+@pytest.fixture(scope="module")
+def tiled(phantom_index, tmp_path_factory):
+    """The phantom series indexed with crop vectors (``crop_grid = 2``): (archive, index)."""
+    from medsearch.config import load_config
+    from medsearch.indexing import build_index
+
+    archive, _ = phantom_index
+    index = tmp_path_factory.mktemp("tiled") / "index"
+    build_index(archive, index, config=load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}, index={"crop_grid": 2}))
+    return archive, index
+
+
+def test_a_region_drawn_on_the_page_is_searched_as_query_slices_roi(tiled, open_page, tmp_path):
+    """Slices chosen with the slider, a box dragged on the image: the results are those of
+    ``medsearch query --slices --roi``, each naming its matched tile; "Whole study" goes back."""
+    archive, index = tiled
+    searcher = Searcher(index)
+    paths = sorted((archive / "s1").glob("*.dcm"))
+    whole = [m.case_id for m in searcher.search(archive / "s1", k=3).results]
+    with live_server(create_app(index, searcher=searcher)) as url:
+        page = open_page(url + "/?k=3")
+        _ready(page)
+        _upload(page, *paths, expect=3)
+        region = page.get_by_role("group", name="Search a region of this study")
+        assert region.is_visible() and _case_ids(page) == whole
+        page.locator("#slice").fill("8")
+        page.get_by_role("button", name="Start here").click()
+        page.locator("#slice").fill("13")
+        page.get_by_role("button", name="End here").click()
+        assert (page.get_by_label("Slices", exact=True).input_value(), page.get_by_label("Slices to").input_value()) == ("9", "14")
+        page.get_by_role("button", name="Draw on the image").click()
+        frame = page.locator("#image").bounding_box()
+        page.mouse.move(frame["x"] + 0.25 * frame["width"], frame["y"] + 0.3 * frame["height"])
+        page.mouse.down()
+        page.mouse.move(frame["x"] + 0.55 * frame["width"], frame["y"] + 0.6 * frame["height"], steps=6)
+        page.mouse.up()
+        roi = page.get_by_label("Box (px)").input_value()
+        x0, y0, x1, y1 = (int(v) for v in roi.split(","))
+        assert (x0, y0) == pytest.approx((16, 19), abs=1) and (x1, y1) == pytest.approx((36, 39), abs=1)
+        assert page.locator("#detail").is_hidden()  # the drag did not open the large view
+        assert page.get_by_role("button", name="Draw on the image").get_attribute("aria-pressed") == "false"
+        page.get_by_role("button", name="Search this region").click()
+        page.wait_for_function("() => document.querySelector('#summary').textContent.includes('like slices 9–14')"
+                               " && !document.body.classList.contains('working')")
+        expected = searcher.search(archive / "s1", k=3, slices="8:14", roi=roi)
+        assert _case_ids(page) == [m.case_id for m in expected.results]
+        x0, y0, x1, y1 = expected.results[0].location["best_box"]
+        assert page.locator(f"{RESULTS} .card-fields").first.inner_text().endswith(f"Matched box\n{x0},{y0}–{x1},{y1} px")
+        assert "Dashed: what the encoder saw" in page.locator("#region-hint").inner_text()
+        target = Path(os.environ.get("MEDSEARCH_SCREENSHOTS", tmp_path))
+        target.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(target / "web-region.png"), full_page=True)
+        page.get_by_role("button", name="Whole study").click()
+        page.wait_for_function("() => !document.querySelector('#summary').textContent.includes('like')"
+                               " && !document.body.classList.contains('working')")
+        assert _case_ids(page) == whole and page.get_by_label("Box (px)").input_value() == ""
+        _only_this_service(page, url)
 
 
 def test_the_keyboard_reaches_every_control(server, open_page):

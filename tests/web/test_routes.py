@@ -141,7 +141,9 @@ def test_a_bad_study_is_one_line_that_names_no_path(client, tmp_path, uploads, n
 
 
 @pytest.mark.parametrize(("params", "message"), [({"k": 0}, "k must be between 1 and 1000"),
-                                                  ({"where": "colour=red"}, "colour")])
+                                                  ({"where": "colour=red"}, "colour"),
+                                                  ({"slices": "9:3"}, "slices 9:3 is empty"),
+                                                  ({"roi": "1,2,3"}, "roi must be four whole pixel numbers")])
 def test_a_bad_query_is_refused_before_the_upload_is_read(client, uploads, params, message):
     response = _upload(client, [QUERY], **params)
     assert response.status_code == 422 and message in response.json()["error"]
@@ -243,3 +245,26 @@ def test_a_series_answer_carries_the_best_slice_the_page_shows(phantom_index, tm
     assert top["case_id"] == own.case_id and top["best_slice"] == own.location["best_slice"]
     assert {"best_slice", "query_slice", "best_slice_mm", "slice_score"} <= set(top)
     assert data["query"]["rerank"]["used"] is True
+
+
+def test_a_region_of_a_series_is_searched_as_query_slices_roi(phantom_index, tmp_path, uploads):
+    """``slices`` and ``roi`` on the page's search: only the region is embedded (decoded in this process
+    here; the service's decoder in tests/web/test_page.py), re-ranked, with the answer naming the
+    region, as ``medsearch query --slices/--roi``; the kept token searches the region again."""
+    from medsearch.search import Searcher
+
+    archive, index = phantom_index
+    searcher = Searcher(index)
+    client = TestClient(page_app(searcher))
+    paths = sorted((archive / "s1").glob("*.dcm"))
+    for params in ({"slices": "6:12"}, {"slices": "12", "roi": "8,8,56,56"}):
+        expected = searcher.search(archive / "s1", k=3, **params)
+        data = _upload(client, paths, **params).json()
+        assert [r["case_id"] for r in data["results"]] == [m.case_id for m in expected.results]
+        assert data["query"]["region"] == expected.query["region"] and data["query"]["rerank"]["used"] is True
+        assert data["results"][0]["best_slice"] == expected.results[0].location["best_slice"]
+        assert data["preview"]["n_slices"] == 24 and len(data["preview"]["slices"]) == 24  # the whole study to draw
+        again = client.get("/api/search", params={"study": data["study"], "k": 3}).json()
+        assert again["results"] == data["results"] and again["query"]["region"] == data["query"]["region"]
+    outside = _upload(client, paths, slices="20:30")
+    assert outside.status_code == 422 and "outside the study's 24 slice" in outside.json()["error"]

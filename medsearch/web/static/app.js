@@ -9,6 +9,9 @@
     pacs: $("pacs"), studyUid: $("study-uid"), viewer: $("viewer"), canvas: $("image"), viewerOpen: $("viewer-open"), caption: $("viewer-caption"),
     window: $("window"), presets: $("presets"), windowValue: $("window-value"),
     slicer: $("slicer"), slice: $("slice"), sliceOut: $("slice-out"),
+    region: $("region"), slabRow: $("slab-row"), slabFrom: $("slab-from"), slabTo: $("slab-to"), slabStart: $("slab-start"),
+    slabEnd: $("slab-end"), box: $("box"), drawBox: $("draw-box"), regionHint: $("region-hint"), regionSearch: $("region-search"),
+    regionClear: $("region-clear"),
     form: $("query"), k: $("k"), ageMin: $("age-min"), ageMax: $("age-max"), labelFields: $("label-fields"),
     exclude: $("exclude"), excludeLabel: $("exclude-label"), one: $("one"), oneLabel: $("one-label"), reset: $("reset"),
     error: $("error"), status: $("status"), empty: $("empty"), results: $("results"), note: $("note"), summary: $("summary"),
@@ -33,6 +36,12 @@
     preset: "auto",
     busy: 0,
     lastQuery: "",
+    source: null,       // what was sent, to send again for a region: {files} or {uid} (the service keeps no file)
+    wholeStudy: null,   // token of the whole study's query, when the page sent it
+    region: null,       // the region the results are for: {slices: [start, stop], roi, embedded_box}, as the answer says
+    drawing: false,     // whether a drag on the image draws the box
+    drag: null,         // where a drag started, in image pixels
+    drew: false,        // a drag just ended (its click is not a click on the image)
   };
 
   // -- talking to the service ------------------------------------------------------------------
@@ -200,14 +209,32 @@
       showError(`These files hold ${mb(total)}, more than the ${mb(limit)} this service accepts; give one series.`);
       return;
     }
+    const what = files.length === 1 ? `1 file (${mb(total)})` : `${files.length} files (${mb(total)})`;
+    state.source = { files };
+    await post(queryString(), formOf(files), `Sending ${what} and searching…`);
+  }
+
+  function formOf(files) {
     const form = new FormData();
     // File names are not sent: a name on a clinician's disk may name the patient.
     files.forEach((file, i) => form.append("file", file, `file-${i + 1}.dcm`));
-    const what = files.length === 1 ? `1 file (${mb(total)})` : `${files.length} files (${mb(total)})`;
-    await run(`Sending ${what} and searching…`, async () => {
-      const answer = await api("/api/search?" + queryString().toString(), { method: "POST", body: form });
+    return form;
+  }
+
+  // A study sent (files, or a Study UID in `q`), whole or a region of it; a region keeps the view as it is.
+  async function post(q, body, message) {
+    await run(message, async () => {
+      const answer = await api("/api/search?" + q.toString(), { method: "POST", body });
+      const region = answer.query && answer.query.region;
       state.study = answer.study;
-      await showStudy(answer.preview, answer.query);
+      if (region && state.preview) {
+        showRegion(region);
+      } else {
+        state.wholeStudy = region ? null : answer.study;
+        clearRegion();
+        await showStudy(answer.preview, answer.query);
+        if (region) showRegion(region);
+      }
       showResults(answer);
       remember(true);
     });
@@ -219,13 +246,8 @@
     if (!uid) { showError("Type the Study Instance UID of the study to fetch."); return; }
     const q = queryString();
     q.set("study_uid", uid);
-    await run("Fetching the study from the PACS and searching…", async () => {
-      const answer = await api("/api/search?" + q.toString(), { method: "POST" });
-      state.study = answer.study;
-      await showStudy(answer.preview, answer.query);
-      showResults(answer);
-      remember(true);
-    });
+    state.source = { uid };
+    await post(q, undefined, "Fetching the study from the PACS and searching…");
   }
 
   async function searchAgain(push) {
@@ -235,6 +257,8 @@
     await run("Searching…", async () => {
       const answer = await api("/api/search?" + q.toString());
       if (!state.preview && answer.preview) await showStudy(answer.preview, answer.query);
+      const region = answer.query && answer.query.region;
+      if (region) showRegion(region); else if (state.region) { clearRegion(); draw(); }
       showResults(answer);
       remember(push);
     });
@@ -286,7 +310,7 @@
   async function showStudy(preview, query) {
     state.preview = preview;
     state.slices = new Map();
-    if (!preview) { els.viewer.hidden = true; els.window.hidden = true; els.slicer.hidden = true; return; }
+    if (!preview) { els.viewer.hidden = true; els.window.hidden = true; els.slicer.hidden = true; els.region.hidden = true; return; }
     const n = preview.slices.length;
     els.canvas.width = preview.columns;
     els.canvas.height = preview.rows;
@@ -303,6 +327,10 @@
     if (n < preview.n_slices) parts.push(`${n} slices shown`);
     els.caption.textContent = parts.filter(Boolean).join(" · ");
     els.viewer.hidden = false;
+    els.region.hidden = !(state.options && state.options.features && state.options.features.regions);
+    els.slabRow.hidden = preview.n_slices < 2;
+    for (const input of [els.slabFrom, els.slabTo]) input.max = String(preview.n_slices);
+    regionHint();
     els.window.hidden = preview.format !== "int16";
     els.drop.classList.add("compact");
     $("drop-title").textContent = "Drop another study here";
@@ -351,6 +379,7 @@
     draw();
     const p = state.preview;
     els.sliceOut.textContent = `${p.slices[index] + 1} of ${p.n_slices}`;
+    regionHint();
     // the neighbours next, so that the slider moves without waiting
     for (const next of [index + 1, index - 1]) if (next >= 0 && next < p.slices.length) slicePixels(next).catch(() => {});
   }
@@ -380,7 +409,209 @@
       }
     }
     ctx.putImageData(image, 0, 0);
+    outline(ctx);
     els.canvas.dataset.drawn = "true";
+  }
+
+  // -- a region of the study ---------------------------------------------------------------------
+
+  // The boxes on the slice shown: the box of the fields (solid), and what the encoder saw of the box
+  // searched, where the service widened it to its index's tiles (dashed).
+  function outline(ctx) {
+    const p = state.preview, stack = p.slices[state.current];
+    const line = Math.max(1, Math.round(Math.max(p.columns, p.rows) / 256));
+    const r = state.region;
+    if (r && r.embedded_box && within(r.slices, stack) && String(r.embedded_box) !== String(r.roi)) {
+      stroke(ctx, r.embedded_box, "#5ec8f2", line, [4 * line, 3 * line]);
+    }
+    const box = fieldBox();
+    const slab = fieldSlab();
+    if (box && (!slab || (stack >= slab[0] && stack < slab[1]))) stroke(ctx, box, "#ffd23f", line, []);
+  }
+
+  function within(slices, stack) { return !slices || (stack >= slices[0] && stack < slices[1]); }
+
+  function stroke(ctx, [x0, y0, x1, y1], color, line, dash) {
+    ctx.save();
+    ctx.strokeStyle = color;
+    ctx.lineWidth = line;
+    ctx.setLineDash(dash);
+    ctx.strokeRect(x0 + line / 2, y0 + line / 2, Math.max(1, x1 - x0 - line), Math.max(1, y1 - y0 - line));
+    ctx.restore();
+  }
+
+  // The box of its field, when it reads as four whole numbers (else null).
+  function fieldBox() {
+    const v = els.box.value.split(/[\s,]+/).filter(Boolean).map(Number);
+    return v.length === 4 && v.every(Number.isInteger) ? v : null;
+  }
+
+  // The slab of the fields as stack slices [start, stop) from 0, when given (one field: one slice).
+  function fieldSlab() {
+    const from = els.slabFrom.value.trim(), to = els.slabTo.value.trim();
+    if (els.slabRow.hidden || (from === "" && to === "")) return null;
+    const a = Number(from !== "" ? from : to), b = Number(to !== "" ? to : from);
+    return [a - 1, b];
+  }
+
+  // The region of the fields as the service takes it ({slices: "START:STOP", roi: "X0,Y0,X1,Y1"}); an
+  // Error says what to change. A box without slices lies on the slice shown.
+  function regionAsked() {
+    const p = state.preview;
+    const slab = fieldSlab();
+    const out = {};
+    if (slab) {
+      const [a, b] = slab;
+      if (!Number.isInteger(a) || !Number.isInteger(b) || a < 0 || b > p.n_slices || a >= b) {
+        throw new Error(`give the slices as two numbers from 1 to ${p.n_slices}, the first not above the second`);
+      }
+      out.slices = `${a}:${b}`;
+    }
+    if (els.box.value.trim()) {
+      const box = fieldBox();
+      if (!box) throw new Error("give the box as four whole pixel numbers x0,y0,x1,y1 (x across, y down), or draw it on the image");
+      const [x0, y0, x1, y1] = box;
+      if (!(x0 >= 0 && x0 < x1 && x1 <= p.columns && y0 >= 0 && y0 < y1 && y1 <= p.rows)) {
+        throw new Error(`the box must lie within the ${p.columns} × ${p.rows} px image, with x0 below x1 and y0 below y1`);
+      }
+      out.roi = box.join(",");
+      if (!out.slices) out.slices = `${p.slices[state.current]}:${p.slices[state.current] + 1}`;
+    }
+    if (!out.slices) throw new Error("choose slices (Start here, End here) or draw a box on the image first");
+    return out;
+  }
+
+  function describeRegion(slices, roi) {
+    const parts = [];
+    if (slices) parts.push(slices[1] - slices[0] === 1 ? `slice ${slices[0] + 1}` : `slices ${slices[0] + 1}–${slices[1]}`);
+    if (roi) parts.push(`box ${roi[0]},${roi[1]}–${roi[2]},${roi[3]} px`);
+    return parts.join(", ");
+  }
+
+  function regionHint() {
+    if (!state.preview) return;
+    let text;
+    if (state.drawing) {
+      text = "Drag on the image to draw the box.";
+    } else {
+      const slab = fieldSlab(), box = fieldBox();
+      if (!slab && !box) {
+        text = state.preview.n_slices > 1 ? "Choose slices with Start here and End here, or draw a box." : "Draw a box on the image.";
+      } else {
+        const shown = state.preview.slices[state.current];
+        text = "Will search " + describeRegion(slab || (box ? [shown, shown + 1] : null), box) + (!slab && box && state.preview.n_slices > 1 ? " (the slice shown)." : ".");
+      }
+    }
+    const r = state.region;
+    if (r && r.embedded_box && String(r.embedded_box) !== String(r.roi)) {
+      text += " Dashed: what the encoder saw of the box searched (widened to the tiles the index keeps).";
+    }
+    els.regionHint.textContent = text;
+  }
+
+  function showRegion(region) {
+    state.region = region;
+    if (region.slices) { els.slabFrom.value = String(region.slices[0] + 1); els.slabTo.value = String(region.slices[1]); }
+    els.box.value = region.roi ? region.roi.join(",") : "";
+    if (region.roi && region.slices && region.slices[1] - region.slices[0] === 1) {
+      const at = state.preview ? state.preview.slices.indexOf(region.slices[0]) : -1;  // show the slice the box was drawn on
+      if (at >= 0 && at !== state.current) { state.current = at; els.slice.value = String(at); drawSlice(at).catch(() => {}); }
+    }
+    draw();
+    regionHint();
+  }
+
+  function clearRegion() {
+    els.slabFrom.value = ""; els.slabTo.value = ""; els.box.value = "";
+    state.region = null;
+    setDrawing(false);
+  }
+
+  function setDrawing(on) {
+    state.drawing = on;
+    state.drag = null;
+    els.drawBox.setAttribute("aria-pressed", String(on));
+    els.viewer.classList.toggle("drawing", on);
+    regionHint();
+  }
+
+  function slabHere(end) {
+    const s = state.preview.slices[state.current] + 1;
+    const from = Number(els.slabFrom.value), to = Number(els.slabTo.value);
+    if (end) {
+      els.slabTo.value = String(s);
+      if (els.slabFrom.value === "" || from > s) els.slabFrom.value = String(s);
+    } else {
+      els.slabFrom.value = String(s);
+      if (els.slabTo.value === "" || to < s) els.slabTo.value = String(s);
+    }
+    draw();
+    regionHint();
+  }
+
+  // A pointer's place on the image, in image pixels (the canvas may be letterboxed on a narrow screen).
+  function imagePoint(e) {
+    const p = state.preview;
+    const rect = els.canvas.getBoundingClientRect();
+    let sx = rect.width / p.columns, sy = rect.height / p.rows, ox = 0, oy = 0;
+    if (getComputedStyle(els.canvas).objectFit === "contain") {
+      const s = Math.min(sx, sy);
+      ox = (rect.width - p.columns * s) / 2; oy = (rect.height - p.rows * s) / 2; sx = s; sy = s;
+    }
+    const x = (e.clientX - rect.left - ox) / sx, y = (e.clientY - rect.top - oy) / sy;
+    return [Math.min(Math.max(x, 0), p.columns), Math.min(Math.max(y, 0), p.rows)];
+  }
+
+  function dragTo(e) {
+    const [ax, ay] = state.drag, [bx, by] = imagePoint(e);
+    const x0 = Math.floor(Math.min(ax, bx)), x1 = Math.ceil(Math.max(ax, bx));
+    const y0 = Math.floor(Math.min(ay, by)), y1 = Math.ceil(Math.max(ay, by));
+    if (x1 - x0 < 2 || y1 - y0 < 2) return;  // a click, not a box
+    els.box.value = `${x0},${y0},${x1},${y1}`;
+    draw();
+  }
+
+  async function searchRegion() {
+    let region;
+    try {
+      region = regionAsked();
+    } catch (e) {
+      showError(e.message);
+      return;
+    }
+    if (!state.source) {
+      showError("The service keeps no file of a study: drop the study again (or fetch it again) to search a region of it.");
+      return;
+    }
+    const q = queryString();
+    q.set("slices", region.slices);
+    if (region.roi) q.set("roi", region.roi);
+    setDrawing(false);
+    if (state.source.files) {
+      await post(q, formOf(state.source.files), "Sending the study again and searching the region…");
+    } else {
+      q.set("study_uid", state.source.uid);
+      await post(q, undefined, "Fetching the study from the PACS again and searching the region…");
+    }
+  }
+
+  async function searchWhole() {
+    const searched = state.region !== null;
+    clearRegion();
+    draw();
+    if (!searched) return;
+    if (state.wholeStudy) {
+      state.study = state.wholeStudy;
+      await searchAgain(true);
+    } else if (state.source && state.source.files) {
+      await post(queryString(), formOf(state.source.files), "Sending the study again and searching…");
+    } else if (state.source) {
+      const q = queryString();
+      q.set("study_uid", state.source.uid);
+      await post(q, undefined, "Fetching the study from the PACS again and searching…");
+    } else {
+      showError("The service keeps no file of a study: drop the study again to search it whole.");
+    }
   }
 
   // -- results -----------------------------------------------------------------------------------
@@ -400,8 +631,12 @@
     const shown = results.length === 1 ? "1 case" : `${results.length} cases`;
     const matching = answer.query && answer.query.matching_cases !== undefined
       ? ` of ${answer.query.matching_cases} matching the filters` : "";
-    els.summary.textContent = results.length ? `${shown}${matching}, closest first` : "";
+    const region = answer.query && answer.query.region;
+    const of = region ? ` · like ${describeRegion(region.slices, region.roi)} of the query` : "";
+    els.summary.textContent = results.length ? `${shown}${matching}, closest first${of}` : "";
     const notes = [];
+    const rerank = (answer.query && answer.query.rerank) || {};
+    if (rerank.crop_note) notes.push(sentence(rerank.crop_note) + ".");
     if (left.length) notes.push(`Left out: ${left.join(", ")}.`);
     notes.push(`Distance: ${answer.distance}.`);
     notes.push("Pictures are the thumbnails the index stored; case ids are keyed pseudonyms.");
@@ -446,6 +681,7 @@
     for (const name of labels) add(name, meta[name]);
     const best = bestSlice(match);
     if (best) add("Best slice", best);
+    if (match.best_box) add("Matched box", boxText(match.best_box));
     const id = document.createElement("p");
     id.className = "case-id";
     id.textContent = match.case_id;
@@ -465,6 +701,8 @@
     const query = match.query_slice !== undefined && match.query_slice !== null ? ` (query slice ${match.query_slice + 1})` : "";
     return `${match.best_slice + 1}${of}${query}`;
   }
+
+  function boxText([x0, y0, x1, y1]) { return `${x0},${y0}–${x1},${y1} px`; }
 
   function thumbnail(match, alt) {
     const img = document.createElement("img");
@@ -498,6 +736,11 @@
     if (best) {
       const dt = document.createElement("dt"); dt.textContent = "Best-matching slice";
       const dd = document.createElement("dd"); dd.textContent = best;
+      els.detailFields.append(dt, dd);
+    }
+    if (match.best_box) {
+      const dt = document.createElement("dt"); dt.textContent = "Best-matching box (on that slice)";
+      const dd = document.createElement("dd"); dd.textContent = boxText(match.best_box);
       els.detailFields.append(dt, dd);
     }
     els.detailNote.textContent = "The picture is the thumbnail the index stored for this case (its middle slice, windowed as at indexing).";
@@ -550,7 +793,31 @@
       searchAgain(true);
     });
     els.slice.addEventListener("input", () => { state.current = Number(els.slice.value); drawSlice(state.current).catch((e) => showError(e.message)); });
-    els.viewerOpen.addEventListener("click", openQuery);
+    els.viewerOpen.addEventListener("click", (e) => { if (state.drawing || state.drew) e.preventDefault(); else openQuery(); });
+    els.canvas.addEventListener("pointerdown", (e) => {
+      if (!state.drawing || !state.preview) return;
+      e.preventDefault();
+      els.canvas.setPointerCapture(e.pointerId);
+      state.drag = imagePoint(e);
+    });
+    els.canvas.addEventListener("pointermove", (e) => { if (state.drag) dragTo(e); });
+    for (const end of ["pointerup", "pointercancel"]) {
+      els.canvas.addEventListener(end, (e) => {
+        if (!state.drag) return;
+        dragTo(e);
+        state.drag = null;
+        if (fieldBox()) setDrawing(false);
+        state.drew = true;  // the click that ends a drag does not open the large view
+        setTimeout(() => { state.drew = false; }, 0);
+      });
+    }
+    els.drawBox.addEventListener("click", () => setDrawing(!state.drawing));
+    els.slabStart.addEventListener("click", () => slabHere(false));
+    els.slabEnd.addEventListener("click", () => slabHere(true));
+    for (const input of [els.slabFrom, els.slabTo, els.box]) input.addEventListener("input", () => { draw(); regionHint(); });
+    els.box.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); searchRegion(); } });
+    els.regionSearch.addEventListener("click", () => searchRegion());
+    els.regionClear.addEventListener("click", () => searchWhole());
     els.pacs.addEventListener("submit", (e) => { e.preventDefault(); fetchFromPacs(els.studyUid.value.trim()); });
     window.addEventListener("popstate", () => restore());
   }
