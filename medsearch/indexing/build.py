@@ -397,6 +397,7 @@ def _open_for_writing(
             "with (--key or MEDSEARCH_KEY_FILE), or build a new index"
         )
     cfg = config_for_index(store.manifest.config) if config is None else as_config(config)
+    _check_crop_grid(store, cfg)
     if index_type is not None:
         cfg = cfg.replace(index={"index_type": index_type})
         if store.manifest.index.requested is not cfg.index.index_type:
@@ -405,6 +406,30 @@ def _open_for_writing(
             store.record_config({**(store.manifest.config or {}), "index": cfg.to_dict()["index"]})
             store.commit()
     return store, cfg
+
+
+def _check_crop_grid(store: IndexStore, cfg: Config) -> None:
+    """Refuse to add to an index with another ``crop_grid`` than its cases were built with: their tiles
+    and the new cases' would not match one query box (it is widened to one grid's tile size).
+
+    Raises
+    ------
+    ConfigError
+        The index holds cases and ``cfg`` asks for another grid.
+    """
+    recorded = dict(store.manifest.config or {})
+    built = int(recorded.get("index", {}).get("crop_grid", 0))
+    if cfg.index.crop_grid == built:
+        return
+    if not len(store):  # no case yet: the index takes the new grid
+        store.record_config({**recorded, "index": {**recorded.get("index", {}), "crop_grid": cfg.index.crop_grid}})
+        return
+    kept = f"crop vectors of crop_grid = {built}" if built else "no crop vectors"
+    raise ConfigError(
+        f"index {store.path} keeps {kept} for its {len(store)} case(s), and this config asks for crop_grid = "
+        f"{cfg.index.crop_grid}; add to it with its own settings (omit --config, or set [index] crop_grid = {built}), "
+        "or build a new index"
+    )
 
 
 def _flush(

@@ -533,3 +533,32 @@ def test_mixed_archive_indexes_only_images_and_splits_the_mosaic(tmp_path, sampl
     assert len(result.results) == 3 and result.query["excluded"] == {"copies": 1}
     others = query(ct, tmp_path / "index", k=4, exclude_same_patient=True, key=sample_key)
     assert len(others.results) == 2 and others.query["excluded"]["same_patient"] == 2
+
+
+def test_an_index_keeps_one_crop_grid(phantom_index, tmp_path):
+    """Cases added with other tiles than the index's (or none) would not match one query box: refused
+    in one line, the index unchanged; without a config, a run adds with the index's own grid."""
+    from medsearch.config import load_config
+    from medsearch.errors import ConfigError
+
+    archive, _ = phantom_index
+    index = tmp_path / "ix"
+    five = load_config("default").replace(preprocess={"slice_spacing_mm": 5.0})
+    build_index(archive / "s0", index, config=five)
+    with pytest.raises(ConfigError, match=r"keeps no crop vectors for its 1 case\(s\), and this config asks for crop_grid = 2"):
+        build_index(archive, index, config=five.replace(index={"crop_grid": 2}))
+    assert index_info(index)["cases"] == 1
+    build_index(archive / "s1", index)  # the index's own settings
+    info = index_info(index)
+    assert info["cases"] == 2 and not info["crop_vectors"]["kept"]
+
+    tiled = tmp_path / "tiled"
+    build_index(archive / "s0", tiled, config=five.replace(index={"crop_grid": 2}))
+    build_index(archive / "s1", tiled)
+    info = index_info(tiled)
+    assert info["cases"] == 2 and info["crop_vectors"]["vectors"] == 4 * info["slice_vectors"]["vectors"]
+    config = tmp_path / "five.toml"
+    config.write_text("[preprocess]\nslice_spacing_mm = 5\n")
+    result = CliRunner().invoke(app, ["index", str(archive / "s2"), "--index", str(tiled), "--config", str(config)])
+    assert result.exit_code == 2 and "keeps crop vectors of crop_grid = 2 for its 2 case(s)" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and index_info(tiled)["cases"] == 2
