@@ -32,6 +32,7 @@ This module takes numpy arrays; it imports neither torch nor an encoder.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from medsearch.store import CandidateSlices, SliceTable
+from medsearch.store.half import to_float32
 
 __all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "gathered", "late_interaction", "location", "rerank_rows",
            "reorder_by_slices"]
@@ -107,7 +109,10 @@ def late_interaction(
     width = int(counts.max())
     # both sides as the index stores slices (float16), each made unit length again: a slice compared
     # with its own stored copy then scores 1 to float32 rounding, as its case vector does
-    cosines = np.minimum(_unit(found.vectors) @ _unit(_stored(query)).T, 1.0)  # (T, Q)
+    # (the candidates' lengths divide the (T, Q) products, not the (T, dim) vectors: one pass less over them)
+    vectors = np.asarray(found.vectors, dtype=np.float32)
+    lengths = np.maximum(np.sqrt(np.einsum("ij,ij->i", vectors, vectors)), 1e-12)
+    cosines = np.minimum((vectors @ _unit(_stored(query)).T) / lengths[:, None], 1.0)  # (T, Q)
     # (n, width, Q) similarities, -inf where a candidate has fewer slices
     table = np.full((n, width, q), -np.inf, dtype=np.float32)
     if new.all():
@@ -120,32 +125,37 @@ def late_interaction(
         best = table.argmax(axis=1)  # (n, Q): each query slice's best candidate slice
         total = np.take_along_axis(table, best[:, None, :], axis=1)[:, 0, :].sum(axis=1)
         pairs = best
+    # every candidate at once: the similarity of each aligned pair, and the best pair; ties (a study
+    # against its own copy) go to the pair nearest the middle of the query
+    every = np.arange(n)
+    aligned = table[every[:, None], pairs, np.arange(q)[None, :]]  # (n, Q)
+    tops = np.argmax(aligned - 1e-6 * np.abs(np.arange(q) - (q - 1) / 2), axis=1)
+    groups = np.minimum(starts + pairs[every, tops], len(slice_of) - 1)  # the best pair's (candidate, slice) group
+    scores, query_slices = (total.astype(np.float64) / q).tolist(), np.asarray(query_indices)[tops].tolist()
+    best_slices, slice_scores = slice_of[groups].tolist(), aligned[every, tops].tolist()
+    boxes = _boxes(found, cosines, group == groups[owner], tops) if found.boxes is not None else {}
     out: list[SliceMatch | None] = []
     for c in range(n):
         if counts[c] == 0:
             out.append(None)
             continue
-        aligned = table[c, pairs[c], np.arange(q)]
-        # ties (a study against its own copy) go to the pair nearest the middle of the query
-        top = int(np.argmax(aligned - 1e-6 * np.abs(np.arange(q) - (q - 1) / 2)))
-        col = int(pairs[c, top])
-        out.append(SliceMatch(
-            score=float(total[c]) / q,
-            query_slice=int(query_indices[top]),
-            best_slice=int(slice_of[starts[c] + col]),
-            slice_score=float(aligned[top]),
-            best_box=None if found.boxes is None else _box(found, cosines[:, top], group == starts[c] + col),
-        ))
+        out.append(SliceMatch(scores[c], int(query_slices[c]), int(best_slices[c]), slice_scores[c], boxes.get(c)))
     return out
 
 
-def _box(found: CandidateSlices, cosines: np.ndarray, rows: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The box of the best of ``rows`` (one candidate slice's rows, ``found.boxes`` given); None
-    for a whole slice."""
+def _boxes(found: CandidateSlices, cosines: np.ndarray, best: np.ndarray, tops: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """candidate -> the box its best pair matched: among the rows of its best slice (``best``: the
+    slice row and its tiles), the one closest to the pair's query slice (``tops``); the first on a
+    tie. A candidate whose best row is the whole slice has no entry."""
     assert found.boxes is not None
-    where = np.flatnonzero(rows)
-    box = found.boxes[where[int(np.argmax(cosines[where]))]]
-    return None if int(box[0]) < 0 else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+    rows = np.flatnonzero(best)
+    owners = found.owner[rows]
+    order = np.lexsort((-cosines[rows, tops[owners]], owners))  # by candidate, then closest first (stable)
+    rows, owners = rows[order], owners[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = owners[1:] != owners[:-1]
+    return {int(c): (int(b[0]), int(b[1]), int(b[2]), int(b[3]))
+            for c, b in zip(owners[first].tolist(), found.boxes[rows[first]]) if int(b[0]) >= 0}
 
 
 def _stored(vectors: np.ndarray) -> np.ndarray:
@@ -154,7 +164,8 @@ def _stored(vectors: np.ndarray) -> np.ndarray:
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+    return vectors / np.maximum(norms, 1e-12)[:, None]
 
 
 def _aligned(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +224,10 @@ def rerank_rows(
 
 def gathered(table: SliceTable, rows: Sequence[int] | np.ndarray, crops: SliceTable | None = None) -> CandidateSlices:
     """The slices of the cases at ``rows``, with their crop vectors when ``crops`` is given."""
-    found = table.gather(rows)
-    return found if crops is None else found.merged(crops.gather(rows))
+    if crops is None:
+        return table.gather(rows)
+    found = table.gather(rows, half=True).merged(crops.gather(rows, half=True))  # merged as stored: half the bytes
+    return dataclasses.replace(found, vectors=to_float32(found.vectors))
 
 
 def reorder_by_slices(

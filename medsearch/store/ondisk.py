@@ -44,6 +44,7 @@ from medsearch.config import IndexType, Metric
 from medsearch.errors import IndexCorruptError
 from medsearch.store import faiss_index as fx
 from medsearch.store.files import FileEntry, generation_file
+from medsearch.store.half import to_float32
 
 __all__ = ["ONDISK_META", "OnDiskIVFPQ", "build_ondisk", "ondisk_params"]
 
@@ -126,7 +127,7 @@ class OnDiskIVFPQ:
     def _exact_rows(self, rows: np.ndarray) -> np.ndarray:
         order = np.argsort(rows, kind="stable")  # in file order: fewer, longer reads
         out = np.empty((len(rows), self.exact.shape[1]), np.float32)
-        out[order] = self.exact[rows[order]]
+        out[order] = to_float32(self.exact[rows[order]])
         return out
 
 

@@ -47,6 +47,7 @@ from medsearch.store.files import (
     write_file,
     write_raw,
 )
+from medsearch.store.half import to_float32
 
 __all__ = ["CandidateSlices", "SliceTable", "SlicesLike"]
 
@@ -75,7 +76,7 @@ class CandidateSlices:
     slices of the ``j``-th case asked for, at stack ``indices``; ``gaps[j]`` its slice gap (NaN: unknown).
     ``boxes``, for crop vectors: each row's tile (x0, y0, x1, y1); a row of ``-1`` is a whole slice."""
 
-    vectors: np.ndarray  # (T, dim) float32
+    vectors: np.ndarray  # (T, dim) float32 (float16, as stored, when gathered with ``half``)
     owner: np.ndarray  # (T,) int64, non-decreasing
     indices: np.ndarray  # (T,) int32
     gaps: np.ndarray  # (n,) float32
@@ -90,8 +91,12 @@ class CandidateSlices:
         owner = np.concatenate([self.owner, other.owner])
         indices = np.concatenate([self.indices, other.indices])
         order = np.lexsort((indices, owner))
-        return CandidateSlices(np.concatenate([self.vectors, other.vectors])[order], owner[order], indices[order],
-                               self.gaps, np.concatenate([boxes(self), boxes(other)])[order])
+        place = np.empty_like(order)  # where each row of self, then of other, goes: one copy of the vectors
+        place[order] = np.arange(len(order))
+        vectors = np.empty((len(order), self.vectors.shape[1]), np.result_type(self.vectors, other.vectors))
+        vectors[place[: len(self.owner)]] = self.vectors
+        vectors[place[len(self.owner):]] = other.vectors
+        return CandidateSlices(vectors, owner[order], indices[order], self.gaps, np.concatenate([boxes(self), boxes(other)])[order])
 
 
 class SliceTable:
@@ -154,11 +159,12 @@ class SliceTable:
         offsets = self.offsets
         start, stop = int(offsets[row]), int(offsets[row + 1])
         gap = float(self.gaps[row])
-        return (np.asarray(self._vectors()[start:stop], dtype=np.float32), self.indices[start:stop].copy(),
+        return (to_float32(self._vectors()[start:stop]), self.indices[start:stop].copy(),
                 gap if np.isfinite(gap) else None)
 
-    def gather(self, rows: Sequence[int] | np.ndarray) -> CandidateSlices:
-        """The slices of the cases at ``rows`` (case-table rows), as one float32 array for re-ranking."""
+    def gather(self, rows: Sequence[int] | np.ndarray, *, half: bool = False) -> CandidateSlices:
+        """The slices of the cases at ``rows`` (case-table rows), as one float32 array for re-ranking
+        (``half``: float16, as stored, to widen later with :func:`~medsearch.store.half.to_float32`)."""
         rows = np.asarray(rows, dtype=np.int64)
         offsets = self.offsets
         starts, stops = offsets[rows], offsets[rows + 1]
@@ -167,7 +173,8 @@ class SliceTable:
         owner = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
         # every row's position in the stored array, without a Python loop over slices
         take = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
-        vectors = np.asarray(self._vectors()[take], dtype=np.float32) if total else np.zeros((0, self.dim), np.float32)
+        vectors = self._vectors()[take] if total else np.zeros((0, self.dim), _DTYPE)
+        vectors = np.asarray(vectors) if half else to_float32(vectors)
         return CandidateSlices(vectors, owner, self.indices[take], self.gaps[rows], self.boxes[take] if self.crops else None)
 
     # -- adding -------------------------------------------------------------------------------------
