@@ -113,8 +113,11 @@ class QueryResult:
         return replace(self, results=matches)
 
     def to_frame(self) -> pd.DataFrame:
-        """A table: rank, case_id, distance, then one column per metadata field."""
-        rows = [{"rank": m.rank, "case_id": m.case_id, "distance": m.distance, **m.metadata} for m in self.results]
+        """A table: rank, case_id, distance, where each case matched when the results say so
+        (``best_slice``, ``best_slice_mm``, ``query_slice``, ``query_slice_mm``, ``slice_score``,
+        and ``best_box`` for a box query against crop vectors), then one column per metadata field."""
+        rows = [{"rank": m.rank, "case_id": m.case_id, "distance": m.distance, **(m.location or {}), **m.metadata}
+                for m in self.results]
         return pd.DataFrame(rows)
 
 

@@ -21,6 +21,7 @@ EXPECTED = {
     "01-quickstart.ipynb": {"image/png", "text/html"},  # the result sheet, the DataFrame
     "02-evaluation.ipynb": {"image/png", "text/html"},  # precision@k per class, the metrics table
     "03-embedding-map.ipynb": {"image/png"},  # the maps
+    "04-regions.ipynb": {"image/png", "text/html"},  # the sheet with the boxes, the table of where cases matched
 }
 TIMEOUT_S = 240  # per cell; the whole of one notebook takes seconds to a minute on two CPU cores
 

@@ -518,6 +518,9 @@ def test_a_box_query_names_the_tile_it_matched(crop_index):
     x0, y0, x1, y1 = top.location["best_box"]
     assert x0 <= 48 < x1 and y0 <= 48 < y1  # the tile holds the box's centre
     assert abs(top.location["best_slice"] - 12) <= 2 and top.to_dict()["best_box"] == [x0, y0, x1, y1]
+    frame = result.to_frame()  # a researcher's table says where each case matched too
+    assert list(frame.columns[:4]) == ["rank", "case_id", "distance", "best_slice"] and "body_part" in frame
+    assert list(frame.loc[0, "best_box"]) == [x0, y0, x1, y1] and frame.loc[0, "best_slice"] == top.location["best_slice"]
 
 
 def test_a_box_query_on_an_index_without_crops_says_what_it_compared(phantom_index):
