@@ -57,7 +57,7 @@ from medsearch.transforms import make_thumbnail, middle_picture, picture_box
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["CAPTION_FIELDS", "ResultSheet", "SheetItem", "make_sheet", "render_sheet"]
+__all__ = ["CAPTION_FIELDS", "ResultSheet", "SheetItem", "make_sheet", "matched_picture", "render_sheet"]
 
 #: Metadata fields a caption shows (besides rank, distance, case id and the index's labels).
 CAPTION_FIELDS = ("modality", "body_part", "sex", "age_band", "model")
@@ -396,6 +396,21 @@ def _preprocess_config(store: IndexStore) -> PreprocessConfig:
     if not data:
         raise IndexCorruptError(f"index {store.path} records no preprocessing settings; rebuild the index")
     return config_from_dict({"preprocess": dict(data)}, source=f"index {store.path}").preprocess
+
+
+def matched_picture(
+    source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int,
+    box: Sequence[float] | None = None,
+) -> np.ndarray | None:
+    """Slice ``index`` of a result's case, read from its source files (``source``: a link table's
+    row, :meth:`QueryResult.resolve`), as a sheet draws it: a ``size`` px thumbnail windowed as the
+    sheet windows, with ``box`` (a tile, in pixels of the slice) outlined, then RGB. None where the
+    files are not given or cannot be read."""
+    drawn = _source_slice(source, index, preprocess, size)
+    if drawn is None:
+        return None
+    image, shape, spacing = drawn
+    return _outlined(image, picture_box(box, shape, spacing, size)) if box else image
 
 
 def _source_slice(

@@ -25,6 +25,7 @@ def serve(
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve a non-loopback --host without credentials (behind a gateway that authenticates)."),
     dicomweb: str | None = typer.Option(None, "--dicomweb", help="DICOMweb root URL of a PACS: POST /query?study_uid=UID then fetches the study from it."),
     dicomweb_auth_file: Path | None = typer.Option(None, "--dicomweb-auth-file", help="The PACS credentials: a file holding 'Bearer TOKEN' or 'USER:PASSWORD' (default: MEDSEARCH_DICOMWEB_TOKEN, or MEDSEARCH_DICOMWEB_USER and MEDSEARCH_DICOMWEB_PASSWORD)."),
+    links: Path | None = typer.Option(None, "--links", help="The index's link table (written by 'medsearch index --links'): the page then shows the slice of each result that matched, read from the archive, with the tile it matched outlined."),
 ) -> None:
     """Keep an index and its encoder loaded: a page for clinicians at /, and queries over HTTP as JSON.
 
@@ -44,4 +45,4 @@ def serve(
         stderr.print(f"warning: serving on {host} without authentication; anyone who reaches port {port} can query this index", highlight=False)
     run_service(index_dir, host=host, port=port, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
                 header_timeout=header_timeout, worker_memory_gib=worker_memory_gib, auth_file=auth_file, audit_log=audit_log,
-                insecure_no_auth=insecure_no_auth, dicomweb=dicomweb, dicomweb_auth_file=dicomweb_auth_file)
+                insecure_no_auth=insecure_no_auth, dicomweb=dicomweb, dicomweb_auth_file=dicomweb_auth_file, links=links)

@@ -84,7 +84,7 @@ from medsearch.search import Searcher
 from medsearch.serve.decoder import _acquire, _Decoder, _InternalError, _left
 from medsearch.serve.http import _error, _json, _protocol, _receive, _study_error, _UploadError
 from medsearch.serve.pacs import fetch_query_study, hide_uids_in_access_log
-from medsearch.web import AUDIT_FILE, AuditLog, Credentials, PageEngine, Refused, check_exposure, mount_page
+from medsearch.web import AUDIT_FILE, AuditLog, CaseSlices, Credentials, PageEngine, Refused, check_exposure, mount_page
 
 __all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_REQUEST_TIMEOUT_S", "create_app", "serve"]
 
@@ -109,6 +109,7 @@ def create_app(
     credentials: Credentials | None = None,
     audit_log: str | Path | AuditLog | None = None,
     dicomweb: DicomWeb | str | None = None,
+    links: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI application serving one index; loads the index and encoder and starts the decoders now.
 
@@ -142,6 +143,9 @@ def create_app(
     dicomweb
         A PACS (DICOMweb root URL, or a :class:`~medsearch.pacs.DicomWeb`): ``POST /query?study_uid=UID``
         (and ``series_uid``) then fetches the study from it instead of reading an upload.
+    links
+        The index's link table (``medsearch index --links``, site-only): the page then shows each
+        result's best-matching slice, read from the archive, instead of its stored thumbnail.
 
     The worker processes stop with the application (its lifespan), or with this process.
 
@@ -157,6 +161,7 @@ def create_app(
     if decode_workers < 0:
         raise ConfigError(f"decode_workers must be 0 or more, got {decode_workers}")
     started = time.perf_counter()
+    case_slices = CaseSlices(links) if links is not None else None  # a missing link table: before anything loads
     searcher = searcher or Searcher(index_dir, config=config)
     audit = AuditLog(audit_log) if isinstance(audit_log, (str, Path)) else audit_log  # before the warm-up: fail early
     if warm_up:
@@ -315,7 +320,7 @@ def create_app(
 
     engine = PageEngine(searcher, lock=busy, refresh=refresh, prepare=prepare, timeout=request_timeout)
     mount_page(app, engine, max_upload_bytes=limit, credentials=credentials, audit=audit, audited_paths=("/query",),
-               dicomweb=pacs)
+               dicomweb=pacs, links=case_slices)
     return app
 
 
@@ -335,6 +340,7 @@ def serve(
     insecure_no_auth: bool = False,
     dicomweb: str | None = None,
     dicomweb_auth_file: str | Path | None = None,
+    links: str | Path | None = None,
 ) -> None:
     """Load the index and encoder, then answer HTTP queries until interrupted.
 
@@ -343,6 +349,7 @@ def serve(
     ``auth_file`` and ``MEDSEARCH_AUTH_TOKEN``; every query goes to ``audit_log`` (default
     ``INDEX/local/audit.jsonl``). With ``dicomweb`` (a PACS's DICOMweb root, its credentials from
     ``dicomweb_auth_file`` or the environment), ``POST /query?study_uid=...`` fetches the study from it.
+    With ``links`` (the index's link table), the page shows the slice of each result that matched.
 
     Raises
     ------
@@ -360,7 +367,8 @@ def serve(
     hide_uids_in_access_log()
     app = create_app(index_dir, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
                      worker_memory_gib=worker_memory_gib, credentials=credentials,
-                     audit_log=audit_log if audit_log is not None else Path(index_dir) / AUDIT_FILE, dicomweb=pacs)
+                     audit_log=audit_log if audit_log is not None else Path(index_dir) / AUDIT_FILE, dicomweb=pacs,
+                     links=links)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, header_timeout=header_timeout)).run()
 
 

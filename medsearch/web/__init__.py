@@ -9,6 +9,8 @@ What lives here:
 - :mod:`medsearch.web.auth`: credentials (``--auth-file``), cookie sessions, the gate, and the
   refusal to serve a non-loopback address without them;
 - :mod:`medsearch.web.audit`: the audit log of every query;
+- :mod:`medsearch.web.pictures`: pictures of the index's cases (stored thumbnails; with the link
+  table, the slice of a case that matched, read from the archive);
 - ``static/``: the page itself (HTML, a small vanilla-JS script, a stylesheet), shipped in the
   package: it loads nothing from anywhere else.
 
@@ -30,6 +32,7 @@ from medsearch.pacs import DicomWeb
 from medsearch.web.audit import AUDIT_FILE, AuditedQueries, AuditLog
 from medsearch.web.auth import Access, AuthGate, Credentials, Sessions, check_exposure, is_loopback
 from medsearch.web.engine import PageEngine
+from medsearch.web.pictures import CaseSlices
 from medsearch.web.routes import MAX_K, create_router
 from medsearch.web.studies import StudyCache
 from medsearch.web.uploads import Refused
@@ -41,6 +44,7 @@ __all__ = [
     "AuditLog",
     "AuditedQueries",
     "AuthGate",
+    "CaseSlices",
     "Credentials",
     "PageEngine",
     "Refused",
@@ -62,6 +66,7 @@ def mount_page(
     audit: AuditLog | None = None,
     audited_paths: tuple[str, ...] = (),
     dicomweb: DicomWeb | None = None,
+    links: CaseSlices | None = None,
 ) -> Access:
     """Add the page's routes to ``app``, and the gate in front of all of ``app``'s routes.
 
@@ -70,10 +75,12 @@ def mount_page(
     queries are recorded, and so are the ``POST`` requests to ``audited_paths`` (the JSON API's
     ``/query``: :class:`AuditedQueries`). Returns the :class:`Access` the gate checks with (its
     sessions, its failed attempts). With ``dicomweb``, the page shows a Study UID field and fetches
-    that study from the PACS (:mod:`medsearch.web.pacs`).
+    that study from the PACS (:mod:`medsearch.web.pacs`). With ``links`` (the index's link table),
+    each result shows the slice that matched, read from the archive (:mod:`medsearch.web.pictures`).
     """
     access = Access(credentials)
-    app.include_router(create_router(engine, max_upload_bytes=max_upload_bytes, access=access, audit=audit, dicomweb=dicomweb))
+    app.include_router(create_router(engine, max_upload_bytes=max_upload_bytes, access=access, audit=audit, dicomweb=dicomweb,
+                                     links=links))
     if audit is not None and audited_paths:
         app.add_middleware(AuditedQueries, audit=audit, paths=audited_paths)
     app.add_middleware(AuthGate, access=access)  # added last: the outermost, so the audit knows the user

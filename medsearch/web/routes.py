@@ -18,7 +18,10 @@
 * ``GET /api/search?study=TOKEN&k=...``: the same query again for a kept study (or region), with
   other filters or ``k`` (a reload, a shared link), without another upload;
 * ``GET /api/study/TOKEN/slice/I``: slice ``I`` of a kept study's preview, as raw little-endian pixels;
-* ``GET /api/thumbnail/CASE_ID``: a case's stored thumbnail as a PNG.
+* ``GET /api/thumbnail/CASE_ID``: a case's stored thumbnail as a PNG;
+* ``GET /api/case/CASE_ID/slice/I?box=X0,Y0,X1,Y1``: with the index's link table
+  (:mod:`medsearch.web.pictures`), slice ``I`` of a case read from the archive, as the result sheet
+  draws it (the box outlined), as a PNG: the page shows each result's best-matching slice so.
 
 Every query is written to the audit log (:mod:`medsearch.web.audit`), with the user the gate let in.
 Every error is a JSON ``{"error": "..."}`` line, as for the rest of the service, and no answer
@@ -33,9 +36,7 @@ import html
 import json
 import logging
 import re
-import struct
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -43,7 +44,6 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
-import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -66,6 +66,7 @@ from medsearch.web.audit import AuditLog
 from medsearch.web.auth import Access, client_address, request_user, session_cookie
 from medsearch.web.engine import EncodedStudy, PageEngine
 from medsearch.web.pacs import fetch_for_page
+from medsearch.web.pictures import CaseSlices, png
 from medsearch.web.studies import StudyCache
 from medsearch.web.uploads import Refused, receive_files, upload_folder, upload_name
 
@@ -106,6 +107,7 @@ def create_router(
     audit: AuditLog | None = None,
     studies: StudyCache | None = None,
     dicomweb: DicomWeb | None = None,
+    links: CaseSlices | None = None,
 ) -> APIRouter:
     """The page and its endpoints, for one service.
 
@@ -124,6 +126,8 @@ def create_router(
         The kept query studies (a new :class:`StudyCache` by default).
     dicomweb
         The PACS the service fetches a study from by its Study Instance UID (None: none; the field is hidden).
+    links
+        The index's link table, to show the slice of each result that matched (None: the stored thumbnails only).
     """
     router = APIRouter()
     files = {name: (resources.files("medsearch.web") / "static" / name).read_bytes() for name in _STATIC}
@@ -178,7 +182,7 @@ def create_router(
 
     @router.get("/api/options")
     async def options(request: Request) -> Response:
-        return _json(_options(engine, max_upload_bytes, access, request, dicomweb is not None))
+        return _json(_options(engine, max_upload_bytes, access, request, dicomweb is not None, links is not None))
 
     @router.post("/api/search")
     async def search_upload(
@@ -273,8 +277,29 @@ def create_router(
         row = rows(store).get(case_id)
         if thumbs is None or row is None or not thumbs[row].any():
             return _error(404, "no thumbnail is stored for this case")
-        return Response(_png(thumbs[row]), media_type="image/png",
+        return Response(png(thumbs[row]), media_type="image/png",
                         headers={"cache-control": "private, max-age=86400", "x-content-type-options": "nosniff"})
+
+    @router.get("/api/case/{case_id}/slice/{index}")
+    async def case_slice(case_id: str, index: int, box: str | None = None) -> Response:
+        if links is None:
+            return _error(404, "this service reads no case from the archive; start it with --links FILE (the index's "
+                               "link table) to show the slices that matched")
+        try:
+            region = Region.parse(roi=box) if box is not None else None
+        except MedsearchError as e:
+            return _error(422, str(e))
+        if index < 0 or rows(searcher.store).get(case_id) is None:
+            return _error(404, "no such case or slice in this index")
+        store = searcher.store
+        size = int(store.thumbnails.shape[1]) if store.thumbnails is not None else 256
+        picture = await run_in_threadpool(links.picture, case_id, index, searcher.config.preprocess, size,
+                                          region.roi if region is not None else None)
+        if picture is None:
+            return _error(404, "this case's files cannot be read where the link table says (moved, deleted, or on a "
+                               "PACS only); its stored thumbnail stands in")
+        return Response(png(picture), media_type="image/png",
+                        headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"})
 
     return router
 
@@ -426,7 +451,7 @@ def _recorded(audit: AuditLog | None, request: Request, asked: _Asked, response:
 
 
 def _options(engine: PageEngine, max_upload_bytes: int, access: Access | None, request: Request,
-             dicomweb: bool) -> dict[str, Any]:
+             dicomweb: bool, case_slices: bool) -> dict[str, Any]:
     store = engine.searcher.store
     cases = store.cases
     fields = {}
@@ -461,7 +486,7 @@ def _options(engine: PageEngine, max_upload_bytes: int, access: Access | None, r
         "user": request_user(request.scope) if access is not None and access.required else None,
         "features": {"exclude_same_patient": key_ok and "patient" in cases, "one_per_patient": "patient" in cases,
                      "dicomweb": dicomweb, "thumbnails": store.thumbnails is not None,
-                     "regions": _regions(engine), "crop_vectors": store.crops is not None},
+                     "regions": _regions(engine), "crop_vectors": store.crops is not None, "case_slices": case_slices},
     }
 
 
@@ -496,19 +521,6 @@ def _stamp(engine: PageEngine) -> str:
     entry = manifest.files.get("thumbnails")
     name = entry.name if entry is not None else str(manifest.generation)
     return re.sub(r"[^\w.-]", "", name)[:64] or "0"
-
-
-def _png(image: np.ndarray) -> bytes:
-    """An 8-bit gray PNG of a 2D uint8 array (no library needed: one IDAT of unfiltered rows)."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    height, width = image.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), image], axis=1).tobytes()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b""))
 
 
 # -- responses --------------------------------------------------------------------------------------

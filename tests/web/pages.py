@@ -15,7 +15,7 @@ from conftest import SAMPLE
 from fastapi import FastAPI
 
 from medsearch.search import Searcher
-from medsearch.web import AuditLog, Credentials, PageEngine, mount_page
+from medsearch.web import AuditLog, CaseSlices, Credentials, PageEngine, mount_page
 
 QUERY = SAMPLE / "tcga-luad-ct" / "ID_0050_AGE_0074_CONTRAST_0_CT.dcm"
 USER, SECRET = "dr-lee", "correct-horse-battery-staple"
@@ -23,10 +23,11 @@ LIMIT = 2_000_000  # bytes: a sample slice is about 0.5 MB
 
 
 def page_app(searcher: Searcher, *, credentials: Credentials | None = None, audit: AuditLog | None = None,
-             limit: int = LIMIT, engine: PageEngine | None = None) -> FastAPI:
+             limit: int = LIMIT, engine: PageEngine | None = None, links: Path | None = None) -> FastAPI:
     """An application with only the page mounted (the service's own routes are tested in tests/test_serve.py)."""
     app = FastAPI()
-    mount_page(app, engine or PageEngine(searcher), max_upload_bytes=limit, credentials=credentials, audit=audit)
+    mount_page(app, engine or PageEngine(searcher), max_upload_bytes=limit, credentials=credentials, audit=audit,
+               links=CaseSlices(links) if links is not None else None)
     return app
 
 

@@ -189,18 +189,20 @@ def tiled(phantom_index, tmp_path_factory):
 
     archive, _ = phantom_index
     index = tmp_path_factory.mktemp("tiled") / "index"
-    build_index(archive, index, config=load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}, index={"crop_grid": 2}))
+    build_index(archive, index, config=load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}, index={"crop_grid": 2}),
+                links=index.parent / "links.csv")
     return archive, index
 
 
 def test_a_region_drawn_on_the_page_is_searched_as_query_slices_roi(tiled, open_page, tmp_path):
     """Slices chosen with the slider, a box dragged on the image: the results are those of
-    ``medsearch query --slices --roi``, each naming its matched tile; "Whole study" goes back."""
+    ``medsearch query --slices --roi``, each naming its matched tile and showing the slice it
+    matched (the service has the link table); "Whole study" goes back."""
     archive, index = tiled
     searcher = Searcher(index)
     paths = sorted((archive / "s1").glob("*.dcm"))
     whole = [m.case_id for m in searcher.search(archive / "s1", k=3).results]
-    with live_server(create_app(index, searcher=searcher)) as url:
+    with live_server(create_app(index, searcher=searcher, links=index.parent / "links.csv")) as url:
         page = open_page(url + "/?k=3")
         _ready(page)
         _upload(page, *paths, expect=3)
@@ -230,6 +232,12 @@ def test_a_region_drawn_on_the_page_is_searched_as_query_slices_roi(tiled, open_
         x0, y0, x1, y1 = expected.results[0].location["best_box"]
         assert page.locator(f"{RESULTS} .card-fields").first.inner_text().endswith(f"Matched box\n{x0},{y0}–{x1},{y1} px")
         assert "Dashed: what the encoder saw" in page.locator("#region-hint").inner_text()
+        # each card shows the slice that matched, with its tile, read from the archive
+        page.wait_for_function("() => [...document.querySelectorAll('[data-testid=result] img')].every(i => i.complete && i.naturalWidth > 0)")
+        first = page.locator(f"{RESULTS} img").first
+        assert first.get_attribute("src") == (f"/api/case/{expected.results[0].case_id}/slice/"
+                                              f"{expected.results[0].location['best_slice']}?box={x0},{y0},{x1},{y1}")
+        assert "slice of each case that matched best" in page.locator("#note").inner_text()
         target = Path(os.environ.get("MEDSEARCH_SCREENSHOTS", tmp_path))
         target.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(target / "web-region.png"), full_page=True)
@@ -238,6 +246,20 @@ def test_a_region_drawn_on_the_page_is_searched_as_query_slices_roi(tiled, open_
                                " && !document.body.classList.contains('working')")
         assert _case_ids(page) == whole and page.get_by_label("Box (px)").input_value() == ""
         _only_this_service(page, url)
+
+
+def test_a_case_whose_files_are_gone_shows_its_stored_thumbnail(tiled, open_page, tmp_path):
+    archive, index = tiled
+    moved = tmp_path / "links.csv"
+    moved.write_text((index.parent / "links.csv").read_text().replace(str(archive), str(tmp_path / "gone")))
+    with live_server(create_app(index, links=moved)) as url:
+        page = open_page(url + "/?k=2")
+        _ready(page)
+        _upload(page, *sorted((archive / "s0").glob("*.dcm")), expect=2)
+        page.wait_for_function("() => [...document.querySelectorAll('[data-testid=result] img')].every(i => i.complete && i.naturalWidth > 0)")
+        sources = [img.get_attribute("src") for img in page.locator(f"{RESULTS} img").all()]
+        assert all(src.startswith("/api/thumbnail/") for src in sources), sources
+        assert "cannot be read" in page.locator(f"{RESULTS} img").first.get_attribute("alt")
 
 
 def test_the_keyboard_reaches_every_control(server, open_page):

@@ -16,7 +16,7 @@ from web.pages import LIMIT, QUERY, make_series, page_app
 
 from medsearch.errors import EncoderMismatchError, FilterError, IndexNotFoundError, KeyFileError
 from medsearch.io import load_study
-from medsearch.web import routes
+from medsearch.web import pictures, routes
 
 
 @pytest.fixture(scope="module")
@@ -196,14 +196,15 @@ def test_no_answer_carries_a_header_value(client, uploads):
 
 
 def _read_png(data: bytes) -> np.ndarray:
-    """The pixels of an 8-bit gray PNG of one IDAT chunk with unfiltered rows (what the service writes)."""
+    """The pixels of an 8-bit gray or RGB PNG of one IDAT chunk with unfiltered rows (what the service writes)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    channels = {0: 1, 2: 3}[data[25]]
     start = data.index(b"IDAT") + 4
     length = int.from_bytes(data[start - 8:start - 4], "big")
-    rows = np.frombuffer(zlib.decompress(data[start:start + length]), np.uint8).reshape(height, width + 1)
+    rows = np.frombuffer(zlib.decompress(data[start:start + length]), np.uint8).reshape(height, width * channels + 1)
     assert not rows[:, 0].any()
-    return rows[:, 1:]
+    return rows[:, 1:] if channels == 1 else rows[:, 1:].reshape(height, width, 3)
 
 
 def test_png_is_readable_by_matplotlib():
@@ -212,7 +213,7 @@ def test_png_is_readable_by_matplotlib():
     from matplotlib.image import imread
 
     image = (np.arange(12 * 7) % 256).astype(np.uint8).reshape(12, 7)
-    np.testing.assert_array_equal(np.rint(imread(BytesIO(routes._png(image))) * 255).astype(np.uint8), image)
+    np.testing.assert_array_equal(np.rint(imread(BytesIO(pictures.png(image))) * 255).astype(np.uint8), image)
 
 
 FAILURES = [
@@ -268,3 +269,38 @@ def test_a_region_of_a_series_is_searched_as_query_slices_roi(phantom_index, tmp
         assert again["results"] == data["results"] and again["query"]["region"] == data["query"]["region"]
     outside = _upload(client, paths, slices="20:30")
     assert outside.status_code == 422 and "outside the study's 24 slice" in outside.json()["error"]
+
+
+def test_with_the_link_table_a_result_shows_the_slice_that_matched(phantom_index, tmp_path, uploads):
+    """``GET /api/case/ID/slice/I``: the case's slice read from the archive, as the result sheet draws
+    it (``?box=`` outlined); without a link table, or for files gone, a 404 line naming no file."""
+    from medsearch.search import Searcher
+    from medsearch.sharing import LinkTable
+    from medsearch.sheets import matched_picture
+
+    archive, index = phantom_index
+    links = index.parent / "links.csv"
+    searcher = Searcher(index)
+    client = TestClient(page_app(searcher, links=links))
+    assert client.get("/api/options").json()["features"]["case_slices"] is True
+    top = _upload(client, sorted((archive / "s2").glob("*.dcm"))).json()["results"][0]
+    url = f"/api/case/{top['case_id']}/slice/{top['best_slice']}"
+    response = client.get(url)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    size = searcher.store.thumbnails.shape[1]
+    source = LinkTable(links).resolve(top["case_id"])
+    expected = matched_picture(source, top["best_slice"], searcher.config.preprocess, size)
+    np.testing.assert_array_equal(_read_png(response.content), expected)
+    boxed = _read_png(client.get(url, params={"box": "0,0,32,32"}).content)
+    assert boxed.shape == (size, size, 3) and (boxed[:, :, 0] != boxed[:, :, 2]).any()  # the box, in colour
+    for bad, status in ((f"/api/case/{top['case_id']}/slice/99", 404), ("/api/case/c-nobody/slice/0", 404),
+                        (url + "?box=1,2,3", 422)):
+        answer = client.get(bad)
+        assert answer.status_code == status and "error" in answer.json()
+    plain = TestClient(page_app(searcher)).get(url)
+    assert plain.status_code == 404 and "--links" in plain.json()["error"]
+    # files moved away: one line, naming none of them
+    moved = tmp_path / "links.csv"
+    moved.write_text(links.read_text().replace(str(archive), str(tmp_path / "gone")))
+    gone = TestClient(page_app(searcher, links=moved)).get(url)
+    assert gone.status_code == 404 and "cannot be read" in gone.json()["error"] and str(tmp_path) not in gone.text

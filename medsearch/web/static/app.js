@@ -639,7 +639,9 @@
     if (rerank.crop_note) notes.push(sentence(rerank.crop_note) + ".");
     if (left.length) notes.push(`Left out: ${left.join(", ")}.`);
     notes.push(`Distance: ${answer.distance}.`);
-    notes.push("Pictures are the thumbnails the index stored; case ids are keyed pseudonyms.");
+    const slices = ((state.options && state.options.features) || {}).case_slices && results.some((m) => m.best_slice !== undefined);
+    notes.push(slices ? "Pictures are the slice of each case that matched best (the box it matched outlined), read from the archive; case ids are keyed pseudonyms."
+      : "Pictures are the thumbnails the index stored; case ids are keyed pseudonyms.");
     els.note.textContent = notes.join(" ");
     state.lastAnswer = answer;
   }
@@ -652,7 +654,9 @@
     open.type = "button";
     open.className = "thumb";
     open.setAttribute("aria-label", `Case ${match.rank}: open larger`);
-    const picture = thumbnail(match, `Thumbnail of case ${match.case_id}`);
+    const slice = matchedSlice(match);
+    const picture = thumbnail(match, slice ? `Slice ${match.best_slice + 1} of case ${match.case_id}, where it matched best`
+      : `Thumbnail of case ${match.case_id}`, slice);
     open.append(picture);
     open.addEventListener("click", () => openDetail(match, labels));
     const head = document.createElement("div");
@@ -704,24 +708,41 @@
 
   function boxText([x0, y0, x1, y1]) { return `${x0},${y0}–${x1},${y1} px`; }
 
-  function thumbnail(match, alt) {
+  // The slice of a result that matched best, read from the archive by the service (when it has the
+  // index's link table), with the tile it matched outlined; null: the stored thumbnail is shown.
+  function matchedSlice(match) {
+    const features = (state.options && state.options.features) || {};
+    if (!features.case_slices || match.best_slice === undefined || match.best_slice === null) return null;
+    const box = match.best_box ? `?box=${match.best_box.join(",")}` : "";
+    return `/api/case/${encodeURIComponent(match.case_id)}/slice/${match.best_slice}${box}`;
+  }
+
+  // A result's picture: `first` (its matched slice) when given, else or when that cannot be read its stored thumbnail.
+  function thumbnail(match, alt, first) {
     const img = document.createElement("img");
     img.alt = alt;
     img.decoding = "async";
     img.addEventListener("error", () => {
+      if (first && match.thumbnail && img.getAttribute("src") !== match.thumbnail) {
+        img.alt = `Thumbnail of case ${match.case_id} (its matched slice cannot be read)`;
+        img.src = match.thumbnail;
+        return;
+      }
       const none = document.createElement("span");
       none.className = "no-picture";
       none.textContent = "no picture stored";
       img.replaceWith(none);
     });
-    if (match.thumbnail) img.src = match.thumbnail; else img.dispatchEvent(new Event("error"));
+    const src = first || match.thumbnail;
+    if (src) img.src = src; else img.dispatchEvent(new Event("error"));
     return img;
   }
 
   function openDetail(match, labels) {
     els.detailTitle.textContent = `#${match.rank} · case ${match.case_id} · distance ${Number(match.distance).toFixed(4)}`;
     els.detailPicture.textContent = "";
-    els.detailPicture.append(thumbnail(match, `Case ${match.case_id}, larger`));
+    const slice = matchedSlice(match);
+    els.detailPicture.append(thumbnail(match, slice ? `Case ${match.case_id}, its best-matching slice, larger` : `Case ${match.case_id}, larger`, slice));
     els.detailFields.textContent = "";
     const meta = match.metadata || {};
     const names = [...labels, ...Object.keys(meta).filter((n) => !labels.includes(n))];
@@ -743,7 +764,9 @@
       const dd = document.createElement("dd"); dd.textContent = boxText(match.best_box);
       els.detailFields.append(dt, dd);
     }
-    els.detailNote.textContent = "The picture is the thumbnail the index stored for this case (its middle slice, windowed as at indexing).";
+    els.detailNote.textContent = slice
+      ? "The picture is the slice of this case that matched best, read from the archive" + (match.best_box ? ", with the box it matched outlined." : ".")
+      : "The picture is the thumbnail the index stored for this case (its middle slice, windowed as at indexing).";
     els.detail.showModal();
   }
 
