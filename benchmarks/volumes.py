@@ -11,7 +11,9 @@ Four parts, each its own run (``--part``), each well under 15 minutes on a 2-cor
     succeeds when the first result is its own series (or an exact pixel copy of it, which the
     index counts once) and the match location (``best_slice - query_slice``, in stack slices)
     lands within ``--tolerance`` slices of where the slab was cut. Scored for the case-vector
-    ranking (locations computed for its results) and for the re-ranked one.
+    ranking (locations computed for its results) and for the re-ranked one. Exact pixel copies of
+    a series are cut once (their slabs would be the same queries again); ``--keep-copies`` cuts
+    every copy.
 ``roi``
     Index every case of ``../shared/data/dicom`` with ``--crop-grid`` (0: no crop vectors). From
     each series of at least ``--min-depth`` slices (``--per-series`` slices) and every
@@ -105,7 +107,8 @@ def localise(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         index, owner = build(Path(tmp), args.spacing)
         report = evaluate_regions(index, Path(tmp) / "links.csv", slab=args.slab, per_series=args.per_series,
-                                  min_depth=args.min_depth, noise=args.noise, shift=args.shift, tolerance=args.tolerance)
+                                  min_depth=args.min_depth, noise=args.noise, shift=args.shift, tolerance=args.tolerance,
+                                  keep_copies=args.keep_copies)
         cases = Searcher(index).store.cases
         # a sibling: another series of the same patient with the same geometry (a time point, a
         # diffusion direction, a repeat): the same anatomy on the same grid
@@ -369,6 +372,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.03)
     parser.add_argument("--shift", type=float, default=0.03)
     parser.add_argument("--tolerance", type=int, default=2)
+    parser.add_argument("--keep-copies", action="store_true", help="localise: cut slabs from every exact copy of a series too")
     parser.add_argument("--crop-grid", type=int, default=0, help="roi, cost: the index's crop_grid (0: no crop vectors)")
     parser.add_argument("--box", type=float, default=0.25, help="roi: the box side, a fraction of the image's shorter side")
     parser.add_argument("--boxes", type=int, default=2, help="roi: boxes per query slice")

@@ -41,6 +41,7 @@ def evaluate(
     regions: Path | None = typer.Option(None, "--regions", metavar="LINKS", help="Region localisation on --index: slabs cut from its series (read back through this link table, from index --links), noisy and shifted, must find their series first and the place they were cut."),
     slab: int = typer.Option(8, "--slab", min=1, help="--regions: slices per slab."),
     tolerance: int = typer.Option(2, "--tolerance", min=0, help="--regions: slices a location may be off and still count."),
+    keep_copies: bool = typer.Option(False, "--keep-copies", help="--regions: cut slabs from every exact copy of a series too (by default each distinct series once: a copy's slabs would be the same queries again)."),
 ) -> None:
     """Measure retrieval against labels: hit@k, precision@k, recall@k, mAP, majority votes, MAP@R, nDCG, MRR.
 
@@ -49,8 +50,9 @@ def evaluate(
     --queries FOLDER --labels CSV --index DIR. Intervals are 95% bootstrap intervals over queries.
 
     --index DIR --regions LINKS measures region queries instead: six slabs of --slab slices from each
-    series of 16 slices or more, with noise and a shift, each searched by case vector and re-ranked;
-    found = its own series first, located = found and the place within --tolerance slices.
+    series of 16 slices or more (exact copies of a series cut once), with noise and a shift, each
+    searched by case vector and re-ranked; found = its own series first, located = found and the
+    place within --tolerance slices.
     """
     from medsearch.errors import ConfigError
     from medsearch.evaluate import evaluate_index, evaluate_npz, evaluate_queries, evaluate_regions
@@ -58,7 +60,8 @@ def evaluate(
     if regions is not None:
         if index_dir is None or data is not None or queries is not None:
             raise ConfigError("--regions LINKS goes with --index DIR alone: the slabs are cut from that index's own series")
-        found = evaluate_regions(index_dir, regions, slab=slab, tolerance=tolerance, limit=limit, seed=seed, progress=not quiet)
+        found = evaluate_regions(index_dir, regions, slab=slab, tolerance=tolerance, limit=limit, seed=seed,
+                                 keep_copies=keep_copies, progress=not quiet)
         _print_regions(found)
         if json_file is not None:
             found.save_json(json_file)

@@ -10,6 +10,11 @@ series (or a copy of the same pixels, which the index counts once), and **locate
 found and the result's match (``best_slice - query_slice``) lies within ``tolerance`` slices of
 where it was cut.
 
+A series stored again with the same pixels (another transfer syntax, a second import) is cut once:
+its slabs, with the same seeds, would be the same queries again, and would weigh one series as
+several (``keep_copies`` cuts every copy). The copies left out are in the report, with the case
+cut for them.
+
 The slabs never leave this process and nothing is written but the report; the report names cases
 by their pseudonymous case ids only.
 """
@@ -87,6 +92,7 @@ def evaluate_regions(
     k: int = 5,
     limit: int | None = None,
     seed: int = 0,
+    keep_copies: bool = False,
     progress: bool = False,
 ) -> RegionReport:
     """Slab localisation on the series of ``index`` (see the module docstring).
@@ -104,6 +110,8 @@ def evaluate_regions(
         How many slices off a location may be and still count.
     limit, seed
         At most ``limit`` series, a seeded sample.
+    keep_copies
+        Cut every exact copy of a series too (by default each distinct series once).
     progress
         A progress bar over the series (on stderr).
 
@@ -126,11 +134,18 @@ def evaluate_regions(
     hashes = cases.set_index("case_id")["pixel_hash"].to_dict() if "pixel_hash" in cases else {}
     depths = cases.set_index("case_id")["n_slices"].to_dict() if "n_slices" in cases else {}
     report = RegionReport(str(index), {"slab": slab, "per_series": per_series, "min_depth": min_depth, "noise": noise,
-                                       "shift": shift, "tolerance": tolerance, "k": k, "limit": limit, "seed": seed})
+                                       "shift": shift, "tolerance": tolerance, "k": k, "limit": limit, "seed": seed,
+                                       "keep_copies": keep_copies})
     candidates = sorted(cid for cid in cases["case_id"] if int(depths.get(cid, 0) or 0) >= min_depth)
     if limit is not None and len(candidates) > limit:
         candidates = sorted(np.random.default_rng(seed).choice(candidates, size=limit, replace=False).tolist())
+    cut: dict[str, str] = {}  # pixel hash -> the case whose slabs were cut
     for cid in tqdm(candidates, desc="cutting slabs from series", unit="series", disable=not progress, leave=False):
+        digest = hashes.get(cid)
+        digest = digest if isinstance(digest, str) and digest and not keep_copies else None
+        if digest is not None and digest in cut:
+            report.left_out[cid] = f"the same pixels as {cut[digest]}, whose slabs were cut (--keep-copies cuts every copy)"
+            continue
         volume, why = _read_back(table, cid)
         if volume is None:
             report.left_out[cid] = why
@@ -139,6 +154,8 @@ def evaluate_regions(
         if depth < min_depth:
             report.left_out[cid] = f"{depth} slices read back, fewer than {min_depth}"
             continue
+        if digest is not None:
+            cut[digest] = cid
         for start in np.unique(np.linspace(0, depth - slab, per_series).round().astype(int)).tolist():
             query = degraded(volume, start, slab, noise=noise, shift=shift, seed=seed * 1000 + start)
             for ranking in RANKINGS:

@@ -82,3 +82,30 @@ def test_the_cli_prints_the_table_and_writes_the_report(phantom_index, tmp_path)
     assert "/" not in json.dumps(data["records"])  # case ids, never file paths
     bad = CliRunner().invoke(app, ["evaluate", "--regions", str(index.parent / "links.csv")])
     assert bad.exit_code == 2 and "--regions LINKS goes with --index DIR alone" in bad.output
+
+
+def test_an_exact_copy_of_a_series_is_cut_once(tmp_path):
+    """A series stored again with the same pixels gives the same slabs again: cut once, the copy left
+    out with the case cut for it; keep_copies cuts both, each finding either copy."""
+    from series import phantom, write_series
+
+    from medsearch.config import load_config
+    from medsearch.indexing import build_index
+
+    archive = tmp_path / "archive"
+    write_series(archive / "s0", phantom(0), seed=0)
+    write_series(archive / "s1", phantom(1), seed=1)
+    write_series(archive / "again", phantom(0), seed=7)  # s0's pixels under other UIDs
+    index, links = tmp_path / "index", tmp_path / "links.csv"
+    build_index(archive, index, config=load_config("default").replace(preprocess={"slice_spacing_mm": 2.5}), links=links)
+    report = evaluate_regions(index, links, per_series=2, noise=0.0, shift=0.0)
+    assert report.summary["re-ranked"]["series"] == 2 and len(report.left_out) == 1
+    (copy, why), = report.left_out.items()
+    kept = {r["case_id"] for r in report.records}
+    assert copy not in kept and len(kept) == 2
+    assert why.startswith("the same pixels as ") and why.split(" as ")[1].split(",")[0] in kept
+    every = evaluate_regions(index, links, per_series=2, noise=0.0, shift=0.0, keep_copies=True)
+    assert every.summary["re-ranked"]["series"] == 3 and not every.left_out and every.summary["re-ranked"]["found"] == 1.0
+    result = CliRunner().invoke(app, ["evaluate", "--index", str(index), "--regions", str(links), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"left out {copy}: the same pixels as" in result.output
