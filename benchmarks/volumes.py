@@ -18,7 +18,8 @@ Four parts, each its own run (``--part``), each well under 15 minutes on a 2-cor
     Index every case of ``../shared/data/dicom`` with ``--crop-grid`` (0: no crop vectors). From
     each series of at least ``--min-depth`` slices (``--per-series`` slices) and every
     ``--single-every``-th single image, cut one slice with noise and a shift, and query the index
-    with ``--boxes`` seeded boxes of ``--box`` times the shorter side on it (``--roi``). A box is
+    with ``--boxes`` seeded boxes of ``--box`` times the shorter side on it (``--roi``); exact
+    copies of a series are cut once, as for ``localise`` (``--keep-copies``: every copy). A box is
     located when its own case comes first with the best slice within ``--tolerance`` of the one cut,
     and in the tile when the matched tile (``best_box``) holds the box's centre.
 ``cost``
@@ -168,10 +169,16 @@ def roi(args: argparse.Namespace) -> dict[str, Any]:
         near = near_copies({c: v for c, v in volumes.items() if v.pixels.shape[0] > 1})
         singles = sorted(c for c, v in volumes.items() if v.pixels.shape[0] == 1)[:: args.single_every]
         records = []
-        for cid, volume in volumes.items():
+        cut: set[str] = set()  # the pixel hashes cut: an exact copy's boxes would be the same queries again
+        for cid, volume in sorted(volumes.items()):
             depth, height, width = volume.pixels.shape[:3]
             if depth < args.min_depth and cid not in singles:
                 continue
+            digest = copies.get(cid)
+            if not args.keep_copies and isinstance(digest, str) and digest:
+                if digest in cut:
+                    continue
+                cut.add(digest)
             picks = np.unique(np.linspace(2, depth - 3, args.per_series).round().astype(int)) if depth > 1 else np.array([0])
             for s in picks.tolist():
                 rng = np.random.default_rng(1000 + s)
@@ -372,7 +379,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.03)
     parser.add_argument("--shift", type=float, default=0.03)
     parser.add_argument("--tolerance", type=int, default=2)
-    parser.add_argument("--keep-copies", action="store_true", help="localise: cut slabs from every exact copy of a series too")
+    parser.add_argument("--keep-copies", action="store_true", help="localise, roi: cut from every exact copy of a series too")
     parser.add_argument("--crop-grid", type=int, default=0, help="roi, cost: the index's crop_grid (0: no crop vectors)")
     parser.add_argument("--box", type=float, default=0.25, help="roi: the box side, a fraction of the image's shorter side")
     parser.add_argument("--boxes", type=int, default=2, help="roi: boxes per query slice")

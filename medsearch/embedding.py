@@ -270,8 +270,9 @@ def embedded_box(box: tuple[int, int, int, int], height: int, width: int, grid: 
     a box as large or larger, or an index without tiles (``grid`` below 2), embeds as given.
 
     Measured on the real cases of ``../shared/data/dicom`` (docs/benchmarks/volumes.md, "Finding a
-    box"): a box a quarter of the image a side found its own case first in 12% of queries as drawn
-    against tiles of two thirds, 55% widened to them, 31% as drawn against whole slices.
+    box", a scratch run over every stored copy): a box a quarter of the image a side found its own
+    case first in 12% of queries as drawn against tiles of two thirds, 55% widened to them, 31% as
+    drawn against whole slices.
 
     >>> embedded_box((100, 100, 164, 164), 512, 512, 2)
     (0, 0, 341, 341)
