@@ -838,7 +838,9 @@
     els.slabStart.addEventListener("click", () => slabHere(false));
     els.slabEnd.addEventListener("click", () => slabHere(true));
     for (const input of [els.slabFrom, els.slabTo, els.box]) input.addEventListener("input", () => { draw(); regionHint(); });
-    els.box.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); searchRegion(); } });
+    for (const input of [els.slabFrom, els.slabTo, els.box]) {
+      input.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); searchRegion(); } });
+    }
     els.regionSearch.addEventListener("click", () => searchRegion());
     els.regionClear.addEventListener("click", () => searchWhole());
     els.pacs.addEventListener("submit", (e) => { e.preventDefault(); fetchFromPacs(els.studyUid.value.trim()); });
