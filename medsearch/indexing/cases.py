@@ -252,7 +252,8 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
         _, volume = load_study(path, load=setup.options.load)
         if region is not None:
             images, chosen = region_array(volume, setup.encoder, setup.config, region)
-            record = region.record(*(int(n) for n in volume.pixels.shape[1:3]), setup.config.index.crop_grid)
+            height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+            record = region.record(height, width, setup.config.index.crop_grid)
         else:
             images = encoder_input(volume, setup.encoder, setup.config).numpy()
             chosen = slice_indices(volume, setup.encoder, setup.config)

@@ -190,11 +190,13 @@ class PageEngine:
     def _prepare_here(self, path: Path, region: Region | None = None) -> _InProcess:
         info, config = self.searcher.encoder.info, self.searcher.config
         record = None
+        chosen: list[int] | None
         with pydicom_silenced():
             case, volume = load_study(path)
             if region is not None:
                 images, chosen = region_array(volume, info, config, region)
-                record = region.record(*(int(n) for n in volume.pixels.shape[1:3]), config.index.crop_grid)
+                height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+                record = region.record(height, width, config.index.crop_grid)
             else:
                 images = encoder_input(volume, info, config).numpy()
                 chosen = slice_indices(volume, info, config)
