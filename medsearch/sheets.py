@@ -48,7 +48,7 @@ import numpy as np
 
 from medsearch.config import PreprocessConfig, config_from_dict
 from medsearch.errors import ConfigError, IndexCorruptError
-from medsearch.io import Volume, load_study, load_volume, scan
+from medsearch.io import CaseRef, Volume, load_study, load_volume, scan
 from medsearch.io.dicom.window import BODY_PART_WINDOWS, WINDOWS, display_window
 from medsearch.search import QueryResult, Searcher
 from medsearch.store import IndexStore
@@ -57,7 +57,7 @@ from medsearch.transforms import make_thumbnail, middle_picture, picture_box
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["CAPTION_FIELDS", "ResultSheet", "SheetItem", "make_sheet", "matched_picture", "render_sheet"]
+__all__ = ["CAPTION_FIELDS", "ResultSheet", "SheetItem", "make_sheet", "matched_picture", "render_sheet", "scanned_case"]
 
 #: Metadata fields a caption shows (besides rank, distance, case id and the index's labels).
 CAPTION_FIELDS = ("modality", "body_part", "sex", "age_band", "model")
@@ -400,33 +400,43 @@ def _preprocess_config(store: IndexStore) -> PreprocessConfig:
 
 def matched_picture(
     source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int,
-    box: Sequence[float] | None = None,
+    box: Sequence[float] | None = None, *, case: CaseRef | None = None,
 ) -> np.ndarray | None:
     """Slice ``index`` of a result's case, read from its source files (``source``: a link table's
     row, :meth:`QueryResult.resolve`), as a sheet draws it: a ``size`` px thumbnail windowed as the
     sheet windows, with ``box`` (a tile, in pixels of the slice) outlined, then RGB. None where the
-    files are not given or cannot be read."""
-    drawn = _source_slice(source, index, preprocess, size)
+    files are not given or cannot be read. ``case``: the files already scanned
+    (:func:`scanned_case`), so that only the slice is read."""
+    drawn = _source_slice(source, index, preprocess, size, case)
     if drawn is None:
         return None
     image, shape, spacing = drawn
     return _outlined(image, picture_box(box, shape, spacing, size)) if box else image
 
 
-def _source_slice(
-    source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int
-) -> tuple[np.ndarray, tuple[int, int], tuple[float, ...]] | None:
-    """Slice ``index`` of a result's case, read from its source files (from the link table), as a
-    thumbnail, with the slice's shape and the volume's spacing; None where the files are not given
-    or cannot be read (the stored thumbnail is drawn)."""
+def scanned_case(source: dict[str, Any] | None) -> CaseRef | None:
+    """The case of a link table's row, its headers read (not its pixels); None where its files are
+    not given, gone, or not one case."""
     files = [Path(f) for f in (source or {}).get("files", []) if Path(f).is_file()]
     if not files:
         return None
     try:
         found = scan(files)
-        if len(found.cases) != 1:
-            return None
-        case = found.cases[0]
+    except Exception:  # noqa: BLE001 - a picture is a courtesy: the stored thumbnail stands in
+        return None
+    return found.cases[0] if len(found.cases) == 1 else None
+
+
+def _source_slice(
+    source: dict[str, Any] | None, index: int, preprocess: PreprocessConfig, size: int, case: CaseRef | None = None
+) -> tuple[np.ndarray, tuple[int, int], tuple[float, ...]] | None:
+    """Slice ``index`` of a result's case, read from its source files (from the link table, or as
+    ``case`` scanned them), as a thumbnail, with the slice's shape and the volume's spacing; None
+    where the files are not given or cannot be read (the stored thumbnail is drawn)."""
+    case = case if case is not None else scanned_case(source)
+    if case is None:
+        return None
+    try:
         volume, _ = load_volume(case, select=lambda depth: [index] if index < depth else [])
         if index >= volume.pixels.shape[0]:
             return None
