@@ -238,6 +238,10 @@ def test_a_region_drawn_on_the_page_is_searched_as_query_slices_roi(tiled, open_
         assert first.get_attribute("src") == (f"/api/case/{expected.results[0].case_id}/slice/"
                                               f"{expected.results[0].location['best_slice']}?box={x0},{y0},{x1},{y1}")
         assert "slice of each case that matched best" in page.locator("#note").inner_text()
+        # the query's slice that a result matched, shown in the viewer
+        query_slice = expected.results[0].location["query_slice"]
+        page.locator(RESULTS).first.get_by_role("button", name=f"Show query slice {query_slice + 1}").click()
+        page.wait_for_function("t => document.querySelector('#slice-out').textContent === t", arg=f"{query_slice + 1} of 24")
         target = Path(os.environ.get("MEDSEARCH_SCREENSHOTS", tmp_path))
         target.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(target / "web-region.png"), full_page=True)

@@ -689,8 +689,30 @@
     const id = document.createElement("p");
     id.className = "case-id";
     id.textContent = match.case_id;
-    li.append(open, head, lines, id);
+    li.append(open, head, lines);
+    const show = showQuerySlice(match);
+    if (show) li.append(show);
+    li.append(id);
     return li;
+  }
+
+  // A button that shows, in the viewer, the query's slice this result matched (a series query).
+  function showQuerySlice(match) {
+    const p = state.preview;
+    if (!p || p.n_slices < 2 || match.query_slice === undefined || match.query_slice === null) return null;
+    const at = p.slices.indexOf(match.query_slice);
+    if (at < 0) return null;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "quiet small show-slice";
+    button.textContent = `Show query slice ${match.query_slice + 1}`;
+    button.addEventListener("click", () => {
+      state.current = at;
+      els.slice.value = String(at);
+      drawSlice(at).catch((e) => showError(e.message));
+      els.viewer.scrollIntoView({ block: "nearest" });
+    });
+    return button;
   }
 
   // A value as the index's case table and its filters write it (True, not true).
