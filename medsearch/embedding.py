@@ -49,7 +49,9 @@ __all__ = [
     "encoder_input",
     "pool_slices",
     "region_array",
+    "sees_slices",
     "slice_indices",
+    "study_array",
 ]
 
 
@@ -178,10 +180,16 @@ def _parse_box(value: str | Sequence[int]) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def sees_slices(info: EncoderInfo, config: Config) -> bool:
+    """Whether an index of this encoder and config keeps slice sets: a 2D encoder on axial slices
+    (not a 3D encoder, not tri-planar images). Region queries and re-ranking need them."""
+    return info.spatial_dims == 2 and config.preprocess.slice_mode is SliceMode.AXIAL
+
+
 def slice_indices(volume: Volume, info: EncoderInfo, config: Config) -> list[int] | None:
     """The stack slices a 2D encoder sees of ``volume`` (axial mode), in order; None for tri-planar
     images and 3D encoders, which have no slice set."""
-    if info.spatial_dims != 2 or config.preprocess.slice_mode is not SliceMode.AXIAL:
+    if not sees_slices(info, config):
         return None
     gap = float(volume.spacing[0]) if volume.z_known else None
     return chosen_slices(int(volume.pixels.shape[0]), config.preprocess, gap_mm=gap)
@@ -245,6 +253,25 @@ def region_array(volume: Volume, info: EncoderInfo, config: Config, region: Regi
         channels=info.in_channels, mean=info.mean, std=info.std, indices=inside,
     )
     return batch, inside
+
+
+def study_array(
+    volume: Volume, info: EncoderInfo, config: Config, region: Region | None = None
+) -> tuple[np.ndarray, list[int] | None, dict[str, list[int]] | None]:
+    """What the encoder sees of a query study, or of its ``region``: the batch (:func:`encoder_array`
+    or :func:`region_array`), the stack slices it comes from (None: no slice set), and what the
+    answer records of the region (:meth:`Region.record`; None without a region).
+
+    Raises
+    ------
+    InvalidStudyError
+        As :func:`region_array`.
+    """
+    if region is None:
+        return encoder_array(volume, info, config), slice_indices(volume, info, config), None
+    batch, chosen = region_array(volume, info, config, region)
+    height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+    return batch, chosen, region.record(height, width, config.index.crop_grid)
 
 
 def crop_boxes(height: int, width: int, grid: int) -> list[tuple[int, int, int, int]]:

@@ -111,8 +111,7 @@ def late_interaction(
     # with its own stored copy then scores 1 to float32 rounding, as its case vector does
     # (the candidates' lengths divide the (T, Q) products, not the (T, dim) vectors: one pass less over them)
     vectors = np.asarray(found.vectors, dtype=np.float32)
-    lengths = np.maximum(np.sqrt(np.einsum("ij,ij->i", vectors, vectors)), 1e-12)
-    cosines = np.minimum((vectors @ _unit(_stored(query)).T) / lengths[:, None], 1.0)  # (T, Q)
+    cosines = np.minimum((vectors @ _unit(_stored(query)).T) / _lengths(vectors)[:, None], 1.0)  # (T, Q)
     # (n, width, Q) similarities, -inf where a candidate has fewer slices
     table = np.full((n, width, q), -np.inf, dtype=np.float32)
     if new.all():
@@ -162,10 +161,14 @@ def _stored(vectors: np.ndarray) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
+def _lengths(vectors: np.ndarray) -> np.ndarray:
+    """Each row's length (at least 1e-12), float32 rows."""
+    return np.maximum(np.sqrt(np.einsum("ij,ij->i", vectors, vectors)), 1e-12)
+
+
 def _unit(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
-    return vectors / np.maximum(norms, 1e-12)[:, None]
+    return vectors / _lengths(vectors)[:, None]
 
 
 def _aligned(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medsearch.config import Config, SliceMode
-from medsearch.embedding import Region, crop_array, encoder_input, region_array, slice_indices
+from medsearch.embedding import Region, crop_array, encoder_input, slice_indices, study_array
 from medsearch.encoders import EncoderInfo
 from medsearch.errors import EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.indexing.options import IndexOptions
@@ -246,17 +246,9 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
     region = None
     if isinstance(path, tuple):
         path, region = path
-    chosen: list[int] | None
-    record = None
     try:
         _, volume = load_study(path, load=setup.options.load)
-        if region is not None:
-            images, chosen = region_array(volume, setup.encoder, setup.config, region)
-            height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
-            record = region.record(height, width, setup.config.index.crop_grid)
-        else:
-            images = encoder_input(volume, setup.encoder, setup.config).numpy()
-            chosen = slice_indices(volume, setup.encoder, setup.config)
+        images, chosen, record = study_array(volume, setup.encoder, setup.config, region)
     except (KeyboardInterrupt, SystemExit):
         raise
     except MemoryError:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.embedding import Region, SliceSet, encoder_input, pool_slices, region_array, slice_indices
+from medsearch.embedding import Region, SliceSet, pool_slices, study_array
 from medsearch.errors import MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, load_volume
@@ -188,18 +188,9 @@ class PageEngine:
         return await run_in_threadpool(_load_preview, path)
 
     def _prepare_here(self, path: Path, region: Region | None = None) -> _InProcess:
-        info, config = self.searcher.encoder.info, self.searcher.config
-        record = None
-        chosen: list[int] | None
         with pydicom_silenced():
             case, volume = load_study(path)
-            if region is not None:
-                images, chosen = region_array(volume, info, config, region)
-                height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
-                record = region.record(height, width, config.index.crop_grid)
-            else:
-                images = encoder_input(volume, info, config).numpy()
-                chosen = slice_indices(volume, info, config)
+            images, chosen, record = study_array(volume, self.searcher.encoder.info, self.searcher.config, region)
         return _InProcess(np.ascontiguousarray(images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume),
                           chosen, float(volume.spacing[0]) if volume.z_known else None, record)
 

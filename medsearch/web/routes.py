@@ -48,8 +48,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.config import SliceMode
-from medsearch.embedding import Region
+from medsearch.embedding import Region, sees_slices
 from medsearch.errors import (
     EncoderMismatchError,
     IndexCorruptError,
@@ -486,14 +485,8 @@ def _options(engine: PageEngine, max_upload_bytes: int, access: Access | None, r
         "user": request_user(request.scope) if access is not None and access.required else None,
         "features": {"exclude_same_patient": key_ok and "patient" in cases, "one_per_patient": "patient" in cases,
                      "dicomweb": dicomweb, "thumbnails": store.thumbnails is not None,
-                     "regions": _regions(engine), "crop_vectors": store.crops is not None, "case_slices": case_slices},
+                     "regions": sees_slices(engine.searcher.encoder.info, engine.searcher.config), "crop_vectors": store.crops is not None, "case_slices": case_slices},
     }
-
-
-def _regions(engine: PageEngine) -> bool:
-    """Whether the index takes region queries: its encoder sees axial slices (not a 3D encoder, not tri-planar)."""
-    searcher = engine.searcher
-    return searcher.encoder.info.spatial_dims == 2 and searcher.config.preprocess.slice_mode is SliceMode.AXIAL
 
 
 def _choices(values: Any) -> list[list[Any]]:
