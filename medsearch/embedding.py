@@ -10,7 +10,13 @@ and how far apart in millimetres): the index stores them for late-interaction re
 (:mod:`medsearch.rerank`). A :class:`Region` narrows a query to a slab of slices, or to a box on
 them: :func:`region_array` gives what the encoder sees of it. An index built with ``crop_grid``
 also keeps the vectors of tiles of each kept slice (:func:`crop_boxes`, :func:`crop_array`), cut and
-preprocessed as a query's box is, for region queries with a box to match.
+preprocessed as a query's box is, for region queries with a box to match, and for matching a
+slab's slices in layout (each slice compared whole and tile by tile at the same place of the grid:
+:func:`in_layout`, :mod:`medsearch.rerank`).
+
+:func:`study_array` gives what the encoder sees of a query study (the whole study, a region, and
+with layout the tiles of its slices), and :func:`query_slices` splits the encoder's vectors into the
+query's slice set; the query paths (:class:`~medsearch.search.Searcher`, the service) share both.
 
 The 2D preprocessing runs in numpy (:mod:`medsearch.transforms.arrays`, the MONAI pipeline's output
 bit for bit), so that a query with the ONNX runtime imports neither MONAI nor torch;
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Region",
     "SliceSet",
+    "StudyInput",
     "crop_array",
     "crop_boxes",
     "embedded_box",
@@ -47,7 +54,9 @@ __all__ = [
     "embed_volume",
     "encoder_array",
     "encoder_input",
+    "in_layout",
     "pool_slices",
+    "query_slices",
     "region_array",
     "sees_slices",
     "slice_indices",
@@ -70,6 +79,7 @@ class SliceSet:
     gap_mm: float | None = None
     boxes: np.ndarray | None = None  # (S, 4) int32, a crop set only
     cropped: bool = False
+    tiles: np.ndarray | None = None  # (S, grid * grid, dim) float32, a query matched in layout only
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -255,12 +265,40 @@ def region_array(volume: Volume, info: EncoderInfo, config: Config, region: Regi
     return batch, inside
 
 
+def in_layout(info: EncoderInfo, config: Config, region: Region | None = None, layout: bool | None = None) -> bool:
+    """Whether a query's slices are matched in layout: each slice compared with a case's slice whole
+    and tile by tile, each tile with the tile at the same place of the grid (:mod:`medsearch.rerank`).
+
+    It needs an index that keeps tiles (``crop_grid``, and the config a searcher adapts to its index)
+    and a query of whole slices (a box is one tile already). ``layout``: asked for or refused; None,
+    the default, matches a slab (``Region.slices``) in layout and a whole study not: a slab is a few
+    slices, a whole study many, and each slice in layout costs the encoder ``grid * grid`` more
+    images (measured in docs/benchmarks/volumes.md, "Slabs in layout").
+    """
+    if config.index.crop_grid < 2 or not sees_slices(info, config) or (region is not None and region.roi is not None):
+        return False
+    return layout if layout is not None else region is not None
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """What the encoder sees of a query study (:func:`study_array`): ``images``, the slices and then,
+    matched in layout, ``tiles`` images of each slice (slice by slice, in the order of
+    :func:`crop_boxes`); the stack slices they come from (None: no slice set, a 3D encoder or
+    tri-planar images); and what the answer records of a region (:meth:`Region.record`)."""
+
+    images: np.ndarray
+    slice_indices: list[int] | None
+    region: dict[str, list[int]] | None = None
+    tiles: int = 0
+
+
 def study_array(
-    volume: Volume, info: EncoderInfo, config: Config, region: Region | None = None
-) -> tuple[np.ndarray, list[int] | None, dict[str, list[int]] | None]:
-    """What the encoder sees of a query study, or of its ``region``: the batch (:func:`encoder_array`
-    or :func:`region_array`), the stack slices it comes from (None: no slice set), and what the
-    answer records of the region (:meth:`Region.record`; None without a region).
+    volume: Volume, info: EncoderInfo, config: Config, region: Region | None = None, layout: bool | None = None
+) -> StudyInput:
+    """What the encoder sees of a query study, or of its ``region``: :func:`encoder_array` or
+    :func:`region_array`, and the tiles of those slices when they are matched in layout
+    (:func:`in_layout`, ``layout`` as there).
 
     Raises
     ------
@@ -268,10 +306,29 @@ def study_array(
         As :func:`region_array`.
     """
     if region is None:
-        return encoder_array(volume, info, config), slice_indices(volume, info, config), None
-    batch, chosen = region_array(volume, info, config, region)
-    height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
-    return batch, chosen, region.record(height, width, config.index.crop_grid)
+        batch, chosen, record = encoder_array(volume, info, config), slice_indices(volume, info, config), None
+    else:
+        batch, chosen = region_array(volume, info, config, region)
+        record = region.record(int(volume.pixels.shape[1]), int(volume.pixels.shape[2]), config.index.crop_grid)
+    if chosen is None or not in_layout(info, config, region, layout):
+        return StudyInput(batch, chosen, record)
+    tiles, _, _ = crop_array(volume, info, config, chosen)
+    return StudyInput(np.concatenate([batch, tiles]), chosen, record, len(tiles) // max(len(chosen), 1))
+
+
+def query_slices(
+    vectors: np.ndarray, chosen: Sequence[int] | None, gap_mm: float | None, *, tiles: int = 0, cropped: bool = False
+) -> tuple[np.ndarray, SliceSet | None]:
+    """The encoder's ``vectors`` of a :class:`StudyInput` (its ``slice_indices`` and ``tiles``) as
+    the query's slice vectors (to pool into its case vector) and its :class:`SliceSet` (with the
+    tiles, matched in layout); None where the study has no slice set. ``cropped``: the slices are
+    boxes (a region with ``roi``)."""
+    vectors = np.asarray(vectors, np.float32)
+    if chosen is None or not len(chosen) or len(vectors) != len(chosen) * (1 + tiles):
+        return vectors, None
+    head = vectors[: len(chosen)]
+    tiled = vectors[len(chosen):].reshape(len(chosen), tiles, -1) if tiles else None
+    return head, SliceSet(head, np.asarray(chosen, np.int32), gap_mm, cropped=cropped, tiles=tiled)
 
 
 def crop_boxes(height: int, width: int, grid: int) -> list[tuple[int, int, int, int]]:

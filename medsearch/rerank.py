@@ -27,6 +27,15 @@ Boxes. A query of a box (``--roi``) compares each query crop with the candidate'
 where the index keeps them (``crop_grid``), with the tiles of those slices: a candidate slice scores
 the best of its own cosine and its tiles', and the match names the tile (``best_box``).
 
+Layout. A slice vector is pooled over the whole image, so it says what a slice shows but little of
+where: two series of one head on one grid look alike to it. Where the index keeps tiles, a query
+of whole slices may bring the tiles of its own slices (``query_tiles``, see
+:func:`~medsearch.embedding.in_layout`); a query slice and a candidate slice then score the mean of
+their cosine and the cosines of their tiles at the same place of the grid (top left with top left,
+and so on), every vector weighing the same. Measured on slabs cut from the series of
+``../shared/data/dicom`` (docs/benchmarks/volumes.md, "Slabs in layout"), this finds the slab's own
+series first far more often than slice vectors alone.
+
 This module takes numpy arrays; it imports neither torch nor an encoder.
 """
 
@@ -43,7 +52,7 @@ from medsearch.store import CandidateSlices, SliceTable
 from medsearch.store.half import to_float32
 
 __all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "gathered", "late_interaction", "location", "rerank_rows",
-           "reorder_by_slices"]
+           "reorder_by_slices", "slice_matches"]
 
 #: Candidates the case-vector index gives the re-ranking, at least (``10 * k`` when more).
 DEFAULT_CANDIDATES = 100
@@ -76,7 +85,8 @@ def candidate_count(k: int, total: int, candidates: int | None = None) -> int:
 
 
 def late_interaction(
-    query: np.ndarray, query_indices: np.ndarray, found: CandidateSlices, *, ordered: bool = True
+    query: np.ndarray, query_indices: np.ndarray, found: CandidateSlices, *, ordered: bool = True,
+    query_tiles: np.ndarray | None = None, tiles: CandidateSlices | None = None,
 ) -> list[SliceMatch | None]:
     """The late-interaction score of each candidate of ``found``; None for one without slices.
 
@@ -92,6 +102,9 @@ def late_interaction(
         as one candidate slice, of the best of their cosines; the match then names its box.
     ordered
         Align in anatomical order (see the module docstring); False: plain MaxSim.
+    query_tiles, tiles
+        Match in layout (see the module docstring): the ``(Q, grid * grid, dim)`` tiles of the
+        query's slices, and the candidates' tiles (their crop vectors, gathered as ``found``).
     """
     n = len(found.gaps)
     q = len(query)
@@ -112,6 +125,8 @@ def late_interaction(
     # (the candidates' lengths divide the (T, Q) products, not the (T, dim) vectors: one pass less over them)
     vectors = np.asarray(found.vectors, dtype=np.float32)
     cosines = np.minimum((vectors @ _unit(_stored(query)).T) / _lengths(vectors)[:, None], 1.0)  # (T, Q)
+    if query_tiles is not None and tiles is not None:
+        cosines = _in_layout(found, cosines, query_tiles, tiles)
     # (n, width, Q) similarities, -inf where a candidate has fewer slices
     table = np.full((n, width, q), -np.inf, dtype=np.float32)
     if new.all():
@@ -155,6 +170,34 @@ def _boxes(found: CandidateSlices, cosines: np.ndarray, best: np.ndarray, tops: 
     first[1:] = owners[1:] != owners[:-1]
     return {int(c): (int(b[0]), int(b[1]), int(b[2]), int(b[3]))
             for c, b in zip(owners[first].tolist(), found.boxes[rows[first]]) if int(b[0]) >= 0}
+
+
+def _in_layout(found: CandidateSlices, cosines: np.ndarray, query_tiles: np.ndarray, tiles: CandidateSlices) -> np.ndarray:
+    """``cosines`` (candidate slice rows of ``found`` by query slices) averaged with the cosines of
+    the tiles at the same place of the grid: the ``g``-th tile of a candidate slice (its ``g``-th
+    row among ``tiles``, stored in grid order) with the ``g``-th of the query slice. A slice without
+    tiles keeps its own cosine."""
+    grid = int(query_tiles.shape[1])
+    # the slice row of each tile row: both sorted by (candidate, stack index), a slice's tiles together
+    span = int(max(found.indices.max(initial=0), tiles.indices.max(initial=0))) + 1
+    keys = found.owner * span + found.indices
+    tile_keys = tiles.owner * span + tiles.indices
+    slot = np.minimum(np.searchsorted(keys, tile_keys), len(keys) - 1)
+    steps = np.arange(len(tile_keys))
+    new = np.ones(len(tile_keys), dtype=bool)
+    new[1:] = tile_keys[1:] != tile_keys[:-1]
+    place = steps - np.maximum.accumulate(np.where(new, steps, 0))  # the tile's place in its slice's grid
+    keep = (keys[slot] == tile_keys) & (place < grid)
+    total, count = cosines.copy(), np.ones(len(keys), dtype=np.float32)
+    for g in range(grid):
+        rows = np.flatnonzero(keep & (place == g))
+        if not len(rows):
+            continue
+        vectors = to_float32(tiles.vectors[rows])
+        total[slot[rows]] += np.minimum((vectors @ _unit(_stored(query_tiles[:, g])).T) / _lengths(vectors)[:, None], 1.0)
+        count[slot[rows]] += 1
+    out: np.ndarray = total / count[:, None]
+    return out
 
 
 def _stored(vectors: np.ndarray) -> np.ndarray:
@@ -207,22 +250,36 @@ def rerank_rows(
     *,
     ordered: bool = True,
     crops: SliceTable | None = None,
+    query_tiles: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[SliceMatch | None]]:
     """Candidates (case-table ``rows`` with their case-vector ``distances``) re-ordered by late
     interaction, closest first: the rows, their distances (``1 - score``) and their matches.
 
     A candidate without slice vectors scores its case-vector similarity (``1 - distance`` for the
-    cosine metric). Ties keep the case-vector order. ``crops``: the index's crop vectors, compared
-    beside the slices (a query of boxes, ``--roi``).
+    cosine metric). Ties keep the case-vector order. ``crops`` and ``query_tiles``: as
+    :func:`slice_matches`.
     """
     rows = np.asarray(rows, dtype=np.int64)
     distances = np.asarray(distances, dtype=np.float64)
     if table is None or not len(rows):
         return rows, distances, [None] * len(rows)
-    matches = late_interaction(query, query_indices, gathered(table, rows, crops), ordered=ordered)
+    matches = slice_matches(table, query, query_indices, rows, ordered=ordered, crops=crops, query_tiles=query_tiles)
     scores = np.array([m.score if m is not None else 1.0 - d for m, d in zip(matches, distances)])
     order = np.argsort(-scores, kind="stable")
     return rows[order], np.maximum(1.0 - scores[order], 0.0), [matches[i] for i in order]
+
+
+def slice_matches(
+    table: SliceTable, query: np.ndarray, query_indices: np.ndarray, rows: Sequence[int] | np.ndarray, *,
+    ordered: bool = True, crops: SliceTable | None = None, query_tiles: np.ndarray | None = None,
+) -> list[SliceMatch | None]:
+    """:func:`late_interaction` of a query against the cases at ``rows``. ``crops``: the index's
+    crop vectors, compared beside the slices: with ``query_tiles``, in layout (the query's slices
+    are whole images, see the module docstring); without, as boxes (a query of boxes, ``--roi``)."""
+    if crops is not None and query_tiles is not None:
+        return late_interaction(query, query_indices, table.gather(rows), ordered=ordered, query_tiles=query_tiles,
+                                tiles=crops.gather(rows, half=True))
+    return late_interaction(query, query_indices, gathered(table, rows, crops), ordered=ordered)
 
 
 def gathered(table: SliceTable, rows: Sequence[int] | np.ndarray, crops: SliceTable | None = None) -> CandidateSlices:

@@ -16,6 +16,7 @@ loaded from there on first use.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,12 +29,12 @@ import pandas as pd
 from medsearch._json import plain
 from medsearch.config import Config, as_config, config_for_index
 from medsearch.deid import SiteKey, patient_pseudonym
-from medsearch.embedding import Region, SliceSet, embed_slices, embed_volume, pool_slices
+from medsearch.embedding import Region, SliceSet, embed_volume, pool_slices, query_slices, study_array
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, scan
-from medsearch.rerank import LATE_DISTANCE_TEXT, ON_BY_DEFAULT, candidate_count, gathered, late_interaction, location, rerank_rows
+from medsearch.rerank import LATE_DISTANCE_TEXT, ON_BY_DEFAULT, candidate_count, location, rerank_rows, slice_matches
 from medsearch.sharing import DEFAULT_K, LinkTable, measure_k_anonymity
 from medsearch.store import MANIFEST, IndexStore, SliceTable
 
@@ -136,13 +137,15 @@ def query(
     slices: str | Sequence[int] | None = None,
     roi: str | Sequence[int] | None = None,
     rerank: bool | None = None,
+    layout: bool | None = None,
 ) -> QueryResult:
     """The ``k`` cases of an index most similar to a study (a DICOM file or a series folder).
 
     ``slices`` (``"40:60"`` or ``(40, 60)``: a slab, 0 = the first slice in stack order, the stop
     excluded) and ``roi`` (``"X0,Y0,X1,Y1"``: a box in pixels on those slices, or on the middle
     slice) make it a region query; ``rerank`` orders the candidates by their slice vectors
-    (:mod:`medsearch.rerank`; None: the default). See :meth:`Searcher.search`.
+    (:mod:`medsearch.rerank`; None: the default), ``layout`` matches those slices whole and tile by
+    tile (None: a slab on an index with tiles). See :meth:`Searcher.search`.
 
     ``where`` keeps only the cases whose metadata match every filter, e.g.
     ``["modality=CT", "age>=60", "Contrast=True"]`` (see :mod:`medsearch.filters`); ``k`` results
@@ -172,6 +175,7 @@ def query(
     return Searcher(index_dir, config=config, key=key).search(
         study, k=k, where=where, volume=volume, exclude_same_patient=exclude_same_patient,
         one_per_patient=one_per_patient, collapse_copies=collapse_copies, slices=slices, roi=roi, rerank=rerank,
+        layout=layout,
     )
 
 
@@ -261,6 +265,7 @@ class Searcher:
         slices: str | Sequence[int] | None = None,
         roi: str | Sequence[int] | None = None,
         rerank: bool | None = None,
+        layout: bool | None = None,
     ) -> QueryResult:
         """The ``k`` cases most similar to a study, among those matching ``where`` (see :func:`query`).
 
@@ -293,6 +298,11 @@ class Searcher:
             (:mod:`medsearch.rerank`). None: on for region queries, else
             :data:`~medsearch.rerank.ON_BY_DEFAULT`. An index without slice vectors ranks by case
             vector, and ``query["rerank"]`` says so.
+        layout
+            Match the query's slices in layout, whole and tile by tile (:mod:`medsearch.rerank`),
+            on an index that keeps tiles (``crop_grid``). None: a slab is matched in layout, a
+            whole study not (:func:`~medsearch.embedding.in_layout`); ``query["rerank"]["layout"]``
+            says whether it was.
 
         Returns
         -------
@@ -325,23 +335,29 @@ class Searcher:
         patients: tuple[str, ...] = ()
         if exclude_same_patient:
             patients = (self._patient(case.header if case is not None else _study_header(study, min_size)),)
-        query_slices = embed_slices(volume, self.encoder, self.config, region)
-        if query_slices is None:
-            vector = embed_volume(volume, self.encoder, self.config)
-        else:  # the case vector from the same slice vectors, as embed_volume pools them
-            vector = pool_slices(query_slices.vectors, self.config.preprocess.pool)
+        seen = study_array(volume, self.encoder.info, self.config, region, layout)
+        gap = float(volume.spacing[0]) if volume.z_known and math.isfinite(volume.spacing[0]) else None
+        # the case vector pooled from the slice vectors (not the tiles), as embed_volume pools them
+        pooled, slices_seen = query_slices(self.encoder.embed(seen.images), seen.slice_indices, gap, tiles=seen.tiles,
+                                           cropped=region is not None and region.roi is not None)
+        vector = pool_slices(pooled, self.config.preprocess.pool)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
-        if region is not None:
-            height, width = (int(n) for n in volume.pixels.shape[1:3])
-            info["region"] = region.record(height, width, self.config.index.crop_grid)
+        if seen.region is not None:
+            info["region"] = seen.region
         if filters:
             info["where"] = [str(f) for f in filters]
             info["matching_cases"] = int(matching.sum())
-        return self.search_vector(
+        result = self.search_vector(
             vector, k=k, where=filters, query=info, exclude_patients=patients,
-            one_per_patient=one_per_patient, collapse_copies=collapse_copies, slices=query_slices,
+            one_per_patient=one_per_patient, collapse_copies=collapse_copies, slices=slices_seen,
             rerank=True if region is not None and rerank is None else rerank,
         )
+        plan = result.query.get("rerank")
+        if layout and isinstance(plan, dict) and plan.get("used") and not plan.get("layout"):
+            plan["layout_note"] = ("slices matched without layout: " + (
+                "a box is one tile already" if region is not None and region.roi is not None else
+                "the index keeps no tiles; rebuild it with [index] crop_grid = 2 to match slices in layout"))
+        return result
 
     def search_vector(
         self,
@@ -386,7 +402,7 @@ class Searcher:
             rows, distances = hits.ids[0][valid], hits.distances[0][valid]
             if late and slices is not None:
                 rows, distances, matches = rerank_rows(self.store.slices, slices.vectors, slices.indices, rows, distances,
-                                                       crops=self._crops(slices))
+                                                       crops=self._crops(slices), query_tiles=slices.tiles)
                 found = dict(zip(rows.tolist(), matches))
             kept = picker.pick(rows, distances, k)
             # done: k kept, or faiss gave fewer candidates than asked (none left), or all were asked
@@ -429,6 +445,8 @@ class Searcher:
         elif slices is None or not len(slices):
             why = "the encoder sees no slices (a 3D encoder or tri-planar images): ranked by case vector"
         info["rerank"] = {"used": not why, **({"note": why} if why else {})}
+        if not why and slices is not None:
+            info["rerank"]["layout"] = slices.tiles is not None and self.store.crops is not None
         if not why and slices is not None and slices.cropped:
             info["rerank"]["crop_vectors"] = self.store.crops is not None
             if self.store.crops is None:
@@ -437,8 +455,8 @@ class Searcher:
         return not why
 
     def _crops(self, slices: SliceSet) -> SliceTable | None:
-        """The index's crop vectors, for a query of boxes; None otherwise."""
-        return self.store.crops if slices.cropped else None
+        """The index's crop vectors, for a query of boxes or one matched in layout; None otherwise."""
+        return self.store.crops if slices.cropped or slices.tiles is not None else None
 
     def _locations(
         self, slices: SliceSet | None, rows: list[int], found: dict[int, Any] | None
@@ -448,7 +466,8 @@ class Searcher:
         if slices is None or table is None or not len(slices) or not rows:
             return [None] * len(rows)
         if found is None:
-            found = dict(zip(rows, late_interaction(slices.vectors, slices.indices, gathered(table, rows, self._crops(slices)))))
+            found = dict(zip(rows, slice_matches(table, slices.vectors, slices.indices, rows, crops=self._crops(slices),
+                                                 query_tiles=slices.tiles)))
         gaps, counts = table.gaps, np.diff(table.offsets)
         # one image against one image: nothing to locate (but a box, which a tile may locate)
         single = len(slices) == 1 and int(slices.indices[0]) == 0 and not slices.cropped

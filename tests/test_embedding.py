@@ -16,9 +16,12 @@ from medsearch.embedding import (
     embed_slices,
     embed_volume,
     embedded_box,
+    in_layout,
     pool_slices,
+    query_slices,
     region_array,
     slice_indices,
+    study_array,
 )
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, InvalidStudyError
@@ -159,6 +162,37 @@ def test_crop_vectors_are_the_tiles_of_the_kept_slices(encoder):
     found = embed_crops(volume, encoder, config)
     assert found is not None and found.boxes is not None and len(found) == 4 * len(chosen) and found.gap_mm == 2.5
     assert embed_crops(volume, encoder, Config().replace(preprocess={"slice_spacing_mm": 5.0})) is None
+
+
+def test_a_slab_is_matched_in_layout_by_default_on_an_index_with_tiles(encoder):
+    tiled = Config().replace(preprocess={"slice_spacing_mm": 5.0}, index={"crop_grid": 2})
+    plain = Config().replace(preprocess={"slice_spacing_mm": 5.0})
+    slab, box = Region((8, 16), None), Region((8, 16), (10, 20, 42, 52))
+    assert in_layout(encoder.info, tiled, slab) and not in_layout(encoder.info, tiled)  # a whole study: when asked
+    assert in_layout(encoder.info, tiled, None, True) and not in_layout(encoder.info, tiled, slab, False)
+    assert not in_layout(encoder.info, tiled, box, True)  # a box is one tile already
+    assert not in_layout(encoder.info, plain, slab, True)  # no tiles in the index
+    assert not in_layout(encoder.info, tiled.replace(preprocess={"slice_mode": "triplanar"}), slab, True)
+
+
+def test_a_study_in_layout_brings_the_tiles_of_its_slices(encoder):
+    config = Config().replace(preprocess={"slice_spacing_mm": 5.0}, index={"crop_grid": 2})
+    volume = _volume()
+    seen = study_array(volume, encoder.info, config, Region((8, 16), None))
+    assert seen.slice_indices == [9, 11, 13, 15] and seen.tiles == 4 and seen.region == {"slices": [8, 16]}
+    assert seen.images.shape == (4 + 4 * 4, 3, 224, 224)
+    slab, _ = region_array(volume, encoder.info, config, Region((8, 16), None))
+    tiles, _, _ = crop_array(volume, encoder.info, config, [9, 11, 13, 15])
+    np.testing.assert_array_equal(seen.images[:4], slab)  # the slices, then their tiles as the index cut them
+    np.testing.assert_array_equal(seen.images[4:], tiles)
+    vectors = encoder.embed(seen.images)
+    pooled, found = query_slices(vectors, seen.slice_indices, 2.5, tiles=seen.tiles)
+    assert found is not None and found.tiles is not None and found.tiles.shape == (4, 4, vectors.shape[1])
+    np.testing.assert_array_equal(pooled, vectors[:4])  # the case vector pools the slices, not the tiles
+    np.testing.assert_array_equal(found.tiles[1, 3], vectors[4 + 4 * 1 + 3])
+    whole = study_array(volume, encoder.info, config)  # a whole study: no tiles unless asked
+    assert whole.tiles == 0 and whole.region is None and len(whole.images) == len(whole.slice_indices or [])
+    assert query_slices(encoder.embed(whole.images), whole.slice_indices, 2.5)[1].tiles is None
 
 
 @pytest.mark.parametrize(

@@ -113,3 +113,37 @@ def test_a_box_query_matches_the_tile_that_holds_it(anatomy):
     _, _, plain = rerank_rows(slices, query.vectors, query.indices, [1, 0], [0.2, 0.3])
     assert plain[0].best_box is None and plain[0].score < 0.6
     assert "best_box" not in location(plain[0], query_gap=5.0, case_gap=5.0)
+
+
+def test_slices_in_layout_tell_apart_cases_whose_whole_slices_agree(anatomy):
+    """Layout: a query slice and a case slice score the mean of their cosine and the cosines of their
+    tiles at the same place of the grid. Two cases with the query's very slice vectors tie without
+    it; the one whose tiles lie where the query's do comes first with it, even against a case that
+    holds the same tiles in another order (the same content, another layout)."""
+    rng, levels, query = anatomy
+    grid = 4
+    place = _unit(rng, 3 * grid).reshape(3, grid, DIM)  # the query's tiles: 3 slices x 4 places
+    tiled = SliceSet(query.vectors, query.indices, query.gap_mm, tiles=place)
+    boxes = np.tile(np.array([[0, 0, 40, 40], [20, 0, 60, 40], [0, 20, 40, 60], [20, 20, 60, 60]], np.int32), (3, 1))
+    slices, crops = SliceTable(DIM), SliceTable(DIM, crops=True)
+    slices.add([SliceSet(levels[1:4], np.arange(3, dtype=np.int32), 5.0)] * 3 + [SliceSet(levels[1:4], np.arange(3, dtype=np.int32), 5.0)])
+    crops.add([
+        SliceSet(_unit(rng, 3 * grid), np.repeat(np.arange(3, dtype=np.int32), grid), 5.0, boxes),  # 0: other tiles
+        SliceSet(place[:, ::-1].reshape(-1, DIM).copy(), np.repeat(np.arange(3, dtype=np.int32), grid), 5.0, boxes),  # 1: mirrored
+        SliceSet(_near(place.reshape(-1, DIM), rng, 0.05), np.repeat(np.arange(3, dtype=np.int32), grid), 5.0, boxes),  # 2: in place
+        None,  # 3: no tiles: its slices alone
+    ])
+    rows = np.arange(4)
+    plain = rerank_rows(slices, query.vectors, query.indices, rows, np.full(4, 0.5))[2]
+    assert [m.score for m in plain] == pytest.approx([1.0] * 4, abs=1e-3)  # whole slices cannot tell them apart
+    order, distances, matches = rerank_rows(slices, tiled.vectors, tiled.indices, rows, np.full(4, 0.5), crops=crops,
+                                            query_tiles=tiled.tiles)
+    tiled_order = [r for r in order.tolist() if r != 3]
+    assert tiled_order == [2, 1, 0] or tiled_order == [2, 0, 1]
+    by_row = dict(zip(order.tolist(), matches))
+    assert by_row[3].score == pytest.approx(1.0, abs=1e-3)  # no tiles: its own cosine, unchanged
+    assert by_row[2].score > 0.95 and by_row[2].score > by_row[1].score + 0.5 and by_row[2].score > by_row[0].score + 0.5
+    # the mean of 1 + grid cosines: for case 1 the slices agree, the mirrored tiles do not
+    cos = np.einsum("sgd,sgd->sg", place[:, ::-1], place)
+    assert by_row[1].score == pytest.approx(float(np.mean((1 + cos.sum(axis=1)) / (1 + grid))), abs=2e-3)
+    assert all(m.best_box is None for m in matches)  # a slice matched in layout names no tile

@@ -560,3 +560,22 @@ def test_a_box_on_a_real_ct_slice_finds_its_series_and_tile(shared_dicom, tmp_pa
     x0, y0, x1, y1 = top.location["best_box"]
     assert top.case_id == own and abs(top.location["best_slice"] - 14) <= 2
     assert x0 <= 352 < x1 and y0 <= 198 < y1
+
+
+def test_a_slab_is_matched_in_layout_on_an_index_with_tiles(crop_index, phantom_index):
+    archive, index = crop_index
+    searcher = Searcher(index)
+    slab = searcher.search(archive / "s2", k=3, slices="8:16")
+    assert slab.query["rerank"]["layout"] is True and "layout_note" not in slab.query["rerank"]
+    assert slab.results[0].case_id == searcher.search(archive / "s2", k=1).results[0].case_id
+    assert abs(slab.results[0].location["best_slice"] - slab.results[0].location["query_slice"]) <= 2
+    plain = searcher.search(archive / "s2", k=3, slices="8:16", layout=False)
+    assert plain.query["rerank"]["layout"] is False
+    assert [m.distance for m in slab.results] != [m.distance for m in plain.results]  # the tiles weigh in
+    assert searcher.search(archive / "s2", k=1).query["rerank"]["layout"] is False  # a whole study: when asked
+    assert searcher.search(archive / "s2", k=1, layout=True).query["rerank"]["layout"] is True
+    box = searcher.search(archive / "s2", k=1, slices="12", roi="40,40,56,56", layout=True)
+    assert box.query["rerank"]["layout"] is False and "one tile" in box.query["rerank"]["layout_note"]
+    _, no_tiles = phantom_index
+    asked = query(archive / "s2", no_tiles, k=1, slices="8:16", layout=True)
+    assert asked.query["rerank"]["layout"] is False and "crop_grid = 2" in asked.query["rerank"]["layout_note"]

@@ -458,7 +458,15 @@ def test_a_box_query_names_the_tile_on_an_index_with_crop_vectors(phantom_index,
     with TestClient(create_app(index, decode_workers=1)) as client:
         box = client.post("/query", params={"k": 2, "roi": "40,40,56,56", "slices": "12"}, content=upload,
                           headers={"Content-Type": "application/dicom"}).json()
-    expected = Searcher(index).search(archive / "s1", k=2, slices="12", roi="40,40,56,56")
+        slab = client.post("/query", params={"k": 3, "slices": "8:16"}, content=upload,
+                           headers={"Content-Type": "application/dicom"}).json()
+    searcher = Searcher(index)
+    expected = searcher.search(archive / "s1", k=2, slices="12", roi="40,40,56,56")
     top = box["results"][0]
     assert box["query"]["rerank"]["crop_vectors"] is True
     assert top["case_id"] == expected.results[0].case_id and top["best_box"] == expected.results[0].location["best_box"]
+    # a slab is matched in layout (its tiles cut in the decoding worker), as query --slices matches it
+    in_layout = searcher.search(archive / "s1", k=3, slices="8:16")
+    assert slab["query"]["rerank"]["layout"] is True and in_layout.query["rerank"]["layout"] is True
+    assert [(r["case_id"], r["best_slice"]) for r in slab["results"]] == [(m.case_id, m.location["best_slice"]) for m in in_layout.results]
+    assert [r["distance"] for r in slab["results"]] == pytest.approx([m.distance for m in in_layout.results], abs=1e-5)

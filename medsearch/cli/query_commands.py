@@ -36,6 +36,7 @@ def query(
     slices: str | None = typer.Option(None, "--slices", help="Query with a slab of the study: START:STOP (e.g. 40:60; 0 = first slice in stack order, STOP excluded) or one slice number. Results say where each case matched."),
     roi: str | None = typer.Option(None, "--roi", help="Query with a box X0,Y0,X1,Y1 (pixels, x across, y down) on the --slices slab, or on the middle slice: cropped and matched against each case's slices, and against their tiles where the index keeps them ([index] crop_grid; the box is then widened to a tile and each result names the tile, best_box)."),
     rerank: bool | None = typer.Option(None, "--rerank/--no-rerank", help="Re-order the case-vector candidates by how their slices match the query's (late interaction, anatomical order). Default: on (always on for --slices/--roi)."),
+    layout: bool | None = typer.Option(None, "--layout/--no-layout", help="On an index with tiles ([index] crop_grid): match each query slice with a case's slices whole and tile by tile, each tile with the one at the same place, which tells apart series of one anatomy far better; each query slice then costs grid x grid more encoder images. Default: on for --slices, off for a whole study."),
 ) -> None:
     """Show the cases of an index most similar to a study, closest first.
 
@@ -56,6 +57,7 @@ def query(
     result = run_query(
         study, index_dir, k=k, config=config, where=where, volume=volume, exclude_same_patient=exclude_same_patient,
         one_per_patient=one_per_patient, collapse_copies=not keep_copies, key=key, slices=slices, roi=roi, rerank=rerank,
+        layout=layout,
     )
     if result.query.get("matching_cases") == 0:
         stderr.print(

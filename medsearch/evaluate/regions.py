@@ -5,7 +5,8 @@ index's own series. Each series of at least ``min_depth`` slices is read back fr
 link table ``index --links`` wrote), and ``per_series`` slabs of ``slab`` slices are cut from it at
 evenly spaced starts, degraded as a second acquisition would be (:func:`degraded`: Gaussian noise
 and an in-plane shift), and searched as studies of their own, ranked by case vector and re-ranked
-by slice vectors (:mod:`medsearch.rerank`). A slab is **found** when the first result is its own
+by slice vectors (:mod:`medsearch.rerank`), and on an index that keeps tiles (``crop_grid``) also
+re-ranked in layout (each slice whole and tile by tile, as a slab query is by default). A slab is **found** when the first result is its own
 series (or a copy of the same pixels, which the index counts once), and **located** when it is
 found and the result's match (``best_slice - query_slice``) lies within ``tolerance`` slices of
 where it was cut.
@@ -38,8 +39,12 @@ from medsearch.sharing import LinkTable
 
 __all__ = ["RANKINGS", "RegionReport", "degraded", "evaluate_regions"]
 
-#: The two rankings scored: the case vector alone, and re-ranked by slice vectors.
-RANKINGS = ("case vector", "re-ranked")
+#: The rankings scored: the case vector alone, re-ranked by slice vectors, and (on an index that
+#: keeps tiles) re-ranked in layout.
+RANKINGS = ("case vector", "re-ranked", "re-ranked in layout")
+#: How each ranking searches (keywords of :meth:`~medsearch.search.Searcher.search`).
+_SEARCH = {"case vector": {"rerank": False}, "re-ranked": {"rerank": True, "layout": False},
+           "re-ranked in layout": {"rerank": True, "layout": True}}
 
 
 def degraded(volume: Volume, start: int, length: int, *, noise: float, shift: float, seed: int) -> Volume:
@@ -136,6 +141,7 @@ def evaluate_regions(
     report = RegionReport(str(index), {"slab": slab, "per_series": per_series, "min_depth": min_depth, "noise": noise,
                                        "shift": shift, "tolerance": tolerance, "k": k, "limit": limit, "seed": seed,
                                        "keep_copies": keep_copies})
+    rankings = RANKINGS if searcher.store.crops is not None else RANKINGS[:2]
     candidates = sorted(cid for cid in cases["case_id"] if int(depths.get(cid, 0) or 0) >= min_depth)
     if limit is not None and len(candidates) > limit:
         candidates = sorted(np.random.default_rng(seed).choice(candidates, size=limit, replace=False).tolist())
@@ -158,9 +164,9 @@ def evaluate_regions(
             cut[digest] = cid
         for start in np.unique(np.linspace(0, depth - slab, per_series).round().astype(int)).tolist():
             query = degraded(volume, start, slab, noise=noise, shift=shift, seed=seed * 1000 + start)
-            for ranking in RANKINGS:
+            for ranking in rankings:
                 t0 = time.perf_counter()
-                result = searcher.search("slab", volume=query, k=k, rerank=ranking == "re-ranked")
+                result = searcher.search("slab", volume=query, k=k, **_SEARCH[ranking])
                 elapsed = time.perf_counter() - t0
                 top = result.results[0] if result.results else None
                 first = top.case_id if top is not None else None
@@ -174,7 +180,7 @@ def evaluate_regions(
     if not report.records:
         why = f"no series of {min_depth} slices or more could be read back through {links}"
         raise ConfigError(why + (f" ({len(report.left_out)} left out: see the report)" if report.left_out else ""))
-    for ranking in RANKINGS:
+    for ranking in rankings:
         rows = [r for r in report.records if r["ranking"] == ranking]
         found = [r for r in rows if r["found"]]
         report.summary[ranking] = {

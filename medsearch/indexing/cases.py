@@ -227,6 +227,7 @@ class PreparedStudy:
     slice_indices: list[int] | None = None  # the stack slices ``images`` holds (see PreparedCase)
     gap_mm: float | None = None
     region: dict[str, list[int]] | None = None  # what the answer records of a region query (Region.record)
+    tiles: int = 0  # the images of each slice's tiles after the slices (matched in layout, StudyInput)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
         path, region = path
     try:
         _, volume = load_study(path, load=setup.options.load)
-        images, chosen, record = study_array(volume, setup.encoder, setup.config, region)
+        seen = study_array(volume, setup.encoder, setup.config, region)
     except (KeyboardInterrupt, SystemExit):
         raise
     except MemoryError:
@@ -262,5 +263,5 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
     except BaseException as exc:  # noqa: BLE001 - a decoder bug: its message may quote the upload, so its type only
         return StudyError("internal", type(exc).__name__)
     gap = float(volume.spacing[0]) if volume.z_known else None
-    return PreparedStudy(np.ascontiguousarray(images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]), chosen, gap,
-                         record)
+    return PreparedStudy(np.ascontiguousarray(seen.images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]),
+                         seen.slice_indices, gap, seen.region, seen.tiles)

@@ -74,7 +74,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsearch.config import Config
-from medsearch.embedding import Region, SliceSet, pool_slices
+from medsearch.embedding import Region, pool_slices, query_slices
 from medsearch.errors import ConfigError, EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.indexing.cases import PreparedStudy
@@ -421,12 +421,9 @@ def _search(
     _acquire(busy, deadline)
     try:
         refresh()
-        vectors = searcher.encoder.embed(prepared.images)
-        vector = pool_slices(vectors, searcher.config.preprocess.pool)
-        chosen = prepared.slice_indices
-        cropped = region is not None and region.roi is not None
-        slices = (SliceSet(vectors, np.asarray(chosen, np.int32), prepared.gap_mm, cropped=cropped)
-                  if chosen and len(chosen) == len(vectors) else None)
+        pooled, slices = query_slices(searcher.encoder.embed(prepared.images), prepared.slice_indices, prepared.gap_mm,
+                                      tiles=prepared.tiles, cropped=region is not None and region.roi is not None)
+        vector = pool_slices(pooled, searcher.config.preprocess.pool)
         info: dict[str, Any] = {"path": "upload", "modality": prepared.modality, "n_slices": prepared.n_slices}
         if region is not None:  # with the box as the encoder saw it, as Searcher.search records it
             info["region"] = prepared.region if prepared.region is not None else region.to_dict()

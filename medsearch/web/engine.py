@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.embedding import Region, SliceSet, pool_slices, study_array
+from medsearch.embedding import Region, SliceSet, pool_slices, query_slices, study_array
 from medsearch.errors import MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, load_volume
@@ -80,6 +80,7 @@ class _InProcess:
     slice_indices: list[int] | None = None
     gap_mm: float | None = None
     region: dict[str, list[int]] | None = None
+    tiles: int = 0
 
 
 class PageEngine:
@@ -150,12 +151,10 @@ class PageEngine:
                                            max(0.0, deadline - time.monotonic()))
             prepared, loaded = local, local.loaded
         vectors = await run_in_threadpool(self._locked, deadline, lambda: self.searcher.encoder.embed(prepared.images))
-        vector = pool_slices(vectors, self.searcher.config.preprocess.pool)
-        chosen = getattr(prepared, "slice_indices", None)
-        slices = None
-        if chosen is not None and len(chosen) == len(vectors):
-            cropped = region is not None and region.roi is not None  # matched against the index's tiles too
-            slices = SliceSet(vectors, np.asarray(chosen, np.int32), getattr(prepared, "gap_mm", None), cropped=cropped)
+        cropped = region is not None and region.roi is not None  # matched against the index's tiles too
+        pooled, slices = query_slices(vectors, getattr(prepared, "slice_indices", None), getattr(prepared, "gap_mm", None),
+                                      tiles=getattr(prepared, "tiles", 0), cropped=cropped)
+        vector = pool_slices(pooled, self.searcher.config.preprocess.pool)
         record = None
         if region is not None:
             record = getattr(prepared, "region", None) or region.to_dict()
@@ -190,9 +189,9 @@ class PageEngine:
     def _prepare_here(self, path: Path, region: Region | None = None) -> _InProcess:
         with pydicom_silenced():
             case, volume = load_study(path)
-            images, chosen, record = study_array(volume, self.searcher.encoder.info, self.searcher.config, region)
-        return _InProcess(np.ascontiguousarray(images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume),
-                          chosen, float(volume.spacing[0]) if volume.z_known else None, record)
+            seen = study_array(volume, self.searcher.encoder.info, self.searcher.config, region)
+        return _InProcess(np.ascontiguousarray(seen.images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume),
+                          seen.slice_indices, float(volume.spacing[0]) if volume.z_known else None, seen.region, seen.tiles)
 
     def _locked(self, deadline: float, work: Callable[[], Any]) -> Any:
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):

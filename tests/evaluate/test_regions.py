@@ -109,3 +109,19 @@ def test_an_exact_copy_of_a_series_is_cut_once(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "--index", str(index), "--regions", str(links), "--quiet"])
     assert result.exit_code == 0, result.output
     assert f"left out {copy}: the same pixels as" in result.output
+
+
+def test_slabs_in_layout_tell_apart_the_epi_series_of_one_head(shared_dicom, tmp_path):
+    """The real Siemens EPI series of one head (``mr-siemens-mosaic`` and a 35-slice volume of
+    ``mr-siemens-transfer-syntaxes``), indexed with tiles: slice vectors alone confuse them; matched
+    in layout, a slab finds its own series far more often (docs/benchmarks/volumes.md)."""
+    from medsearch.config import load_config
+    from medsearch.indexing import build_index
+
+    config = load_config("default").replace(preprocess={"slice_spacing_mm": 5.0}, index={"crop_grid": 2})
+    for part in ("mr-siemens-mosaic", "mr-siemens-transfer-syntaxes/In/7.dcm"):
+        build_index(shared_dicom / part, tmp_path / "index", config=config, links=tmp_path / "links.csv", progress=False)
+    report = evaluate_regions(tmp_path / "index", tmp_path / "links.csv")
+    plain, layout = report.summary["re-ranked"], report.summary["re-ranked in layout"]
+    assert plain["series"] == layout["series"] == 7 and plain["slabs"] == layout["slabs"] == 42
+    assert plain["found"] < 0.7 and layout["found"] >= plain["found"] + 0.2 and layout["located"] >= 0.8
