@@ -11,9 +11,9 @@ Four parts, each its own run (``--part``), each well under 15 minutes on a 2-cor
     succeeds when the first result is its own series (or an exact pixel copy of it, which the
     index counts once) and the match location (``best_slice - query_slice``, in stack slices)
     lands within ``--tolerance`` slices of where the slab was cut. Scored for the case-vector
-    ranking (locations computed for its results) and for the re-ranked one. Exact pixel copies of
-    a series are cut once (their slabs would be the same queries again); ``--keep-copies`` cuts
-    every copy.
+    ranking (locations computed for its results), for the re-ranked one and, with ``--crop-grid``,
+    re-ranked in layout (each slice whole and tile by tile). Exact pixel copies of a series are cut
+    once (their slabs would be the same queries again); ``--keep-copies`` cuts every copy.
 ``roi``
     Index every case of ``../shared/data/dicom`` with ``--crop-grid`` (0: no crop vectors). From
     each series of at least ``--min-depth`` slices (``--per-series`` slices) and every
@@ -27,7 +27,9 @@ Four parts, each its own run (``--part``), each well under 15 minutes on a 2-cor
     exclusions, metadata) with and without re-ranking 100 candidates, interleaved, on the index of
     ``localise`` (real slices) and on a synthetic index of ``--synthetic-cases`` cases of
     ``--synthetic-slices`` slices (the worst case: every slice kept, dim 1280); and the median
-    end-to-end query (decode, encode, search) of a real series, both ways.
+    end-to-end query (decode, encode, search) of a real series, both ways. With ``--crop-grid``
+    also a box and a slab in layout (its search stage and whole query against slice vectors alone),
+    and the indexing time with and without tiles.
 ``vessel``
     ``medsearch evaluate`` on ``vesselmnist3d.npz`` (MedMNIST-3D format, 28^3, test vs train,
     ``--protocol mahbod2024``): axial slices pooled, the same re-ranked, and tri-planar pooled;
@@ -61,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from medsearch.config import load_config
-from medsearch.embedding import Region, SliceSet, embed_slices, pool_slices
+from medsearch.embedding import Region, SliceSet, embed_slices, pool_slices, query_slices, study_array
 from medsearch.evaluate.regions import degraded
 from medsearch.io import Volume, find_files, load_volume, scan
 from medsearch.search import Searcher, index_info
@@ -106,7 +108,7 @@ def localise(args: argparse.Namespace) -> dict[str, Any]:
     from medsearch.evaluate import evaluate_regions
 
     with tempfile.TemporaryDirectory() as tmp:
-        index, owner = build(Path(tmp), args.spacing)
+        index, owner = build(Path(tmp), args.spacing, args.crop_grid)
         report = evaluate_regions(index, Path(tmp) / "links.csv", slab=args.slab, per_series=args.per_series,
                                   min_depth=args.min_depth, noise=args.noise, shift=args.shift, tolerance=args.tolerance,
                                   keep_copies=args.keep_copies)
@@ -132,9 +134,9 @@ def localise(args: argparse.Namespace) -> dict[str, Any]:
                             "own_or_sibling_first": bool(sibling),
                             "located_on_own_or_sibling": bool(sibling and error is not None and error <= args.tolerance),
                             "error_slices": error, "located": bool(own and error is not None and error <= args.tolerance),
-                            "query_s": r["query_s"]})
+                            "located_in_series": r["located_in_series"], "query_s": r["query_s"]})
         summary = {}
-        for ranking in ("case vector", "re-ranked"):
+        for ranking in report.summary:
             rows = [r for r in records if r["ranking"] == ranking]
             summary[ranking] = {
                 "slabs": len(rows),
@@ -145,6 +147,7 @@ def localise(args: argparse.Namespace) -> dict[str, Any]:
                 "location_within_tolerance_when_own_first": (
                     sum(r["located"] for r in rows) / max(sum(r["own_series_first"] for r in rows), 1)),
                 "located_within_tolerance": sum(r["located"] for r in rows) / max(len(rows), 1),
+                "located_in_its_series_uid": sum(r["located_in_series"] for r in rows) / max(len(rows), 1),
                 "median_query_s": statistics.median(r["query_s"] for r in rows) if rows else None,
             }
         return {"summary": summary, "series": sorted({r["series"] for r in records}),
@@ -298,6 +301,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                                        lambda: searcher.search(folder, k=10, roi=(300, 150, 400, 250), rerank=True),
                                        max(3, args.repeats // 10))
             out["box_end_to_end"] = {"pooled_s": pooled, "reranked_s": late, "ratio": late / pooled}
+            out["slab_in_layout"] = slab_in_layout(searcher, volume, folder, args.repeats)
             out["tiles_against_none"] = tiles_against_none(Path(tmp), args, searcher, folder)
         folder = SHARED / "dicom" / "ct-head-ge-gantry-tilt"
         pooled, late = interleaved(lambda: searcher.search(folder, k=10, rerank=False),
@@ -319,6 +323,31 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                                          "query_slices": len(q), "pooled_ms": pooled * 1e3, "reranked_ms": late * 1e3,
                                          "ratio": late / pooled, "rerank_added_ms": (late - pooled) * 1e3}
     return out
+
+
+def slab_in_layout(searcher: Searcher, volume: Volume, folder: Path, repeats: int) -> dict[str, Any]:
+    """A slab of the head CT (slices 10:18) matched in layout against by slice vectors alone: the
+    search stage of each (interleaved, and each against the pooled search in its own pairs), and the
+    whole slab query (decode, encode with or without the tiles, search), interleaved."""
+    region = Region.parse(slices="10:18")
+    sets = {}
+    for layout in (False, True):
+        seen = study_array(volume, searcher.encoder.info, searcher.config, region, layout)
+        pooled_rows, sets[layout] = query_slices(searcher.encoder.embed(seen.images), seen.slice_indices, float(volume.spacing[0]),
+                                                 tiles=seen.tiles)
+    vector = pool_slices(pooled_rows)
+    plain_set, tiled_set = sets[False], sets[True]
+    assert plain_set is not None and tiled_set is not None and tiled_set.tiles is not None
+    plain, tiled = interleaved(lambda: searcher.search_vector(vector, k=10, slices=plain_set, rerank=True),
+                               lambda: searcher.search_vector(vector, k=10, slices=tiled_set, rerank=True), repeats)
+    pooled, tiled_again = interleaved(lambda: searcher.search_vector(vector, k=10, slices=plain_set, rerank=False),
+                                      lambda: searcher.search_vector(vector, k=10, slices=tiled_set, rerank=True), repeats)
+    whole_plain, whole_tiled = interleaved(lambda: searcher.search(folder, k=10, slices="10:18", layout=False),
+                                           lambda: searcher.search(folder, k=10, slices="10:18", layout=True), max(3, repeats // 10))
+    return {"query_slices": len(tiled_set), "tiles_per_slice": int(tiled_set.tiles.shape[1]),
+            "search_stage_ms": {"re-ranked": plain * 1e3, "in layout": tiled * 1e3, "ratio": tiled / plain},
+            "search_stage_against_pooled_ms": {"pooled": pooled * 1e3, "in layout": tiled_again * 1e3, "ratio": tiled_again / pooled},
+            "whole_query_s": {"re-ranked": whole_plain, "in layout": whole_tiled, "ratio": whole_tiled / whole_plain}}
 
 
 def tiles_against_none(folder: Path, args: argparse.Namespace, tiled: Searcher, study: Path) -> dict[str, Any]:
@@ -380,7 +409,7 @@ def main() -> None:
     parser.add_argument("--shift", type=float, default=0.03)
     parser.add_argument("--tolerance", type=int, default=2)
     parser.add_argument("--keep-copies", action="store_true", help="localise, roi: cut from every exact copy of a series too")
-    parser.add_argument("--crop-grid", type=int, default=0, help="roi, cost: the index's crop_grid (0: no crop vectors)")
+    parser.add_argument("--crop-grid", type=int, default=0, help="localise, roi, cost: the index's crop_grid (0: no crop vectors; localise then scores no layout)")
     parser.add_argument("--box", type=float, default=0.25, help="roi: the box side, a fraction of the image's shorter side")
     parser.add_argument("--boxes", type=int, default=2, help="roi: boxes per query slice")
     parser.add_argument("--single-every", type=int, default=5, help="roi: every Nth single-image case is queried")

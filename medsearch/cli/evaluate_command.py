@@ -108,12 +108,15 @@ def _print_regions(report: Any) -> None:
     table = Table(title_justify="left", title=(
         f"region localisation on {report.index}: slabs of {settings['slab']} slices, noise {settings['noise']:g}, "
         f"shift {settings['shift']:g}, tolerance {settings['tolerance']} slices"))
-    for column in ("ranking", "series", "slabs", "own series first", "located", "located when found", "query (median)"):
+    for column in ("ranking", "series", "slabs", "own series first", "located", "located when found", "located in its series UID",
+                   "query (median)"):
         table.add_column(column, justify="left" if column == "ranking" else "right", no_wrap=True)
     for ranking, row in report.summary.items():
         table.add_row(ranking, str(row["series"]), str(row["slabs"]), f"{row['found']:.1%}", f"{row['located']:.1%}",
-                      f"{row['located_when_found']:.1%}", f"{row['median_query_s'] * 1e3:.0f} ms")
+                      f"{row['located_when_found']:.1%}", f"{row['located_in_series']:.1%}", f"{row['median_query_s'] * 1e3:.0f} ms")
     stdout.print(table)
+    stdout.print("'located in its series UID' also counts another time point of the same DICOM series (an fMRI run, "
+                 "a diffusion series: a case each) landed on at the right place", highlight=False)
     for case_id, why in report.left_out.items():
         stdout.print(f"left out {case_id}: {why}", highlight=False)
 

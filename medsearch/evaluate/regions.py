@@ -9,7 +9,10 @@ by slice vectors (:mod:`medsearch.rerank`), and on an index that keeps tiles (``
 re-ranked in layout (each slice whole and tile by tile, as a slab query is by default). A slab is **found** when the first result is its own
 series (or a copy of the same pixels, which the index counts once), and **located** when it is
 found and the result's match (``best_slice - query_slice``) lies within ``tolerance`` slices of
-where it was cut.
+where it was cut. **Located in its series** counts a first result of the same Series Instance UID
+(the link table's) as found too: the index keeps each time point of a multi-volume series (an fMRI
+run, a diffusion series) as a case of its own, and a slab of one time point that lands on the
+same place of another has found its series, in DICOM's sense.
 
 A series stored again with the same pixels (another transfer syntax, a second import) is cut once:
 its slabs, with the same seeds, would be the same queries again, and would weigh one series as
@@ -42,9 +45,8 @@ __all__ = ["RANKINGS", "RegionReport", "degraded", "evaluate_regions"]
 #: The rankings scored: the case vector alone, re-ranked by slice vectors, and (on an index that
 #: keeps tiles) re-ranked in layout.
 RANKINGS = ("case vector", "re-ranked", "re-ranked in layout")
-#: How each ranking searches (keywords of :meth:`~medsearch.search.Searcher.search`).
-_SEARCH = {"case vector": {"rerank": False}, "re-ranked": {"rerank": True, "layout": False},
-           "re-ranked in layout": {"rerank": True, "layout": True}}
+#: How each ranking searches: ``rerank`` and ``layout`` of :meth:`~medsearch.search.Searcher.search`.
+_SEARCH = {"case vector": (False, False), "re-ranked": (True, False), "re-ranked in layout": (True, True)}
 
 
 def degraded(volume: Volume, start: int, length: int, *, noise: float, shift: float, seed: int) -> Volume:
@@ -162,21 +164,24 @@ def evaluate_regions(
             continue
         if digest is not None:
             cut[digest] = cid
+        series = _series_of(table, cid)
         for start in np.unique(np.linspace(0, depth - slab, per_series).round().astype(int)).tolist():
             query = degraded(volume, start, slab, noise=noise, shift=shift, seed=seed * 1000 + start)
             for ranking in rankings:
                 t0 = time.perf_counter()
-                result = searcher.search("slab", volume=query, k=k, **_SEARCH[ranking])
+                rerank, layout = _SEARCH[ranking]
+                result = searcher.search("slab", volume=query, k=k, rerank=rerank, layout=layout)
                 elapsed = time.perf_counter() - t0
                 top = result.results[0] if result.results else None
                 first = top.case_id if top is not None else None
                 found = first == cid or bool(first and hashes.get(first) and hashes.get(first) == hashes.get(cid))
                 place = top.location if top is not None else None
                 error = None if place is None else abs(place["best_slice"] - place["query_slice"] - start)
+                near = error is not None and error <= tolerance
+                in_series = found or bool(first and series and _series_of(table, first) == series)
                 report.records.append({"case_id": cid, "depth": depth, "start": start, "ranking": ranking, "first": first,
-                                       "found": found, "error_slices": error,
-                                       "located": bool(found and error is not None and error <= tolerance),
-                                       "query_s": round(elapsed, 4)})
+                                       "found": found, "error_slices": error, "located": bool(found and near),
+                                       "located_in_series": bool(in_series and near), "query_s": round(elapsed, 4)})
     if not report.records:
         why = f"no series of {min_depth} slices or more could be read back through {links}"
         raise ConfigError(why + (f" ({len(report.left_out)} left out: see the report)" if report.left_out else ""))
@@ -189,6 +194,7 @@ def evaluate_regions(
             "found": _share(len(found), len(rows)),
             "located": _share(sum(r["located"] for r in rows), len(rows)),
             "located_when_found": _share(sum(r["located"] for r in found), len(found)),
+            "located_in_series": _share(sum(r["located_in_series"] for r in rows), len(rows)),
             "median_query_s": round(statistics.median(r["query_s"] for r in rows), 4),
         }
     report.seconds = time.perf_counter() - started
@@ -197,6 +203,11 @@ def evaluate_regions(
 
 def _share(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
+
+
+def _series_of(table: LinkTable, case_id: str) -> str:
+    """A case's Series Instance UID in the link table ("" when unknown); compared, never reported."""
+    return str((table.resolve(case_id) or {}).get("series_instance_uid") or "")
 
 
 def _read_back(table: LinkTable, case_id: str) -> tuple[Volume | None, str]:
