@@ -51,7 +51,7 @@ import numpy as np
 from medsearch.store import CandidateSlices, SliceTable
 from medsearch.store.half import to_float32
 
-__all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "gathered", "late_interaction", "location", "rerank_rows",
+__all__ = ["DEFAULT_CANDIDATES", "LATE_DISTANCE_TEXT", "LAYOUT_DISTANCE_TEXT", "ON_BY_DEFAULT", "SliceMatch", "candidate_count", "gathered", "late_interaction", "location", "rerank_rows",
            "reorder_by_slices", "slice_matches"]
 
 #: Candidates the case-vector index gives the re-ranking, at least (``10 * k`` when more).
@@ -62,6 +62,11 @@ ON_BY_DEFAULT = True
 LATE_DISTANCE_TEXT = (
     "1 - late-interaction similarity: the mean over the query's slices of the cosine to the case slice "
     "it is aligned with, in anatomical order (lower is closer)"
+)
+LAYOUT_DISTANCE_TEXT = (
+    "1 - late-interaction similarity in layout: the mean over the query's slices of the similarity to the "
+    "case slice it is aligned with, in anatomical order, that similarity being the mean of the two slices' "
+    "cosine and of their tiles' at the same places (lower is closer)"
 )
 
 

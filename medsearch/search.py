@@ -34,7 +34,15 @@ from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, scan
-from medsearch.rerank import LATE_DISTANCE_TEXT, ON_BY_DEFAULT, candidate_count, location, rerank_rows, slice_matches
+from medsearch.rerank import (
+    LATE_DISTANCE_TEXT,
+    LAYOUT_DISTANCE_TEXT,
+    ON_BY_DEFAULT,
+    candidate_count,
+    location,
+    rerank_rows,
+    slice_matches,
+)
 from medsearch.sharing import DEFAULT_K, LinkTable, measure_k_anonymity
 from medsearch.store import MANIFEST, IndexStore, SliceTable
 
@@ -422,10 +430,15 @@ class Searcher:
             info["excluded"] = picker.counts()
         # one slice against cases of one slice each: the late score is their cosine, as the text says
         volumes = late and slices is not None and (len(slices) > 1 or self._any_volume([row for row, _ in kept]))
+        distance = self.store.manifest.distance
+        if late and (info.get("rerank") or {}).get("layout"):
+            distance = LAYOUT_DISTANCE_TEXT
+        elif volumes:
+            distance = LATE_DISTANCE_TEXT
         return QueryResult(
             query=info,
             results=results,
-            distance=LATE_DISTANCE_TEXT if volumes else self.store.manifest.distance,
+            distance=distance,
             labels=list(self.store.manifest.label_columns),
         )
 

@@ -567,6 +567,7 @@ def test_a_slab_is_matched_in_layout_on_an_index_with_tiles(crop_index, phantom_
     searcher = Searcher(index)
     slab = searcher.search(archive / "s2", k=3, slices="8:16")
     assert slab.query["rerank"]["layout"] is True and "layout_note" not in slab.query["rerank"]
+    assert "in layout" in slab.distance and "tiles'" in slab.distance
     assert slab.results[0].case_id == searcher.search(archive / "s2", k=1).results[0].case_id
     assert abs(slab.results[0].location["best_slice"] - slab.results[0].location["query_slice"]) <= 2
     plain = searcher.search(archive / "s2", k=3, slices="8:16", layout=False)
@@ -579,3 +580,20 @@ def test_a_slab_is_matched_in_layout_on_an_index_with_tiles(crop_index, phantom_
     _, no_tiles = phantom_index
     asked = query(archive / "s2", no_tiles, k=1, slices="8:16", layout=True)
     assert asked.query["rerank"]["layout"] is False and "crop_grid = 2" in asked.query["rerank"]["layout_note"]
+    assert "in layout" not in asked.distance
+
+
+def test_query_layout_on_the_command_line(crop_index, phantom_index):
+    from typer.testing import CliRunner
+
+    from medsearch.cli import app
+
+    archive, index = crop_index
+    run = CliRunner().invoke(app, ["query", str(archive / "s2"), "--index", str(index), "-k", "2", "--slices", "8:16", "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["query"]["rerank"]["layout"] is True
+    run = CliRunner().invoke(app, ["query", str(archive / "s2"), "--index", str(index), "-k", "2", "--slices", "8:16", "--no-layout", "--json"])
+    assert json.loads(run.stdout)["query"]["rerank"]["layout"] is False
+    _, no_tiles = phantom_index
+    run = CliRunner().invoke(app, ["query", str(archive / "s2"), "--index", str(no_tiles), "-k", "2", "--layout"])
+    assert run.exit_code == 0 and "note: slices matched without layout" in run.stderr and "crop_grid = 2" in run.stderr

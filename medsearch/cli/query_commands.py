@@ -213,6 +213,10 @@ def _print_results(result: Any) -> None:
     stdout.print(table)
     if result.distance:
         stdout.print(f"distance = {result.distance}", highlight=False)
+    plan = result.query.get("rerank") or {}
+    for key in ("note", "crop_note", "layout_note"):  # what the search could not do, and what to do
+        if plan.get(key):
+            stderr.print(f"note: {plan[key]}", highlight=False)
 
 
 def _write_sheet(result: Any, index_dir: Path, png: Path | None, page: Path | None, study: Any) -> None:

@@ -249,6 +249,15 @@ def test_a_region_drawn_on_the_page_is_searched_as_query_slices_roi(tiled, open_
         page.wait_for_function("() => !document.querySelector('#summary').textContent.includes('like')"
                                " && !document.body.classList.contains('working')")
         assert _case_ids(page) == whole and page.get_by_label("Box (px)").input_value() == ""
+        # a slab alone, on an index with tiles: matched in layout, as query --slices matches it
+        page.get_by_label("Slices", exact=True).fill("9")
+        page.get_by_label("Slices to").fill("14")
+        page.get_by_role("button", name="Search this region").click()
+        page.wait_for_function("() => document.querySelector('#summary').textContent.includes('like slices 9–14')"
+                               " && !document.body.classList.contains('working')")
+        slab = searcher.search(archive / "s1", k=3, slices="8:14")
+        assert slab.query["rerank"]["layout"] is True and _case_ids(page) == [m.case_id for m in slab.results]
+        assert "matched whole and tile by tile" in page.locator("#note").inner_text()
         _only_this_service(page, url)
 
 

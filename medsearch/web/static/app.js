@@ -637,6 +637,7 @@
     const notes = [];
     const rerank = (answer.query && answer.query.rerank) || {};
     if (rerank.crop_note) notes.push(sentence(rerank.crop_note) + ".");
+    if (rerank.layout) notes.push("Slices were matched whole and tile by tile, each tile with the one at the same place.");
     if (left.length) notes.push(`Left out: ${left.join(", ")}.`);
     notes.push(`Distance: ${answer.distance}.`);
     const slices = ((state.options && state.options.features) || {}).case_slices && results.some((m) => m.best_slice !== undefined);
