@@ -430,15 +430,15 @@ class Searcher:
             info["excluded"] = picker.counts()
         # one slice against cases of one slice each: the late score is their cosine, as the text says
         volumes = late and slices is not None and (len(slices) > 1 or self._any_volume([row for row, _ in kept]))
-        distance = self.store.manifest.distance
+        meaning = self.store.manifest.distance
         if late and (info.get("rerank") or {}).get("layout"):
-            distance = LAYOUT_DISTANCE_TEXT
+            meaning = LAYOUT_DISTANCE_TEXT
         elif volumes:
-            distance = LATE_DISTANCE_TEXT
+            meaning = LATE_DISTANCE_TEXT
         return QueryResult(
             query=info,
             results=results,
-            distance=distance,
+            distance=meaning,
             labels=list(self.store.manifest.label_columns),
         )
 
