@@ -9,7 +9,10 @@ from medsearch.errors import ConfigError
 
 
 def test_presets_ship_default_and_chest_ct():
-    assert {"default", "chest-ct"} <= set(preset_names())
+    assert {"default", "chest-ct", "regions"} <= set(preset_names())
+    regions = load_config("regions")  # every slice up to 2 mm, with tiles: slabs in layout, boxes against tiles
+    assert regions.preprocess.slice_spacing_mm == 2.0 and regions.index.crop_grid == 2
+    assert regions.preprocess.ct_window == load_config("default").preprocess.ct_window
     assert load_config() == Config()
     chest = load_config("chest-ct")
     assert chest.preprocess.ct_window == (-600.0, 1500.0)
@@ -54,7 +57,7 @@ def test_bad_config_says_which_key(tmp_path, text, message):
 def test_missing_config_and_unknown_preset():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nowhere/x.toml")
-    with pytest.raises(ConfigError, match="presets: chest-ct, ct3d, default"):
+    with pytest.raises(ConfigError, match="presets: chest-ct, ct3d, default, regions"):
         load_config("no-such-preset")
 
 
