@@ -11,8 +11,10 @@ What lives here:
 - :mod:`medsearch.web.audit`: the audit log of every query;
 - :mod:`medsearch.web.pictures`: pictures of the index's cases (stored thumbnails; with the link
   table, the slice of a case that matched, read from the archive);
-- ``static/``: the page itself (HTML, a small vanilla-JS script, a stylesheet), shipped in the
-  package: it loads nothing from anywhere else.
+- ``static/``: the page itself (HTML, a stylesheet, and vanilla-JS modules: ``app.js`` wires the
+  controls; ``page.js`` holds the elements, state and calls to the service; ``filters.js``,
+  ``send.js``, ``viewer.js``, ``region.js`` and ``results.js`` one part of the page each), shipped
+  in the package: it loads nothing from anywhere else.
 
 :func:`mount_page` puts all of it on an application::
 

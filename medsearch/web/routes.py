@@ -69,14 +69,16 @@ from medsearch.web.pictures import CaseSlices, png
 from medsearch.web.studies import StudyCache
 from medsearch.web.uploads import Refused, receive_files, upload_folder, upload_name
 
-__all__ = ["MAX_K", "create_router"]
+__all__ = ["MAX_K", "SCRIPTS", "create_router"]
 
 log = logging.getLogger(__name__)
 
 #: The largest ``k`` the page's endpoints accept (as ``POST /query``).
 MAX_K = 1000
+#: The page's files: its script (ES modules: app.js imports the others), style and HTML.
+SCRIPTS = ("app.js", "page.js", "filters.js", "send.js", "viewer.js", "region.js", "results.js")
 _STATIC = {
-    "app.js": "text/javascript; charset=utf-8",
+    **{name: "text/javascript; charset=utf-8" for name in SCRIPTS},
     "style.css": "text/css; charset=utf-8",
     "index.html": "text/html; charset=utf-8",
     "login.html": "text/html; charset=utf-8",

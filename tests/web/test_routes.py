@@ -17,6 +17,7 @@ from web.pages import LIMIT, QUERY, make_series, page_app
 from medsearch.errors import EncoderMismatchError, FilterError, IndexNotFoundError, KeyFileError
 from medsearch.io import load_study
 from medsearch.web import pictures, routes
+from medsearch.web.routes import SCRIPTS
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +45,13 @@ def test_the_page_and_its_files_load_nothing_from_elsewhere(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
-    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+    for name, kind in [(script, "text/javascript") for script in SCRIPTS] + [("style.css", "text/css")]:
         response = client.get(f"/static/{name}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
-    text = page.text + client.get("/static/app.js").text + client.get("/static/style.css").text
+    # every module the script imports is served (./NAME.js, nothing from elsewhere)
+    imported = {m for name in SCRIPTS for m in re.findall(r'from "\./([\w-]+\.js)"', client.get(f"/static/{name}").text)}
+    assert imported == set(SCRIPTS) - {"app.js"}
+    text = page.text + "".join(client.get(f"/static/{name}").text for name in SCRIPTS) + client.get("/static/style.css").text
     # no address of another host, no font file, no CDN
     assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|@import|url\(|\.woff|fonts\.", text, re.IGNORECASE)
     for name in ("index.html", "../app.js", "nothing.js"):
