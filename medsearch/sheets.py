@@ -416,15 +416,17 @@ def matched_picture(
 
 def scanned_case(source: dict[str, Any] | None) -> CaseRef | None:
     """The case of a link table's row, its headers read (not its pixels); None where its files are
-    not given, gone, or not one case."""
-    files = [Path(f) for f in (source or {}).get("files", []) if Path(f).is_file()]
-    if not files:
+    not given, not all there, not all readable, or not one case (a slice number of the case would
+    then name another slice)."""
+    listed = [Path(f) for f in (source or {}).get("files", [])]
+    files = [f for f in listed if f.is_file()]
+    if not files or len(files) < len(listed):
         return None
     try:
         found = scan(files)
     except Exception:  # noqa: BLE001 - a picture is a courtesy: the stored thumbnail stands in
         return None
-    return found.cases[0] if len(found.cases) == 1 else None
+    return found.cases[0] if len(found.cases) == 1 and len(found.cases[0].files) == len(files) else None
 
 
 def _source_slice(

@@ -5,7 +5,8 @@ missing), never by forking a process that already runs the encoder's threads, an
 own pipe, so that the task a worker is running is always known. A worker that overruns the task
 timeout is stopped, one that crashes is replaced, and the task it was running comes back as a
 :class:`_Failure`. A worker runs the tasks of :mod:`medsearch.indexing.cases` (``"scan"``: a chunk
-of headers, ``"case"``: one case, ``"study"``: a query study for ``medsearch serve``), with one
+of headers, ``"case"``: one case, ``"study"``: a query study for ``medsearch serve``, ``"call"``: a
+function of a layer above, such as a case picture of the service), with one
 thread, Ctrl-C left to the main process, and pydicom silenced for good.
 
 A worker never runs the calling script again (:func:`_main_kept_out`): a script that calls
@@ -59,7 +60,15 @@ class _Failure:
     detail: str
 
 
-_TASKS: dict[str, Callable[[Any, _Setup], Any]] = {"scan": _scan_files, "case": prepare_case, "study": prepare_study}
+def _call(payload: tuple[Callable[..., Any], tuple[Any, ...]], setup: _Setup) -> Any:
+    """A ``"call"`` task: ``fn(*args)`` (``fn`` a module-level function, sent by reference), for work
+    of a layer above this one that must run within a worker's time and memory bounds (the case
+    pictures of ``medsearch serve``: :mod:`medsearch.web.pictures`)."""
+    fn, args = payload
+    return fn(*args)
+
+
+_TASKS: dict[str, Callable[[Any, _Setup], Any]] = {"scan": _scan_files, "case": prepare_case, "study": prepare_study, "call": _call}
 _READY = -1  # the first message of a worker that has started
 _STARTUP_LIMIT_S = 300.0
 
@@ -229,6 +238,10 @@ class _WorkerPool:
         self._results: queue.Queue[tuple[_Task, Any] | BaseException] = queue.Queue()
         self._closing = threading.Event()
         self._failed_starts = 0
+        # a submitted task wakes the dispatcher at once (else it waits out its 20 ms poll): one
+        # message at a time is enough, however many tasks come in meanwhile
+        self._wake_recv, self._wake_send = multiprocessing.Pipe(duplex=False)
+        self._woken = False
         if multiprocessing.current_process().daemon:
             raise WorkersUnavailable("this process is itself a daemon process, which may not start others")
         self._workers: list[_Worker] = []
@@ -272,6 +285,10 @@ class _WorkerPool:
     def submit(self, seq: int, kind: str, payload: Any) -> None:
         with self._lock:
             self._pending.append(_Task(seq, kind, payload))
+            wake, self._woken = not self._woken, True
+        if wake:
+            with contextlib.suppress(OSError, ValueError):  # closed: the pool is going away
+                self._wake_send.send_bytes(b"")
 
     @overload
     def get(self) -> tuple[_Task, Any]: ...
@@ -299,6 +316,8 @@ class _WorkerPool:
     def close(self, *, kill: bool = False) -> None:
         self._closing.set()
         self._thread.join(timeout=5)
+        for end in (self._wake_send, self._wake_recv):
+            end.close()
         for w in self._workers:
             if not kill:
                 with contextlib.suppress(OSError, ValueError):
@@ -333,7 +352,12 @@ class _WorkerPool:
                 self._dispatch()
                 by_conn = {w.conn: w for w in self._workers}
                 by_sentinel = {w.process.sentinel: w for w in self._workers}
-                ready = wait([*by_conn, *by_sentinel], timeout=0.02)
+                ready = wait([*by_conn, *by_sentinel, self._wake_recv], timeout=0.02)
+                if self._wake_recv in ready:
+                    with self._lock:
+                        while self._wake_recv.poll():
+                            self._wake_recv.recv_bytes()
+                        self._woken = False
                 for obj in ready:
                     if obj in by_conn:
                         self._receive(by_conn[obj])

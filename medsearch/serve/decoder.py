@@ -47,6 +47,7 @@ class _Decoder:
     A ``"study"`` task of :class:`~medsearch.indexing.workers._WorkerPool` runs
     :func:`~medsearch.indexing.cases.prepare_study` on the upload's path; a thread hands each result to
     the request waiting for it. With ``workers=0`` the study is decoded in this process instead.
+    :meth:`run` sends other decoding there too (the archive's slices the page shows).
     """
 
     def __init__(
@@ -114,6 +115,28 @@ class _Decoder:
                 raise _InternalError(result.message)
             raise _ERRORS[result.kind](result.message)
         return result
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker, within its time limit and memory cap (``fn`` a module-level
+        function, its arguments and result picklable); None where it overran, crashed or raised.
+        Blocks the calling thread (a request's thread-pool thread). With ``workers=0``, in this process."""
+        if self._pool is None or self._broken is not None:
+            return fn(*args) if self._pool is None else None
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            seq = next(self._seq)
+            self._waiting[seq] = future
+        self._pool.submit(seq, "call", (fn, args))
+        try:
+            result = future.result(timeout=self._timeout + 5.0)  # the pool stops the worker at the limit
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            return None
+        except BaseException:  # noqa: BLE001 - the pool failed: no result
+            return None
+        finally:
+            with self._lock:
+                self._waiting.pop(seq, None)
+        return None if isinstance(result, _Failure) else result
 
     def _in_process(self, path: Path, region: Region | None = None) -> PreparedStudy | StudyError:
         with pydicom_silenced():

@@ -10,6 +10,12 @@ every header of its series again (43 ms for the 28 files of a head CT, 8 ms once
 kept; a 300-file CT reads about ten times the headers). A case whose files moved, were deleted, or live on a PACS
 only (a DICOMweb-indexed case) has no such picture: the endpoint says so, and the page shows the
 stored thumbnail instead. No answer names a file.
+
+The reading and drawing run through :attr:`CaseSlices.run`: ``medsearch serve`` sets it to its
+bounded decoder (:meth:`medsearch.serve.decoder._Decoder.run`), so that a file of the archive that
+changed into something hostile since it was indexed (a decompression bomb, a file that hangs a
+decoder) costs a worker within its time and memory limits, never the service. The headers a worker
+read come back with the picture and are kept here; the next picture of the case sends them along.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +36,36 @@ from medsearch.io import CaseRef
 from medsearch.sharing import LinkTable
 from medsearch.sheets import matched_picture, scanned_case
 
-__all__ = ["CASES_KEPT", "CaseSlices", "png"]
+__all__ = ["CASES_KEPT", "CaseSlices", "drawn", "png"]
 
 #: How many cases' headers :class:`CaseSlices` keeps (each a file list and one header).
 CASES_KEPT = 64
 
 
+def drawn(
+    source: dict[str, Any], index: int, preprocess: PreprocessConfig, size: int, box: tuple[int, int, int, int] | None,
+    case: CaseRef | None,
+) -> tuple[np.ndarray | None, CaseRef | None]:
+    """Slice ``index`` of a case drawn (:func:`~medsearch.sheets.matched_picture`) from ``case``
+    (its headers read before) when its files are as they were, else scanned again: the picture
+    (None where the files cannot be read) and the case when it was scanned here (None when
+    ``case`` served: it does not travel back). The task :class:`CaseSlices` runs."""
+    if case is not None:
+        picture = matched_picture(source, index, preprocess, size, box, case=case)
+        if picture is not None:
+            return picture, None
+    scanned = scanned_case(source)
+    if scanned is None:
+        return None, None
+    return matched_picture(source, index, preprocess, size, box, case=scanned), scanned
+
+
 class CaseSlices:
     """The matched slices of an index's cases, read through its link table.
+
+    ``run(fn, *args)`` runs the reading and drawing (:func:`drawn`) and gives its result, or None
+    where it failed: by default here, in the calling thread; ``medsearch serve`` gives its bounded
+    decoder.
 
     Raises
     ------
@@ -44,10 +73,11 @@ class CaseSlices:
         ``links`` does not exist (checked when the service starts).
     """
 
-    def __init__(self, links: str | Path) -> None:
+    def __init__(self, links: str | Path, run: Callable[..., Any] | None = None) -> None:
         self.path = Path(links)
         if not self.path.is_file():
             raise ConfigError(f"link table {self.path} does not exist; it is written by: medsearch index ... --links FILE")
+        self.run: Callable[..., Any] = run if run is not None else (lambda fn, *args: fn(*args))
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._table: LinkTable | None = None
@@ -76,20 +106,16 @@ class CaseSlices:
             case = self._cases.get(case_id)
             if case is not None:
                 self._cases.move_to_end(case_id)
-        if case is not None:
-            picture = matched_picture(source, index, preprocess, size, box, case=case)
-            if picture is not None:
-                return picture
-            with self._lock:  # its files changed since they were scanned: scan them again
-                self._cases.pop(case_id, None)
-        case = scanned_case(source)
-        if case is None:
-            return None
+        found = self.run(drawn, source, index, preprocess, size, box, case)
+        picture, scanned = found if found is not None else (None, None)
         with self._lock:
-            self._cases[case_id] = case
-            while len(self._cases) > CASES_KEPT:
-                self._cases.popitem(last=False)
-        return matched_picture(source, index, preprocess, size, box, case=case)
+            if picture is None:  # gone, unreadable, or the decoder gave up on it
+                self._cases.pop(case_id, None)
+            elif scanned is not None:  # scanned (again, when its files had changed): kept for the next picture
+                self._cases[case_id] = scanned
+                while len(self._cases) > CASES_KEPT:
+                    self._cases.popitem(last=False)
+        return picture
 
 
 def png(image: np.ndarray) -> bytes:

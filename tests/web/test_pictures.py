@@ -52,3 +52,13 @@ def test_a_second_picture_of_a_case_reads_its_headers_once(phantom_index, tmp_pa
 def test_a_missing_link_table_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="link table .* does not exist; it is written by: medsearch index"):
         CaseSlices(tmp_path / "nothing.csv")
+
+
+def test_a_case_missing_one_file_shows_no_slice_rather_than_the_wrong_one(phantom_index, tmp_path):
+    """With one file of a series gone, slice N of what is left is another slice than the one that
+    matched: the picture is refused (the stored thumbnail stands in), not drawn one off."""
+    copy, links = _moved_links(phantom_index, tmp_path)
+    table = LinkTable(links)
+    case_id = sorted(table.rows)[0]
+    Path(table.resolve(case_id)["files"][2]).unlink()
+    assert CaseSlices(links).picture(case_id, 5, PREPROCESS, 64) is None

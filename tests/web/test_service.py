@@ -82,3 +82,44 @@ def test_credentials_or_an_explicit_choice_let_it_go_on(sample_index, nothing_lo
     args = [str(tmp_path / "auth.txt") if a == "AUTH" else a for a in extra]
     result = CliRunner().invoke(cli_app, ["serve", str(sample_index), "--host", "0.0.0.0", *args])
     assert isinstance(result.exception, AssertionError) and "loaded the index" in str(result.exception)
+
+
+def test_the_archive_slices_the_page_shows_are_read_in_the_bounded_workers(phantom_index, tmp_path):
+    """``serve --links``: a case's matched slice is read and drawn in the service's decoder worker,
+    its headers kept in the service for the next picture; a file of the archive that became a
+    decompression bomb since it was indexed costs that worker (the stored thumbnail stands in),
+    never the service's memory."""
+    import resource
+    import shutil
+    from pathlib import Path
+
+    from hostile.files import deflate_bomb
+
+    from medsearch.search import Searcher
+    from medsearch.sharing import LinkTable
+    from medsearch.sheets import matched_picture
+    from medsearch.web.pictures import png
+
+    archive, index = phantom_index
+    copy = tmp_path / "archive"
+    shutil.copytree(archive, copy)
+    links = tmp_path / "links.csv"
+    links.write_text((index.parent / "links.csv").read_text().replace(str(archive), str(copy)))
+    table = LinkTable(links)
+    ids = sorted(table.rows)
+    searcher = Searcher(index)
+    size = int(searcher.store.thumbnails.shape[1])
+    app = create_app(index, searcher=searcher, links=links, decode_workers=1)
+    with TestClient(app) as client:
+        first = client.get(f"/api/case/{ids[0]}/slice/5")
+        assert first.status_code == 200
+        assert first.content == png(matched_picture(table.resolve(ids[0]), 5, searcher.config.preprocess, size))
+        assert client.get(f"/api/case/{ids[0]}/slice/6").status_code == 200  # its headers kept: one slice read
+        # one file of another case turns into a deflate bomb: 3 GiB once inflated, past a worker's 2 GiB
+        deflate_bomb(Path(table.resolve(ids[1])["files"][0]))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+        bombed = client.get(f"/api/case/{ids[1]}/slice/5")
+        assert bombed.status_code == 404 and "stored thumbnail stands in" in bombed.json()["error"]
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**20  # not a GiB more in the service
+        assert client.get("/health").status_code == 200
+        assert client.get(f"/api/case/{ids[0]}/slice/5").content == first.content  # the worker was replaced
