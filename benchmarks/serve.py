@@ -108,14 +108,14 @@ class _Page:
 def _png_per_preset_ms(study: Path) -> tuple[float, int]:
     """What rendering on the service would cost per preset: window one slice, encode it as a PNG (median of 20)."""
     from medsearch.io import load_study
-    from medsearch.web.routes import _png
+    from medsearch.web.pictures import png
 
     image = load_study(study)[1].pixels[0]
     times, size = [], 0
     for _ in range(20):
         t = time.perf_counter()
         gray = np.clip((image - (-600 - 750)) / 1500 * 255, 0, 255).astype(np.uint8)
-        size = len(_png(gray))
+        size = len(png(gray))
         times.append(time.perf_counter() - t)
     return 1000 * float(np.median(times)), size
 

@@ -6,8 +6,8 @@ The link table is the site's own record of where each case's files are (``medsea
 --links``); it is read when the service starts and again whenever the file changes (an index that
 grows while the service runs adds rows). The headers of the last :data:`CASES_KEPT` cases shown are
 kept, so that a second picture of a case (another query, its detail view) reads one slice, not
-every header of its series again (43 ms for the 28 files of a head CT, 8 ms once its headers are
-kept; a 300-file CT reads about ten times the headers). A case whose files moved, were deleted, or live on a PACS
+every header of its series again (42 ms for the 28 files of a head CT, 9 ms once its headers are
+kept, through the service's worker; a 300-file CT reads about ten times the headers). A case whose files moved, were deleted, or live on a PACS
 only (a DICOMweb-indexed case) has no such picture: the endpoint says so, and the page shows the
 stored thumbnail instead. No answer names a file.
 
