@@ -131,7 +131,7 @@ class _Decoder:
             result = future.result(timeout=self._timeout + 5.0)  # the pool stops the worker at the limit
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             return None
-        except BaseException:  # noqa: BLE001 - the pool failed: no result
+        except Exception:  # noqa: BLE001 - the pool failed (the collector set its error): no result
             return None
         finally:
             with self._lock:
