@@ -58,6 +58,9 @@ def test_info_text_and_json(runner, sample_index):
     assert data["last_run"]["skipped_by_reason"] == {"duplicate": 1}
     assert "k-anonymity: smallest group 1 patient(s) over " in text.output
     assert data["k_anonymity"]["smallest_group"] == 1
+    # what the kept vectors let a query do (12 single slices, no tiles)
+    assert "slice vectors: 12, 1 a case (2.6 KB): re-ranking, region queries" in text.output
+    assert "crop vectors: none (boxes against whole slices; tiles need crop_grid = 2)" in text.output
 
 
 def test_info_verify_hashes_every_file_and_names_a_damaged_one(runner, sample_index, tmp_path):

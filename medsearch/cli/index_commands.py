@@ -163,6 +163,7 @@ def info(
         highlight=False,
     )
     stdout.print(f"preprocess: {json.dumps(data['preprocess'])}", highlight=False)
+    _print_vectors(data)
     if data["label_columns"]:
         stdout.print(f"labels: {', '.join(data['label_columns'])}", highlight=False)
     for field, counts in data["tallies"].items():
@@ -177,6 +178,21 @@ def info(
             f"{run.get('skipped_by_reason', {})}",
             highlight=False,
         )
+
+
+def _print_vectors(data: dict[str, Any]) -> None:
+    """What the slice and crop vectors an index keeps let a query do (``info``'s text)."""
+    slices, crops = data.get("slice_vectors") or {}, data.get("crop_vectors") or {}
+    if not slices.get("kept"):
+        stdout.print("slice vectors: none (3D encoder, tri-planar, or an old index): no region queries", highlight=False)
+        return
+    stdout.print(f"slice vectors: {slices['vectors']:,}, {slices['mean_per_case']:g} a case ({slices['bytes_per_case'] / 1e3:.1f} KB): "
+                 "re-ranking, region queries", highlight=False)
+    if crops.get("kept"):
+        stdout.print(f"crop vectors: {crops['vectors']:,} tiles ({crops['bytes_per_case'] / 1e3:.1f} KB a case): boxes on tiles, "
+                     "slabs in layout", highlight=False)
+    else:
+        stdout.print("crop vectors: none (boxes against whole slices; tiles need crop_grid = 2)", highlight=False)
 
 
 @app.command("export-index", cls=Command)
