@@ -333,7 +333,7 @@ def slab_in_layout(searcher: Searcher, volume: Volume, folder: Path, repeats: in
     sets = {}
     for layout in (False, True):
         seen = study_array(volume, searcher.encoder.info, searcher.config, region, layout)
-        pooled_rows, sets[layout] = query_slices(searcher.encoder.embed(seen.images), seen.slice_indices, float(volume.spacing[0]),
+        pooled_rows, sets[layout] = query_slices(searcher.encoder.embed(seen.images), seen.slice_indices, volume.gap_mm,
                                                  tiles=seen.tiles)
     vector = pool_slices(pooled_rows)
     plain_set, tiled_set = sets[False], sets[True]

@@ -25,7 +25,6 @@ bit for bit), so that a query with the ONNX runtime imports neither MONAI nor to
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,8 +200,7 @@ def slice_indices(volume: Volume, info: EncoderInfo, config: Config) -> list[int
     images and 3D encoders, which have no slice set."""
     if not sees_slices(info, config):
         return None
-    gap = float(volume.spacing[0]) if volume.z_known else None
-    return chosen_slices(int(volume.pixels.shape[0]), config.preprocess, gap_mm=gap)
+    return chosen_slices(int(volume.pixels.shape[0]), config.preprocess, gap_mm=volume.gap_mm)
 
 
 def encoder_array(volume: Volume, info: EncoderInfo, config: Config) -> np.ndarray:
@@ -245,8 +243,7 @@ def region_array(volume: Volume, info: EncoderInfo, config: Config, region: Regi
         )
     depth = int(volume.pixels.shape[0])
     start, stop = region.slab(depth)
-    gap = float(volume.spacing[0]) if volume.z_known else None
-    inside = [start + i for i in chosen_slices(stop - start, config.preprocess, gap_mm=gap)]
+    inside = [start + i for i in chosen_slices(stop - start, config.preprocess, gap_mm=volume.gap_mm)]
     pixels = volume.pixels
     if region.roi is not None:
         x0, y0, x1, y1 = region.roi
@@ -407,8 +404,7 @@ def embed_crops(volume: Volume, encoder: Encoder, config: Config) -> SliceSet | 
     if chosen is None or config.index.crop_grid < 2:
         return None
     batch, indices, boxes = crop_array(volume, encoder.info, config, chosen)
-    gap = float(volume.spacing[0]) if volume.z_known and math.isfinite(volume.spacing[0]) else None
-    return SliceSet(np.asarray(encoder.embed(batch), np.float32), indices, gap, boxes)
+    return SliceSet(np.asarray(encoder.embed(batch), np.float32), indices, volume.gap_mm, boxes)
 
 
 def embed_slices(volume: Volume, encoder: Encoder, config: Config, region: Region | None = None) -> SliceSet | None:
@@ -428,9 +424,8 @@ def embed_slices(volume: Volume, encoder: Encoder, config: Config, region: Regio
             return None
         batch, indices = encoder_array(volume, encoder.info, config), chosen
     vectors = encoder.embed(batch)
-    gap = float(volume.spacing[0]) if volume.z_known and math.isfinite(volume.spacing[0]) else None
     cropped = region is not None and region.roi is not None
-    return SliceSet(np.asarray(vectors, np.float32), np.asarray(indices, np.int32), gap, cropped=cropped)
+    return SliceSet(np.asarray(vectors, np.float32), np.asarray(indices, np.int32), volume.gap_mm, cropped=cropped)
 
 
 def encoder_input(volume: Volume, info: EncoderInfo, config: Config) -> torch.Tensor:

@@ -16,7 +16,6 @@ loaded from there on first use.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -344,9 +343,8 @@ class Searcher:
         if exclude_same_patient:
             patients = (self._patient(case.header if case is not None else _study_header(study, min_size)),)
         seen = study_array(volume, self.encoder.info, self.config, region, layout)
-        gap = float(volume.spacing[0]) if volume.z_known and math.isfinite(volume.spacing[0]) else None
         # the case vector pooled from the slice vectors (not the tiles), as embed_volume pools them
-        pooled, slices_seen = query_slices(self.encoder.embed(seen.images), seen.slice_indices, gap, tiles=seen.tiles,
+        pooled, slices_seen = query_slices(self.encoder.embed(seen.images), seen.slice_indices, volume.gap_mm, tiles=seen.tiles,
                                            cropped=region is not None and region.roi is not None)
         vector = pool_slices(pooled, self.config.preprocess.pool)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}

@@ -156,7 +156,7 @@ def prepare_case(job: CaseJob, setup: _Setup) -> PreparedCase | FailedCase:
         decode_s=decoded - started,
         preprocess_s=time.perf_counter() - decoded,
         slice_indices=chosen,
-        gap_mm=float(volume.spacing[0]) if volume.z_known else None,
+        gap_mm=volume.gap_mm,
         crops=crops,
     )
 
@@ -262,6 +262,5 @@ def prepare_study(path: Path | tuple[Path, Region], setup: _Setup) -> PreparedSt
         return StudyError("MedsearchError", str(e))
     except BaseException as exc:  # noqa: BLE001 - a decoder bug: its message may quote the upload, so its type only
         return StudyError("internal", type(exc).__name__)
-    gap = float(volume.spacing[0]) if volume.z_known else None
     return PreparedStudy(np.ascontiguousarray(seen.images, dtype=np.float32), volume.modality, int(volume.pixels.shape[0]),
-                         seen.slice_indices, gap, seen.region, seen.tiles)
+                         seen.slice_indices, volume.gap_mm, seen.region, seen.tiles)

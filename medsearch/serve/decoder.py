@@ -92,11 +92,7 @@ class _Decoder:
         if self._pool is None:
             result = await run_in_threadpool(self._in_process, path, region)
         else:
-            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            with self._lock:
-                seq = next(self._seq)
-                self._waiting[seq] = future
-            self._pool.submit(seq, "study", path if region is None else (path, region))
+            seq, future = self._submit("study", path if region is None else (path, region))
             try:
                 result = await asyncio.wait_for(asyncio.wrap_future(future), _left(deadline))
             except TimeoutError:
@@ -106,8 +102,7 @@ class _Decoder:
                     "the service with a larger --request-timeout",
                 ) from None
             finally:
-                with self._lock:
-                    self._waiting.pop(seq, None)
+                self._forget(seq)
         if isinstance(result, _Failure):  # stopped after the time limit, or crashed
             raise _UploadError(422, f"the upload could not be decoded: {result.detail}; give another study")
         if isinstance(result, StudyError):
@@ -122,21 +117,28 @@ class _Decoder:
         Blocks the calling thread (a request's thread-pool thread). With ``workers=0``, in this process."""
         if self._pool is None or self._broken is not None:
             return fn(*args) if self._pool is None else None
+        seq, future = self._submit("call", (fn, args))
+        try:
+            result = future.result(timeout=self._timeout + 5.0)  # the pool stops the worker at the limit
+        except Exception:  # noqa: BLE001 - timed out, cancelled, or the pool failed (the collector set its error)
+            return None
+        finally:
+            self._forget(seq)
+        return None if isinstance(result, _Failure) else result
+
+    def _submit(self, kind: str, payload: Any) -> tuple[int, concurrent.futures.Future[Any]]:
+        """A task for the workers, and the future the collector thread completes with its result."""
+        assert self._pool is not None
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             seq = next(self._seq)
             self._waiting[seq] = future
-        self._pool.submit(seq, "call", (fn, args))
-        try:
-            result = future.result(timeout=self._timeout + 5.0)  # the pool stops the worker at the limit
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-            return None
-        except Exception:  # noqa: BLE001 - the pool failed (the collector set its error): no result
-            return None
-        finally:
-            with self._lock:
-                self._waiting.pop(seq, None)
-        return None if isinstance(result, _Failure) else result
+        self._pool.submit(seq, kind, payload)
+        return seq, future
+
+    def _forget(self, seq: int) -> None:
+        with self._lock:
+            self._waiting.pop(seq, None)
 
     def _in_process(self, path: Path, region: Region | None = None) -> PreparedStudy | StudyError:
         with pydicom_silenced():

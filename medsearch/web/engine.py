@@ -191,7 +191,7 @@ class PageEngine:
             case, volume = load_study(path)
             seen = study_array(volume, self.searcher.encoder.info, self.searcher.config, region)
         return _InProcess(np.ascontiguousarray(seen.images, np.float32), volume.modality, int(volume.pixels.shape[0]), (case, volume),
-                          seen.slice_indices, float(volume.spacing[0]) if volume.z_known else None, seen.region, seen.tiles)
+                          seen.slice_indices, volume.gap_mm, seen.region, seen.tiles)
 
     def _locked(self, deadline: float, work: Callable[[], Any]) -> Any:
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):

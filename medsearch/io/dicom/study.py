@@ -68,6 +68,12 @@ class Volume:
     window: tuple[float, float] | None = None
     z_known: bool = True
 
+    @property
+    def gap_mm(self) -> float | None:
+        """The distance between neighbouring slices in mm, from the headers; None where they do not say."""
+        gap = float(self.spacing[0])
+        return gap if self.z_known and math.isfinite(gap) else None
+
 
 def load_volume(
     case: CaseRef, *, select: Callable[[int], Iterable[int]] | None = None

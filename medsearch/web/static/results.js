@@ -31,7 +31,6 @@ export function showResults(answer) {
   notes.push(slices ? "Pictures are the slice of each case that matched best (the box it matched outlined), read from the archive; case ids are keyed pseudonyms."
     : "Pictures are the thumbnails the index stored; case ids are keyed pseudonyms.");
   els.note.textContent = notes.join(" ");
-  state.lastAnswer = answer;
 }
 
 export function card(match, labels) {
