@@ -229,14 +229,19 @@ def _aligned(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     over ``j' <= j`` for ``i - 1`` (a running maximum), so every step is one vectorized pass.
     """
     n, width, q = table.shape
-    ramp = np.arange(width)
-    back = np.empty((q, n, width), dtype=np.int64)  # where query slice i - 1 sat, for i on j
-    best = table[:, :, 0]
+    ramp = np.arange(width, dtype=np.int32)
+    steps = np.ascontiguousarray(np.moveaxis(table, 2, 0))  # (Q, n, width): each step's rows together
+    back = np.empty((q, n, width), dtype=np.int32)  # where query slice i - 1 sat, for i on j
+    best = steps[0]
+    running = np.empty_like(best)
+    marks = np.empty((n, width), dtype=np.int32)
     for i in range(1, q):
-        # running maximum of best over j' <= j, and where it was reached
-        where = np.where(best == np.maximum.accumulate(best, axis=1), ramp, 0)
-        back[i] = np.maximum.accumulate(where, axis=1)
-        best = table[:, :, i] + np.take_along_axis(best, back[i], axis=1)
+        # the running maximum of best over j' <= j, and the last j' that reaches it; the maximum is
+        # best at that j', so it is also what query slice i adds to
+        np.maximum.accumulate(best, axis=1, out=running)
+        np.multiply(best == running, ramp, out=marks)
+        np.maximum.accumulate(marks, axis=1, out=back[i])
+        best = steps[i] + running
     end = best.argmax(axis=1)
     total = best[np.arange(n), end]
     pairs = np.empty((n, q), dtype=np.int64)
