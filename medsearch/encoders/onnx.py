@@ -170,6 +170,11 @@ class OnnxEncoder(Encoder):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Its threads sleep between calls instead of spinning: spinning, they kept the cores from what
+        # follows an encode (the search of a query, the decoding workers of an index). Measured on the
+        # 2-core machine: a 64-slice similarity product right after encoding 22 slices took 15 ms
+        # against 8 ms, and the encode itself 185 against 174 ms.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
