@@ -54,6 +54,7 @@ __all__ = [
     "encoder_array",
     "encoder_input",
     "in_layout",
+    "is_box",
     "pool_slices",
     "query_slices",
     "region_array",
@@ -189,6 +190,12 @@ def _parse_box(value: str | Sequence[int]) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def is_box(region: Region | None) -> bool:
+    """Whether a query of ``region`` is a box (``roi``): its slices are crops, matched against the
+    index's tiles as well as its slices, never in layout."""
+    return region is not None and region.roi is not None
+
+
 def sees_slices(info: EncoderInfo, config: Config) -> bool:
     """Whether an index of this encoder and config keeps slice sets: a 2D encoder on axial slices
     (not a 3D encoder, not tri-planar images). Region queries and re-ranking need them."""
@@ -272,7 +279,7 @@ def in_layout(info: EncoderInfo, config: Config, region: Region | None = None, l
     slices, a whole study many, and each slice in layout costs the encoder ``grid * grid`` more
     images (measured in docs/benchmarks/volumes.md, "Slabs in layout").
     """
-    if config.index.crop_grid < 2 or not sees_slices(info, config) or (region is not None and region.roi is not None):
+    if config.index.crop_grid < 2 or not sees_slices(info, config) or is_box(region):
         return False
     return layout if layout is not None else region is not None
 
@@ -424,7 +431,7 @@ def embed_slices(volume: Volume, encoder: Encoder, config: Config, region: Regio
             return None
         batch, indices = encoder_array(volume, encoder.info, config), chosen
     vectors = encoder.embed(batch)
-    cropped = region is not None and region.roi is not None
+    cropped = is_box(region)
     return SliceSet(np.asarray(vectors, np.float32), np.asarray(indices, np.int32), volume.gap_mm, cropped=cropped)
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 from medsearch._json import plain
 from medsearch.config import Config, as_config, config_for_index
 from medsearch.deid import SiteKey, patient_pseudonym
-from medsearch.embedding import Region, SliceSet, embed_volume, pool_slices, query_slices, study_array
+from medsearch.embedding import Region, SliceSet, embed_volume, is_box, pool_slices, query_slices, study_array
 from medsearch.encoders import load_encoder
 from medsearch.errors import ConfigError, IndexNotFoundError, KeyFileError
 from medsearch.filters import Filter, parse_filters
@@ -345,7 +345,7 @@ class Searcher:
         seen = study_array(volume, self.encoder.info, self.config, region, layout)
         # the case vector pooled from the slice vectors (not the tiles), as embed_volume pools them
         pooled, slices_seen = query_slices(self.encoder.embed(seen.images), seen.slice_indices, volume.gap_mm, tiles=seen.tiles,
-                                           cropped=region is not None and region.roi is not None)
+                                           cropped=is_box(region))
         vector = pool_slices(pooled, self.config.preprocess.pool)
         info: dict[str, Any] = {"path": str(study), "modality": volume.modality, "n_slices": int(volume.pixels.shape[0])}
         if seen.region is not None:
@@ -361,7 +361,7 @@ class Searcher:
         plan = result.query.get("rerank")
         if layout and isinstance(plan, dict) and plan.get("used") and not plan.get("layout"):
             plan["layout_note"] = ("slices matched without layout: " + (
-                "a box is one tile already" if region is not None and region.roi is not None else
+                "a box is one tile already" if is_box(region) else
                 "the index keeps no tiles; rebuild it with [index] crop_grid = 2 to match slices in layout"))
         return result
 

@@ -17,6 +17,7 @@ from medsearch.embedding import (
     embed_volume,
     embedded_box,
     in_layout,
+    is_box,
     pool_slices,
     query_slices,
     region_array,
@@ -210,3 +211,8 @@ def test_tri_planar_images_have_no_slice_set(encoder):
     assert embed_slices(_volume(), encoder, config) is None
     with pytest.raises(InvalidStudyError, match="region queries need an index of axial slices"):
         region_array(_volume(), encoder.info, config, Region((0, 4), None))
+
+
+def test_a_box_query_is_one_with_a_roi():
+    assert not is_box(None) and not is_box(Region.parse(slices="3:9"))
+    assert is_box(Region.parse(roi="1,2,30,40")) and is_box(Region.parse(slices="3:9", roi="1,2,30,40"))

@@ -74,7 +74,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsearch.config import Config
-from medsearch.embedding import Region, pool_slices, query_slices
+from medsearch.embedding import Region, is_box, pool_slices, query_slices
 from medsearch.errors import ConfigError, EncoderMismatchError, InvalidStudyError, MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.indexing.cases import PreparedStudy
@@ -424,7 +424,7 @@ def _search(
     try:
         refresh()
         pooled, slices = query_slices(searcher.encoder.embed(prepared.images), prepared.slice_indices, prepared.gap_mm,
-                                      tiles=prepared.tiles, cropped=region is not None and region.roi is not None)
+                                      tiles=prepared.tiles, cropped=is_box(region))
         vector = pool_slices(pooled, searcher.config.preprocess.pool)
         info: dict[str, Any] = {"path": "upload", "modality": prepared.modality, "n_slices": prepared.n_slices}
         if region is not None:  # with the box as the encoder saw it, as Searcher.search records it

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from medsearch.embedding import Region, SliceSet, pool_slices, query_slices, study_array
+from medsearch.embedding import Region, SliceSet, is_box, pool_slices, query_slices, study_array
 from medsearch.errors import MedsearchError
 from medsearch.filters import Filter, parse_filters
 from medsearch.io import CaseRef, Volume, load_study, load_volume
@@ -151,7 +151,7 @@ class PageEngine:
                                            max(0.0, deadline - time.monotonic()))
             prepared, loaded = local, local.loaded
         vectors = await run_in_threadpool(self._locked, deadline, lambda: self.searcher.encoder.embed(prepared.images))
-        cropped = region is not None and region.roi is not None  # matched against the index's tiles too
+        cropped = is_box(region)  # matched against the index's tiles too
         pooled, slices = query_slices(vectors, getattr(prepared, "slice_indices", None), getattr(prepared, "gap_mm", None),
                                       tiles=getattr(prepared, "tiles", 0), cropped=cropped)
         vector = pool_slices(pooled, self.searcher.config.preprocess.pool)
