@@ -195,9 +195,23 @@ def test_bad_upload_limit(sample_index, searcher):
 def test_serve_command_help():
     result = CliRunner().invoke(cli_app, ["serve", "--help"])
     assert result.exit_code == 0
-    for option in ("--host", "--port", "--max-upload-mb", "--request-timeout", "--header-timeout", "--worker-memory-gib"):
+    for option in ("--host", "--port", "--max-upload-mb", "--request-timeout", "--header-timeout", "--worker-memory-gib",
+                   "--decode-workers"):
         assert option in result.output
     assert "127.0.0.1" in result.output
+
+
+def test_serve_command_passes_its_decoder_workers_on(sample_index, monkeypatch):
+    import medsearch.serve
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(medsearch.serve, "serve", lambda index_dir, **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(cli_app, ["serve", str(sample_index), "--decode-workers", "3", "--worker-memory-gib", "1.5"])
+    assert result.exit_code == 0, result.output
+    assert seen["decode_workers"] == 3 and seen["worker_memory_gib"] == 1.5
+    assert CliRunner().invoke(cli_app, ["serve", str(sample_index)]).exit_code == 0 and seen["decode_workers"] == 1
+    refused = CliRunner().invoke(cli_app, ["serve", str(sample_index), "--decode-workers", "0"])
+    assert refused.exit_code == 2 and "--decode-workers" in refused.output
 
 
 def test_the_service_picks_up_new_commits_and_survives_a_broken_one(sample_index, sample_key, tmp_path, uploads, caplog):

@@ -337,6 +337,7 @@ def serve(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
     worker_memory_gib: float | None = 2.0,
+    decode_workers: int = 1,
     auth_file: str | Path | None = None,
     audit_log: str | Path | None = None,
     insecure_no_auth: bool = False,
@@ -346,7 +347,7 @@ def serve(
 ) -> None:
     """Load the index and encoder, then answer HTTP queries until interrupted.
 
-    ``request_timeout`` and ``worker_memory_gib`` are :func:`create_app`'s; a connection that sends
+    ``request_timeout``, ``worker_memory_gib`` and ``decode_workers`` are :func:`create_app`'s; a connection that sends
     no complete request headers within ``header_timeout`` seconds is closed. Credentials come from
     ``auth_file`` and ``MEDSEARCH_AUTH_TOKEN``; every query goes to ``audit_log`` (default
     ``INDEX/local/audit.jsonl``). With ``dicomweb`` (a PACS's DICOMweb root, its credentials from
@@ -368,7 +369,7 @@ def serve(
     pacs = DicomWeb(dicomweb, auth_file=dicomweb_auth_file) if dicomweb else None  # a bad URL or credentials file: before anything loads
     hide_uids_in_access_log()
     app = create_app(index_dir, config=config, max_upload_mb=max_upload_mb, request_timeout=request_timeout,
-                     worker_memory_gib=worker_memory_gib, credentials=credentials,
+                     worker_memory_gib=worker_memory_gib, decode_workers=decode_workers, credentials=credentials,
                      audit_log=audit_log if audit_log is not None else Path(index_dir) / AUDIT_FILE, dicomweb=pacs,
                      links=links)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, header_timeout=header_timeout)).run()
