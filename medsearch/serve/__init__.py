@@ -347,11 +347,12 @@ def serve(
 ) -> None:
     """Load the index and encoder, then answer HTTP queries until interrupted.
 
-    ``request_timeout``, ``worker_memory_gib`` and ``decode_workers`` are :func:`create_app`'s; a connection that sends
-    no complete request headers within ``header_timeout`` seconds is closed. Credentials come from
-    ``auth_file`` and ``MEDSEARCH_AUTH_TOKEN``; every query goes to ``audit_log`` (default
-    ``INDEX/local/audit.jsonl``). With ``dicomweb`` (a PACS's DICOMweb root, its credentials from
-    ``dicomweb_auth_file`` or the environment), ``POST /query?study_uid=...`` fetches the study from it.
+    ``request_timeout``, ``worker_memory_gib`` and ``decode_workers`` are :func:`create_app`'s; a
+    connection that sends no complete request headers within ``header_timeout`` seconds is closed.
+    Credentials come from ``auth_file`` and ``MEDSEARCH_AUTH_TOKEN``; every query goes to
+    ``audit_log`` (default ``INDEX/local/audit.jsonl``). With ``dicomweb`` (a PACS's DICOMweb root,
+    its credentials from ``dicomweb_auth_file`` or the environment), ``POST /query?study_uid=...``
+    fetches the study from it.
     With ``links`` (the index's link table), the page shows the slice of each result that matched.
 
     Raises
