@@ -73,6 +73,7 @@ def test_health_and_info(client, sample_index):
     info = client.get("/info").json()
     assert info["cases"] == 12 and info["encoder"]["name"] == "efficientnet-lite0"
     assert info["encoder_runtime"] in ("onnx", "torch") and info["max_upload_bytes"] == 1_000_000
+    assert info["decode_workers"] == 1
 
 
 def test_raw_body_query_returns_the_json_of_query_json(client, sample_index, uploads):

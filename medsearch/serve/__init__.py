@@ -184,6 +184,7 @@ def create_app(
     # only slow both down. Decoding happens before, in the workers, outside this lock.
     busy = threading.Lock()
     decoder = _Decoder(searcher, workers=decode_workers, timeout=request_timeout, memory_gib=worker_memory_gib, load=load)
+    details["decode_workers"] = decoder.workers
     if case_slices is not None:  # the archive's slices are read in the same bounded workers as uploads
         case_slices.run = decoder.run
     pacs = DicomWeb(dicomweb) if isinstance(dicomweb, str) else dicomweb

@@ -75,6 +75,11 @@ class _Decoder:
         if self._pool is not None:
             self._thread.start()
 
+    @property
+    def workers(self) -> int:
+        """The worker processes decoding now (0: in this process); fewer than asked where some could not start."""
+        return self._pool.size if self._pool is not None else 0
+
     async def prepare(self, path: Path, deadline: float, region: Region | None = None) -> PreparedStudy:
         """The encoder input of the study at ``path`` (of its ``region``, when given).
 
