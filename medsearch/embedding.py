@@ -423,16 +423,11 @@ def embed_slices(volume: Volume, encoder: Encoder, config: Config, region: Regio
     InvalidStudyError
         As :func:`region_array`.
     """
-    if region is not None:
-        batch, indices = region_array(volume, encoder.info, config, region)
-    else:
-        chosen = slice_indices(volume, encoder.info, config)
-        if chosen is None:
-            return None
-        batch, indices = encoder_array(volume, encoder.info, config), chosen
-    vectors = encoder.embed(batch)
-    cropped = is_box(region)
-    return SliceSet(np.asarray(vectors, np.float32), np.asarray(indices, np.int32), volume.gap_mm, cropped=cropped)
+    if region is None and not sees_slices(encoder.info, config):
+        return None
+    seen = study_array(volume, encoder.info, config, region, layout=False)
+    _, slices = query_slices(encoder.embed(seen.images), seen.slice_indices, volume.gap_mm, cropped=is_box(region))
+    return slices
 
 
 def encoder_input(volume: Volume, info: EncoderInfo, config: Config) -> torch.Tensor:
