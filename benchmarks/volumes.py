@@ -449,6 +449,8 @@ def main() -> None:
     parser.add_argument("--resample", type=int, default=0, help="vessel: resample every volume to this cube first (0: as stored, 28^3)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.resample and not 8 <= args.resample <= 256:
+        parser.error(f"--resample {args.resample}: give a cube side from 8 to 256 (64 for the held-out sets' size), or 0")
     started = time.perf_counter()
     result = {"localise": localise, "roi": roi, "cost": cost, "vessel": vessel}[args.part](args)
     result = {"part": args.part, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
